@@ -1,0 +1,170 @@
+"""Where ZOA reads and writes inside a network: the :class:`ModelLayout` and its resolvers.
+
+ZOA needs five things from a classifier: the normalization layers it adapts, the tensor the domain-shift detector
+watches, the intermediate features of the fitness loss, the classifier head (whose input is the final feature) and,
+for vision transformers, how many prefix tokens to drop from the detector tensor. A :class:`ModelLayout` names them by
+qualified module name, so the engine works through forward hooks on the model's own ``forward``, whatever built it
+(timm, torchvision, a quantizer that rewrote the graph).
+
+Resolution follows timm's ``create_norm`` habit: a model may carry its own layout in a ``zoa_layout`` attribute (a
+quantizer that rewrites the graph sets one); otherwise :func:`resolve_layout` dispatches on the model's structure.
+
+Generalised layer-selection rules (the specification fixes them for ViT-B/16 and ResNet-50 only):
+
+* **Vision transformer** (timm ``VisionTransformer`` with a class token and ``global_pool="token"``) of depth ``D``:
+  adapt ``norm1`` and ``norm2`` of blocks ``1 .. D - D // 4 - 1`` (0-indexed). The first block and the last quarter of
+  the blocks stay frozen, as does the final ``norm``. For ``D = 12`` this is blocks 1..8, the paper's rule. A depth-1
+  model adapts block 0, the only one. Loss taps: the CLS token at the output of ``blocks[i].norm1`` for ``i >= 1``
+  (the next block's first LayerNorm applied to block ``i - 1``'s output) and the head input (the final-norm CLS
+  token). Detector: the output of ``norm_pre`` without the prefix tokens.
+* **ResNet family** (timm or torchvision ``ResNet``; stages ``layer1 ..``): adapt, in every stage but the last, every
+  BatchNorm of each block's residual branch except its last one (``bn1``/``bn2`` of a bottleneck, ``bn1`` of a basic
+  block), skipping the first block of the first stage entirely; downsample BNs and the stem BN stay frozen. For
+  ResNet-50 this is the paper's 24 layers. Loss taps: the pooled outputs of every stage but the last, plus the head
+  input (the pooled last stage). Detector: the stem convolution output before ``bn1``.
+* **EfficientNet family** (timm ``EfficientNet``; stages ``blocks[0..n-1]``): the same rule over its stages, each
+  block's last BatchNorm (the projection BN) excluded. Detector: ``conv_stem`` output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+__all__ = ["ModelLayout", "resolve_layout"]
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Qualified module names that tell the ZOA engine where to act.
+
+    Args:
+        kind: ``"vit"`` (token features; taps read the CLS token) or ``"cnn"`` (taps are spatially averaged).
+        norms: norm layers to fuse and adapt (``nn.LayerNorm`` for ``"vit"``, ``nn.BatchNorm2d`` for ``"cnn"``), in
+            network order.
+        detector: module whose **output** feeds the domain-shift detector.
+        taps: modules whose **output** gives the intermediate loss features, in network order.
+        head: the classifier; its **input** is the final feature (the last loss feature and the one that is
+            activation-shifted).
+        num_prefix_tokens: for ``"vit"``, the number of leading tokens (CLS, registers) excluded from the detector.
+        batch_norms: for ``"cnn"``, every BatchNorm in the network; all of them normalise with batch statistics under
+            ZOA (spec §1.2), adapted or not.
+    """
+
+    kind: Literal["vit", "cnn"]
+    norms: tuple[str, ...]
+    detector: str
+    taps: tuple[str, ...]
+    head: str
+    num_prefix_tokens: int = 0
+    batch_norms: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vit", "cnn"):
+            raise ValueError(f"ModelLayout.kind must be 'vit' or 'cnn', got {self.kind!r}")
+        if not self.norms:
+            raise ValueError("ModelLayout.norms is empty: ZOA needs at least one normalization layer to adapt")
+
+    def check(self, model: nn.Module) -> None:
+        """Check that every named module exists in ``model`` and has the expected type.
+
+        Args:
+            model: the network this layout describes.
+
+        Raises:
+            ValueError: naming the first missing or mistyped module.
+        """
+        modules = dict(model.named_modules())
+        expected = nn.LayerNorm if self.kind == "vit" else nn.BatchNorm2d
+        for name in (*self.norms, self.detector, *self.taps, self.head, *self.batch_norms):
+            if name not in modules:
+                raise ValueError(f"ModelLayout names module {name!r}, which {type(model).__name__} does not have")
+        for name in self.norms:
+            if not isinstance(modules[name], expected) or not getattr(modules[name], "elementwise_affine", True):
+                raise ValueError(
+                    f"ModelLayout norm {name!r} is {type(modules[name]).__name__}; a {self.kind} layout adapts "
+                    f"affine {expected.__name__} layers"
+                )
+
+
+def resolve_layout(model: nn.Module) -> ModelLayout:
+    """Return the layout of ``model``: its own ``zoa_layout`` attribute, or one derived from its structure.
+
+    Args:
+        model: a timm ``VisionTransformer`` (class-token pooling), a timm/torchvision ``ResNet``, a timm
+            ``EfficientNet``, or any module carrying a ``zoa_layout`` :class:`ModelLayout`.
+
+    Returns:
+        The checked layout.
+
+    Raises:
+        TypeError: if the architecture is not supported; the message says how to provide a layout.
+        ValueError: if a vision transformer has no class token or does not pool it.
+    """
+    layout = getattr(model, "zoa_layout", None)
+    if layout is None:
+        if hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "norm_pre"):
+            layout = _vit_layout(model)
+        elif all(hasattr(model, f"layer{i}") for i in (1, 2)) and hasattr(model, "fc") and hasattr(model, "conv1"):
+            layout = _resnet_layout(model)
+        elif hasattr(model, "conv_stem") and hasattr(model, "blocks") and hasattr(model, "classifier"):
+            layout = _efficientnet_layout(model)
+        else:
+            raise TypeError(
+                f"ZOA does not know where to act in a {type(model).__name__}: supported are timm VisionTransformer, "
+                "timm/torchvision ResNet and timm EfficientNet models; for another network attach a "
+                "zoa_lightning.core.ModelLayout as `model.zoa_layout`"
+            )
+    if not isinstance(layout, ModelLayout):
+        raise TypeError(f"model.zoa_layout must be a ModelLayout, got {type(layout).__name__}")
+    layout.check(model)
+    return layout
+
+
+def _vit_layout(model: nn.Module) -> ModelLayout:
+    depth = len(model.blocks)  # type: ignore[arg-type]
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", "token") != "token":
+        raise ValueError(
+            "ZOA's ViT loss reads the class token: build the VisionTransformer with class_token=True and "
+            f"global_pool='token' (got global_pool={getattr(model, 'global_pool', None)!r})"
+        )
+    first = 1 if depth > 1 else 0
+    stop = max(first + 1, depth - depth // 4)
+    norms = tuple(f"blocks.{i}.{n}" for i in range(first, stop) for n in ("norm1", "norm2"))
+    taps = tuple(f"blocks.{i}.norm1" for i in range(1, depth))
+    return ModelLayout(kind="vit", norms=norms, detector="norm_pre", taps=taps, head="head", num_prefix_tokens=prefix)
+
+
+def _residual_branch_norms(block: nn.Module, prefix: str) -> list[str]:
+    """Names of a block's residual-branch BatchNorms except the last one (downsample BNs are excluded)."""
+    names = [
+        f"{prefix}.{n}"
+        for n, m in block.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and n and not n.startswith(("downsample", "shortcut"))
+    ]
+    return names[:-1]
+
+
+def _stage_layout(model: nn.Module, stages: list[tuple[str, nn.Module]], detector: str, head: str) -> ModelLayout:
+    norms: list[str] = []
+    for s, (stage_name, stage) in enumerate(stages[:-1]):
+        for b, (block_name, block) in enumerate(stage.named_children()):
+            if s == 0 and b == 0:
+                continue
+            norms += _residual_branch_norms(block, f"{stage_name}.{block_name}")
+    batch_norms = tuple(n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
+    taps = tuple(name for name, _ in stages[:-1])
+    return ModelLayout(kind="cnn", norms=tuple(norms), detector=detector, taps=taps, head=head, batch_norms=batch_norms)
+
+
+def _resnet_layout(model: nn.Module) -> ModelLayout:
+    stages = [(f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 10) if hasattr(model, f"layer{i}")]
+    return _stage_layout(model, stages, detector="conv1", head="fc")
+
+
+def _efficientnet_layout(model: nn.Module) -> ModelLayout:
+    stages = [(f"blocks.{i}", stage) for i, stage in enumerate(model.blocks)]  # type: ignore[arg-type]
+    return _stage_layout(model, stages, detector="conv_stem", head="classifier")
