@@ -1,0 +1,23 @@
+"""Pure-torch ZOA engine: no Lightning import anywhere below this package."""
+
+from zoa_lightning.core.bank import FusedBatchNorm2d, FusedLayerNorm, KnowledgeBank
+from zoa_lightning.core.config import ZOAConfig
+from zoa_lightning.core.layout import ModelLayout, resolve_layout
+from zoa_lightning.core.spsa import adamw_first_step_, estimate_gradient, segmented_uniform, sgd_step_, spsa_estimate
+from zoa_lightning.core.zoa import ZOA, softmax_entropy
+
+__all__ = [
+    "ZOA",
+    "FusedBatchNorm2d",
+    "FusedLayerNorm",
+    "KnowledgeBank",
+    "ModelLayout",
+    "ZOAConfig",
+    "adamw_first_step_",
+    "estimate_gradient",
+    "resolve_layout",
+    "segmented_uniform",
+    "sgd_step_",
+    "softmax_entropy",
+    "spsa_estimate",
+]

@@ -1,0 +1,330 @@
+"""End-to-end behaviour of the pure-torch ZOA adapter on tiny timm models."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from tests.conftest import MODEL_FACTORIES, corrupt_noise, make_resnet, make_vit
+from zoa_lightning.core import ZOA, ZOAConfig
+from zoa_lightning.core.zoa import softmax_entropy
+
+B = 64
+
+
+def _stem(adapter: ZOA) -> torch.nn.Module:
+    return adapter.model.get_submodule(adapter.layout.detector)
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _adapter(kind: str, digits: torch.Tensor, **config: object) -> ZOA:
+    cfg = {"lr": 0.005, "spsa_c": 0.05, "domain_t": 0.1, **config}
+    adapter = ZOA(MODEL_FACTORIES[kind](0), ZOAConfig(**cfg))  # type: ignore[arg-type]
+    adapter.collect_source_statistics(digits[:512].split(B))
+    return adapter
+
+
+def _stream(digits: torch.Tensor, clean: int = 4, shifted: int = 4) -> list[torch.Tensor]:
+    pool = digits[512:]
+    batches = [pool[(i * B) % 448 :][:B] for i in range(clean)]
+    return batches + [corrupt_noise(pool[(i * B) % 448 :][:B], seed=i) for i in range(shifted)]
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_adapts_on_a_changing_stream_with_two_passes_per_batch(kind: str, digits: torch.Tensor) -> None:
+    adapter = _adapter(kind, digits)
+    calls = _count_calls(_stem(adapter))
+    theta0 = adapter.bank.theta.clone()
+    stores_at: list[int] = []
+    for i, batch in enumerate(_stream(digits)):
+        before, stores = calls[0], adapter.counter("stores")
+        logits = adapter(batch)
+        assert calls[0] - before == 2
+        assert logits.shape == (B, 10)
+        assert not logits.requires_grad
+        if adapter.counter("stores") > stores:
+            stores_at.append(i)
+    assert not torch.equal(adapter.bank.theta, theta0)
+    assert stores_at[:1] == [4], f"expected the first store at the change (batch 4), got {stores_at}"
+    assert adapter.bank.num_entries >= 2
+    assert not any(p.requires_grad for p in adapter.parameters())
+    assert adapter.counter("forward_passes") == 16
+
+
+@pytest.mark.parametrize(("steps", "sp_avg"), [(1, 1), (1, 3), (2, 1), (3, 2)])
+def test_forward_count_follows_the_spec_formula(steps: int, sp_avg: int, digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits, steps=steps, sp_avg=sp_avg)
+    calls = _count_calls(_stem(adapter))
+    adapter(digits[:B])
+    assert calls[0] == 1 + sp_avg + (steps - 1) * (sp_avg + 1)
+
+
+def test_no_autograd_graph_even_with_grad_enabled(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    with torch.enable_grad():
+        out = adapter(digits[:B])
+    assert out.grad_fn is None
+    assert not out.requires_grad
+    assert all(not t.requires_grad for t in adapter.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def test_prediction_pass_uses_pre_update_parameters_and_the_activation_shift(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    first = digits[:B]
+    expected = copy.deepcopy(adapter).predict(first)  # no shift before the first batch
+    torch.testing.assert_close(adapter(first), expected)
+    assert adapter.hist_ready
+    second = digits[B : 2 * B]
+    # Pass A of the second batch: head(final + (mu_src_final - h)) with the parameters of after batch 1.
+    clone = copy.deepcopy(adapter)
+    captured: dict[str, torch.Tensor] = {}
+    handle = clone.model.head.register_forward_pre_hook(lambda _, a: captured.update(x=a[0]))
+    clone.model(second)
+    handle.remove()
+    shift = adapter.src_mean[-adapter._tap_dims[-1] :] - adapter.hist
+    torch.testing.assert_close(adapter(second), clone.model.head(captured["x"] + shift))
+
+
+def test_source_statistics_and_loss_match_the_spec_features(digits: torch.Tensor) -> None:
+    """ViT: F = [next block's norm1(CLS) for blocks 0..D-2, final norm(CLS)] (spec §2.2)."""
+    net = make_vit(0)
+    reference = copy.deepcopy(net)
+    adapter = ZOA(net, ZOAConfig(lambda_bp=30.0))
+    clean = digits[:256]
+    adapter.collect_source_statistics(clean.split(B))
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        h = reference.norm_pre(reference._pos_embed(reference.patch_embed(x)))
+        feats = []
+        for i, block in enumerate(reference.blocks):
+            h = block(h)
+            nxt = reference.blocks[i + 1].norm1 if i + 1 < len(reference.blocks) else reference.norm
+            feats.append(nxt(h[:, 0]))
+        return torch.cat(feats, 1)
+
+    with torch.no_grad():
+        f_all = features(clean)
+        std, mean = torch.std_mean(f_all, dim=0)
+        torch.testing.assert_close(adapter.src_mean, mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(adapter.src_std, std, atol=1e-5, rtol=1e-5)
+        x = corrupt_noise(digits[300 : 300 + B])
+        f = features(x)
+        bs, bm = torch.std_mean(f, dim=0)
+        logits = reference.head(f[:, -reference.embed_dim :])
+        expected = 30 * (((bs - std) ** 2).mean() + ((bm - mean) ** 2).mean()) + softmax_entropy(logits).mean()
+        loss = adapter._pass(x, 0)[2]
+    torch.testing.assert_close(loss.float(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_resnet_loss_averages_stages_with_equal_weight(digits: torch.Tensor) -> None:
+    net = make_resnet(0)
+    adapter = ZOA(net, ZOAConfig(lambda_bp=1.0))
+    adapter.collect_source_statistics(digits[:256].split(B))
+    x = digits[300 : 300 + B]
+    captured: list[torch.Tensor] = []
+    hooks = [
+        net.get_submodule(n).register_forward_hook(lambda _, __, o: captured.append(o.mean((2, 3))))
+        for n in ("layer1", "layer2", "layer3")
+    ]
+    hooks.append(net.fc.register_forward_pre_hook(lambda _, a: captured.append(a[0])))
+    with torch.no_grad():
+        loss = adapter._pass(x, 0)[2]
+        logits = net(x)
+    for h in hooks:
+        h.remove()
+    terms, offset = [], 0
+    for g in captured[4:]:  # the second forward's taps
+        bs, bm = torch.std_mean(g, dim=0)
+        d = g.shape[1]
+        terms.append(
+            ((bs - adapter.src_std[offset : offset + d]) ** 2).mean()
+            + ((bm - adapter.src_mean[offset : offset + d]) ** 2).mean()
+        )
+        offset += d
+    expected = torch.stack(terms).mean() + softmax_entropy(logits).mean()
+    torch.testing.assert_close(loss.float(), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_state_dict_round_trip_continues_bit_identically(kind: str, digits: torch.Tensor) -> None:
+    stream = _stream(digits, 3, 4)
+    adapter = _adapter(kind, digits)
+    for batch in stream[:4]:
+        adapter(batch)
+    saved = copy.deepcopy(adapter.state_dict())
+    expected = [adapter(batch) for batch in stream[4:]]
+
+    restored = ZOA(MODEL_FACTORIES[kind](0), ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1))
+    restored.load_state_dict(saved)
+    for batch, want in zip(stream[4:], expected, strict=True):
+        assert torch.equal(restored(batch), want)
+    assert torch.equal(restored.bank.theta, adapter.bank.theta)
+    assert restored.bank.num_entries == adapter.bank.num_entries
+
+
+def test_adaptation_state_dict_is_small_and_restores(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    adapter(digits[600 : 600 + B])
+    state = copy.deepcopy(adapter.adaptation_state_dict())
+    assert not any(k.startswith("model.") for k in state)
+    want = adapter(digits[700 : 700 + B])
+    other = _adapter("vit", digits)
+    other.load_adaptation_state_dict(state)
+    assert torch.equal(other(digits[700 : 700 + B]), want)
+
+
+def test_runs_under_inference_mode_and_continues_outside(digits: torch.Tensor) -> None:
+    adapter = ZOA(make_vit(0), ZOAConfig(lr=0.005, spsa_c=0.05))
+    with torch.inference_mode():
+        adapter.collect_source_statistics(digits[:256].split(B))
+        for batch in _stream(digits, 2, 3):
+            adapter(batch)
+    assert adapter.counter("stores") >= 1
+    with torch.no_grad():
+        adapter(digits[:B])
+    state = copy.deepcopy(adapter.state_dict())
+    adapter.load_state_dict(state)
+    adapter(digits[:B])
+
+
+def test_non_finite_input_is_rejected_before_any_change(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    adapter(digits[:B])
+    before = copy.deepcopy(adapter.state_dict())
+    bad = digits[B : 2 * B].clone()
+    bad[3, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        adapter(bad)
+    after = adapter.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_non_finite_perturbed_loss_rolls_back_and_is_counted(kind: str, digits: torch.Tensor) -> None:
+    adapter = _adapter(kind, digits, spsa_c=1e38)
+    before = copy.deepcopy(adapter.state_dict())
+    gen_state = adapter.generator.get_state()
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        logits = adapter(digits[600 : 600 + B])
+    assert torch.isfinite(logits).all()
+    assert adapter.skipped_batches == 1
+    after = adapter.state_dict()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor) and key != "counters":
+            assert torch.equal(value, after[key]), key
+    assert torch.equal(adapter.generator.get_state(), gen_state)
+
+
+def test_rollback_restores_a_store_made_in_the_same_batch(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    stream = _stream(digits)
+    for batch in stream[:4]:
+        adapter(batch)
+    deltas, count = adapter.bank.deltas.clone(), adapter.bank.num_entries
+    adapter.config = type(adapter.config)(**{**adapter.config.__dict__, "spsa_c": 1e38})
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        adapter(stream[4])  # the change: pass A stores, pass B blows up
+    assert adapter.bank.num_entries == count
+    assert torch.equal(adapter.bank.deltas, deltas)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((B, 1, 32, 32), "3-channel"),
+        ((B, 3, 28, 28), "multiple of 8"),
+        ((3, 32, 32), "B, 3, H, W"),
+        ((1, 3, 32, 32), "at least 2 images"),
+    ],
+)
+def test_wrong_input_shape_names_the_expected_one(shape: tuple[int, ...], message: str, digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    with pytest.raises(ValueError, match=message):
+        adapter(torch.zeros(shape))
+
+
+def test_requires_source_statistics() -> None:
+    adapter = ZOA(make_vit(0))
+    with pytest.raises(RuntimeError, match="collect_source_statistics"):
+        adapter(torch.zeros(4, 3, 32, 32))
+
+
+def test_stationary_stream_never_fires_the_detector(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    for i in range(7):
+        adapter(digits[512 + (i * B) % 448 :][:B])
+    assert adapter.counter("stores") == 0
+    assert not adapter.events
+
+
+def test_small_batches_neither_test_nor_update_the_detector(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    adapter(digits[:B])
+    det = adapter.det_mean.clone()
+    adapter(corrupt_noise(digits[:16]))
+    assert torch.equal(adapter.det_mean, det)
+    assert adapter.counter("stores") == 0
+
+
+def test_reference_mode_updates_the_detector_twice_per_batch(digits: torch.Tensor) -> None:
+    ref = _adapter("vit", digits, mode="reference")
+    cor = _adapter("vit", digits, mode="corrected")
+    a, b = digits[512 : 512 + B], digits[600 : 600 + B]
+    for adapter in (ref, cor):
+        adapter(a)
+        adapter(b)
+    # After batch 1 both hold batch a's statistics; batch b moves them by 0.36 (two EMA steps) versus 0.2.
+    probe = ZOA(make_vit(0), ZOAConfig(detector_passes=1))
+    probe.collect_source_statistics(digits[:512].split(B))
+    probe(a)
+    stats_a = probe.det_mean.clone()
+    probe(b)
+    stats_b = (probe.det_mean - 0.8 * stats_a) / 0.2
+    torch.testing.assert_close(cor.det_mean, 0.8 * stats_a + 0.2 * stats_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref.det_mean, 0.64 * stats_a + 0.36 * stats_b, atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_reference_mode_seeds_the_detector_from_source_and_stores_a_zero_snapshot(
+    digits: torch.Tensor,
+) -> None:
+    ref = _adapter("resnet", digits, mode="reference", domain_t=0.05)
+    cor = _adapter("resnet", digits, mode="corrected", domain_t=0.05)
+    assert ref.det_ready
+    assert not cor.det_ready
+    first = corrupt_noise(digits[600 : 600 + B])
+    ref(first)
+    cor(first)
+    assert ref.counter("stores") == 1
+    assert cor.counter("stores") == 0
+    assert torch.count_nonzero(ref.bank.deltas[1]) == 0  # epsilon was still zero: an all-zero snapshot
+    torch.testing.assert_close(ref.bank.mixing_weights(), torch.tensor([0.5, 0.5]))
+
+
+def test_resnet_shift_vector_scalar_in_reference_and_vector_in_corrected(digits: torch.Tensor) -> None:
+    for mode, scalar in (("reference", True), ("corrected", False)):
+        adapter = _adapter("resnet", digits, mode=mode)
+        adapter(digits[600 : 600 + B])
+        shift = adapter.shift_vector()
+        assert shift is not None
+        final_src = adapter.src_mean[-adapter._tap_dims[-1] :]
+        expected = (final_src[-1] if scalar else final_src) - adapter.hist
+        torch.testing.assert_close(shift, expected)
+
+
+def test_no_shift_and_no_bank_ablations(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits, use_shift=False, use_bank=False)
+    for batch in _stream(digits):
+        adapter(batch)
+    assert adapter.shift_vector() is None
+    assert adapter.bank.num_entries == 1
+    assert adapter.counter("stores") == 0
+    assert [e["event"] for e in adapter.events] == ["shift"]

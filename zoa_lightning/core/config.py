@@ -1,0 +1,124 @@
+"""ZOA hyperparameters and the reference/corrected switches (spec §6.5, §9)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["ZOAConfig"]
+
+
+@dataclass(frozen=True)
+class ZOAConfig:
+    """Every ZOA hyperparameter, with the reference implementation's defaults (spec §6.5).
+
+    The four quirk switches default to ``None`` and are then resolved from ``mode`` for the model kind by
+    :meth:`resolved`: ``"reference"`` reproduces the authors' behaviour (use it for numbers compared with the paper),
+    ``"corrected"`` the evident intent (an ablation).
+
+    Args:
+        lr: SGD learning rate of the epsilons ``θ``.
+        lr_alpha: learning rate of the closed-form first-AdamW step on the mixing logits ``α``.
+        spsa_c: perturbation scale ``c`` of ``θ``.
+        spsa_c_alpha: perturbation scale ``c_α`` of ``α``.
+        momentum: SGD momentum of ``θ`` (0: no buffer).
+        weight_decay: coupled (L2) weight decay of ``θ``; pulls ``θ`` towards the stored-knowledge mixture.
+        weight_decay_alpha: decoupled weight decay of ``α``.
+        sp_avg: SPSA repetitions averaged per step.
+        steps: zeroth-order steps per batch. ``steps=1, sp_avg=1`` costs exactly two forward passes per batch.
+        max_weight_nums: knowledge-bank capacity ``N_max`` for non-zero snapshots.
+        alpha_scale: logit scale ``s`` in ``softmax(s·α)``; fixed.
+        weight_margin: divisor of the scale factor that sets a new entry's logit.
+        alpha_clip: a new entry's logit is clipped to ``[-alpha_clip, alpha_clip]``.
+        domain_t: domain-shift threshold ``τ`` on the symmetric KL divergence (ViT 0.1, ResNet 0.2 in the paper).
+        lambda_bp: weight ``λ`` of the statistics-discrepancy term (ViT 30, ResNet 1 in the paper).
+        detector_min_batch: batches with fewer images neither test for a shift nor update the detector (64 in the
+            reference; under DDP this counts the global batch).
+        detector_momentum: weight of the old running statistics in the detector EMA (0.8).
+        shift_momentum: weight of the old running mean in the activation-shift EMA (0.9).
+        use_bank: store knowledge on detected shifts (``False`` gives the ``zoa_no_bank`` ablation).
+        use_shift: apply FOA's back-to-source activation shift to predictions (``False``: ``zoa_no_shift``).
+        mode: ``"reference"`` or ``"corrected"``; the default of the four switches below.
+        resnet_shift: CNN shift vector: ``"scalar"`` (reference: the last element of the source mean) or
+            ``"vector"`` (corrected: the final feature's source mean). Vision transformers always use the vector.
+        compact_similarity: compact the similarity matrix after an eviction (corrected) or leave it stale
+            (reference).
+        detector_passes: run the shift detector in every forward pass (2, reference) or in the prediction pass only
+            (1, corrected). A detection in a perturbed pass is logged and counted, never stored.
+        seed_detector_from_source: run the detector during CNN source-statistics collection, seeding it with clean
+            statistics (reference ResNet behaviour; never for vision transformers).
+        seed: seed of the engine's own perturbation generator (and of the initial logit ``α₀ ~ N(0, 1)``).
+    """
+
+    lr: float = 0.005
+    lr_alpha: float = 0.01
+    spsa_c: float = 0.01
+    spsa_c_alpha: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.4
+    weight_decay_alpha: float = 0.1
+    sp_avg: int = 1
+    steps: int = 1
+    max_weight_nums: int = 32
+    alpha_scale: float = 10.0
+    weight_margin: float = 0.01
+    alpha_clip: float = 10.0
+    domain_t: float = 0.1
+    lambda_bp: float = 30.0
+    detector_min_batch: int = 64
+    detector_momentum: float = 0.8
+    shift_momentum: float = 0.9
+    use_bank: bool = True
+    use_shift: bool = True
+    mode: Literal["reference", "corrected"] = "reference"
+    resnet_shift: Literal["scalar", "vector"] | None = None
+    compact_similarity: bool | None = None
+    detector_passes: Literal[1, 2] | None = None
+    seed_detector_from_source: bool | None = None
+    seed: int = 2020
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.lr >= 0, f"lr must be >= 0, got {self.lr}"),
+            (self.lr_alpha >= 0, f"lr_alpha must be >= 0, got {self.lr_alpha}"),
+            (self.spsa_c > 0, f"spsa_c must be > 0, got {self.spsa_c}"),
+            (self.spsa_c_alpha > 0, f"spsa_c_alpha must be > 0, got {self.spsa_c_alpha}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.weight_decay_alpha >= 0, f"weight_decay_alpha must be >= 0, got {self.weight_decay_alpha}"),
+            (self.sp_avg >= 1, f"sp_avg must be >= 1, got {self.sp_avg}"),
+            (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
+            (self.max_weight_nums >= 1, f"max_weight_nums must be >= 1, got {self.max_weight_nums}"),
+            (self.alpha_scale > 0, f"alpha_scale must be > 0, got {self.alpha_scale}"),
+            (self.weight_margin > 0, f"weight_margin must be > 0, got {self.weight_margin}"),
+            (self.domain_t >= 0, f"domain_t must be >= 0, got {self.domain_t}"),
+            (self.lambda_bp >= 0, f"lambda_bp must be >= 0, got {self.lambda_bp}"),
+            (self.detector_min_batch >= 2, f"detector_min_batch must be >= 2, got {self.detector_min_batch}"),
+            (0 <= self.detector_momentum < 1, f"detector_momentum must be in [0, 1), got {self.detector_momentum}"),
+            (0 <= self.shift_momentum < 1, f"shift_momentum must be in [0, 1), got {self.shift_momentum}"),
+            (self.mode in ("reference", "corrected"), f"mode must be 'reference' or 'corrected', got {self.mode!r}"),
+            (
+                self.resnet_shift in (None, "scalar", "vector"),
+                f"resnet_shift must be 'scalar' or 'vector', got {self.resnet_shift!r}",
+            ),
+            (self.detector_passes in (None, 1, 2), f"detector_passes must be 1 or 2, got {self.detector_passes!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def resolved(self, kind: Literal["vit", "cnn"]) -> ZOAConfig:
+        """Return a copy with every ``None`` switch filled in from ``mode`` for a ``"vit"`` or ``"cnn"`` model."""
+        reference = self.mode == "reference"
+        return dataclasses.replace(
+            self,
+            resnet_shift=self.resnet_shift or ("scalar" if reference else "vector"),
+            compact_similarity=(not reference) if self.compact_similarity is None else self.compact_similarity,
+            detector_passes=self.detector_passes or (2 if reference else 1),
+            seed_detector_from_source=(
+                (reference and kind == "cnn")
+                if self.seed_detector_from_source is None
+                else self.seed_detector_from_source
+            ),
+        )
