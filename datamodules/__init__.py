@@ -1,0 +1,18 @@
+"""Data modules for ZOA: an ImageNet-C-style stream built from a small clean set, and ImageNet-C read from disk.
+
+YAML class paths read ``datamodules.CorruptionStreamDataModule`` and ``datamodules.ImageNetCDataModule``.
+"""
+
+from datamodules._common import UnreadableImageError
+from datamodules.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt_images
+from datamodules.imagenet_c import ImageNetCDataModule
+from datamodules.stream import CorruptionStreamDataModule
+
+__all__ = [
+    "CORRUPTIONS",
+    "EXTRA_CORRUPTIONS",
+    "CorruptionStreamDataModule",
+    "ImageNetCDataModule",
+    "UnreadableImageError",
+    "corrupt_images",
+]

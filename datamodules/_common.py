@@ -1,0 +1,262 @@
+"""Helpers shared by the stream and ImageNet-C data modules: argument checks, stream order, datasets, image files."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+"""File extensions read as images (case-insensitive); the same set as torchvision's ``ImageFolder``."""
+
+CALIBRATION_SEED = 3
+"""NumPy ``RandomState`` seed that picks the quantization-calibration images (spec §6.3 and §7)."""
+
+_SOURCE_STREAM_TAG = 0x50C  # separates the source-statistics order from the test-stream orders
+
+Batch = tuple[Tensor, Tensor]
+
+
+class UnreadableImageError(OSError):
+    """An image file could not be opened or decoded; the message names the file."""
+
+
+def check_positive(name: str, value: int, minimum: int = 1) -> int:
+    """Return ``value`` if it is an integer not smaller than ``minimum``, else raise ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_optional_count(name: str, value: int | None) -> int | None:
+    """Return ``value`` if it is ``None`` or a positive integer, else raise ``ValueError`` naming it."""
+    return None if value is None else check_positive(name, value)
+
+
+def domain_names(corruptions: Sequence[str], rounds: int) -> tuple[str, ...]:
+    """Return the stream's domain names, round-major: ``("r1/gaussian_noise", ..., "r2/gaussian_noise", ...)``."""
+    return tuple(f"r{r}/{name}" for r in range(1, rounds + 1) for name in corruptions)
+
+
+def split_domain(domain: str) -> tuple[int, str]:
+    """Split ``"r2/fog"`` into ``(2, "fog")``."""
+    head, corruption = domain.split("/", 1)
+    return int(head[1:]), corruption
+
+
+def stream_order(seed: int, round_index: int, corruption: str, size: int) -> np.ndarray:
+    """Return the pre-shuffled sample order of one domain: a permutation of ``range(size)``.
+
+    The permutation is a pure function of ``(seed, round_index, corruption)``, different for every round and
+    corruption.
+    """
+    rng = np.random.default_rng([int(seed), int(round_index), zlib.crc32(corruption.encode())])
+    return rng.permutation(size)
+
+
+def source_order(seed: int, size: int, limit: int | None) -> np.ndarray:
+    """Return the shuffled order of the clean source images, truncated to ``limit`` images.
+
+    Raises:
+        ValueError: if ``limit`` exceeds ``size``.
+    """
+    if limit is not None and limit > size:
+        raise ValueError(f"num_source_images={limit} but only {size} clean source images are available; lower it")
+    order = np.random.default_rng([int(seed), _SOURCE_STREAM_TAG]).permutation(size)
+    return order if limit is None else order[:limit]
+
+
+def calibration_order(size: int, n: int) -> np.ndarray:
+    """Return the first ``n`` indices of ``numpy.random.RandomState(3).permutation(size)``.
+
+    Raises:
+        ValueError: if ``n`` is not in ``1..size``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= size:
+        raise ValueError(f"n must be an integer in 1..{size} (the number of available calibration images), got {n!r}")
+    return np.random.RandomState(CALIBRATION_SEED).permutation(size)[:n]
+
+
+def check_normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """Validate per-channel ``mean``/``std`` and return them as ``3×1×1`` float tensors.
+
+    Raises:
+        ValueError: if either does not hold 3 numbers or a ``std`` entry is not positive.
+    """
+    mean_t = torch.as_tensor([float(v) for v in mean], dtype=torch.float32)
+    std_t = torch.as_tensor([float(v) for v in std], dtype=torch.float32)
+    if mean_t.numel() != 3 or std_t.numel() != 3:
+        raise ValueError(f"mean and std need 3 values (one per RGB channel), got mean={mean!r} std={std!r}")
+    if (std_t <= 0).any():
+        raise ValueError(f"std values must be positive, got {std!r}")
+    return mean_t.view(3, 1, 1), std_t.view(3, 1, 1)
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
+    """Build a ``DataLoader`` with ``drop_last=False``; when shuffling, its generator is seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        drop_last=False,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+class ArrayDataset(Dataset):
+    """``uint8`` ``N×H×W×3`` images and labels, read in a fixed order and normalized to float tensors.
+
+    Args:
+        images: ``uint8`` array ``(N, H, W, 3)`` (may be a read-only memory map).
+        labels: ``int64`` array ``(N,)``.
+        order: indices into ``images``; item ``i`` is image ``order[i]``. ``None`` for the natural order.
+        mean: ``3×1×1`` normalization mean.
+        std: ``3×1×1`` normalization standard deviation.
+        max_shift: if positive, each item is shifted by a random offset of up to this many pixels in each
+            direction (zero padding), drawn from torch's global RNG: the light training augmentation.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        order: np.ndarray | None,
+        mean: Tensor,
+        std: Tensor,
+        max_shift: int = 0,
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.order = np.arange(len(images)) if order is None else np.asarray(order)
+        self.mean = mean
+        self.std = std
+        self.max_shift = max_shift
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int) -> Batch:
+        source = int(self.order[index])
+        image = torch.from_numpy(np.array(self.images[source], dtype=np.uint8)).permute(2, 0, 1)
+        if self.max_shift > 0:
+            image = _random_shift(image, self.max_shift)
+        tensor = (image.float().div_(255.0) - self.mean) / self.std
+        return tensor, torch.tensor(int(self.labels[source]), dtype=torch.int64)
+
+
+def _random_shift(image: Tensor, max_shift: int) -> Tensor:
+    dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,)))
+    padded = torch.nn.functional.pad(image, (max_shift, max_shift, max_shift, max_shift))
+    height, width = image.shape[1:]
+    top, left = max_shift + dy, max_shift + dx
+    return padded[:, top : top + height, left : left + width]
+
+
+def read_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Open an image file and decode it fully as RGB.
+
+    Raises:
+        UnreadableImageError: if the file cannot be opened or decoded; the message names the file.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(
+            f"cannot decode image file {os.fspath(path)!r} ({type(err).__name__}: {err}); "
+            "replace or delete the file (files are never skipped silently)"
+        ) from err
+
+
+class FileDataset(Dataset):
+    """Image files with labels, read in a fixed order through a transform.
+
+    Args:
+        samples: ``(path, label)`` pairs.
+        order: indices into ``samples``; item ``i`` is sample ``order[i]``. ``None`` for the natural order.
+        transform: maps a PIL RGB image to a ``3×H×W`` float tensor.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        order: np.ndarray | None,
+        transform: Callable[[Image.Image], Tensor],
+    ) -> None:
+        self.samples = samples
+        self.order = np.arange(len(samples)) if order is None else np.asarray(order)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int) -> Batch:
+        path, label = self.samples[int(self.order[index])]
+        return self.transform(read_rgb(path)), torch.tensor(label, dtype=torch.int64)
+
+
+def is_image_file(name: str) -> bool:
+    """Whether ``name`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive) and is not hidden."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def class_folders(root: Path, what: str, layout: str) -> list[str]:
+    """Return the sorted names of the non-hidden sub-folders of ``root``.
+
+    Args:
+        root: folder holding one sub-folder per class.
+        what: words for the error messages, e.g. ``"ImageNet-C severity folder"``.
+        layout: the expected layout, quoted in error messages.
+
+    Raises:
+        FileNotFoundError: if ``root`` is missing, not a folder, or has no class sub-folders.
+    """
+    if not root.exists():
+        raise FileNotFoundError(f"{what} not found: {root}. Expected layout: {layout}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what} is not a folder: {root}. Expected layout: {layout}")
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not names:
+        raise FileNotFoundError(f"{what} {root} has no class sub-folders. Expected layout: {layout}")
+    return names
+
+
+def index_image_folder(root: Path, classes: Sequence[str], what: str, layout: str) -> list[tuple[str, int]]:
+    """List the image files of ``root/<class>/`` in ``ImageFolder`` order, labelled by position in ``classes``.
+
+    Files are found recursively; folders are walked in sorted order and files sorted by name, as torchvision's
+    ``ImageFolder`` does, so indices into the result match an ``ImageFolder`` over the same tree.
+
+    Raises:
+        FileNotFoundError: if a class folder holds no image file; the message names it.
+    """
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        found = [
+            os.path.join(dirpath, fname)
+            for dirpath, _, fnames in sorted(os.walk(folder, followlinks=True))
+            for fname in sorted(fnames)
+            if is_image_file(fname)
+        ]
+        if not found:
+            raise FileNotFoundError(
+                f"{what} class folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}). "
+                f"Expected layout: {layout}"
+            )
+        samples.extend((path, label) for path in found)
+    return samples

@@ -1,0 +1,299 @@
+"""The ImageNet-C test stream read from its standard on-disk layout, plus clean ImageNet source and calibration data.
+
+Layouts (spec §6.1)::
+
+    <root>/<corruption>/<severity>/<wnid>/<image>.JPEG     ImageNet-C (labels: index of the wnid, sorted)
+    <source_root>/<wnid>/<image>.JPEG                      clean ImageNet val: source statistics
+    <calib_root>/<wnid>/<image>.JPEG                       clean ImageNet train: quantization calibration
+
+Transforms (spec §6.2; sizes shown for ``image_size=224`` and scaled with it otherwise):
+
+* ImageNet-C: CenterCrop 224, ToTensor, normalization.
+* Clean val: Resize 256 (bilinear, shorter side), CenterCrop 224, ToTensor, normalization.
+* Calibration: ``norm="vit"``: Resize 248 (bicubic), CenterCrop 224, 0.5/0.5 (timm's eval transform for ViT-B/16);
+  ``norm="imagenet"``: Resize 256 (bilinear), CenterCrop 224, ImageNet statistics.
+
+``norm="imagenet"`` corresponds to giving both ``--use_in1k_norm`` and ``--use_in1k_norm_c`` in the reference code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from datamodules._common import (
+    FileDataset,
+    calibration_order,
+    check_optional_count,
+    check_positive,
+    class_folders,
+    domain_names,
+    index_image_folder,
+    make_loader,
+    source_order,
+    split_domain,
+    stream_order,
+)
+from datamodules.corruptions import check_corruptions, check_severity
+
+log = logging.getLogger(__name__)
+
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+"""``norm`` choices: ``(mean, std)``."""
+
+VAL_CROP_PCT = 0.875  # Resize 256 → CenterCrop 224
+VIT_CALIB_CROP_PCT = 0.9  # timm's ViT-B/16 eval transform: Resize 248 → CenterCrop 224
+
+_C_LAYOUT = "<root>/<corruption>/<severity>/<wnid>/<image>.JPEG, e.g. <root>/gaussian_noise/5/n01440764/x.JPEG"
+_CLEAN_LAYOUT = "<folder>/<wnid>/<image>.JPEG, e.g. <folder>/n01440764/ILSVRC2012_val_00000293.JPEG"
+
+_Samples = list[tuple[str, int]]
+
+
+class ImageNetCDataModule(LightningDataModule):
+    """ImageNet-C corruption stream from disk, with clean ImageNet images for source statistics and calibration.
+
+    The test stream visits ``rounds × corruptions`` domains, round-major (``r1/gaussian_noise``, ...,
+    ``r1/jpeg_compression``, ``r2/gaussian_noise``, ...). Within a domain the images come in a seeded order that
+    differs per round and corruption (the loaders themselves do not shuffle). Labels are the positions of the wnid
+    folders in sorted order; every corruption folder (and ``source_root``/``calib_root``) must hold the same wnid
+    set. Batches are ``(images, labels)``: ``float32`` ``N×3×H×W`` and ``int64``.
+
+    Args:
+        root: ImageNet-C folder, ``<root>/<corruption>/<severity>/<wnid>/*.JPEG``.
+        source_root: clean ImageNet validation folder ``<val>/<wnid>/*``, for source statistics
+            (``source_dataloader``). ``None`` if not needed.
+        calib_root: clean ImageNet training folder ``<train>/<wnid>/*``, for quantization calibration
+            (``calibration_images``). ``None`` falls back to ``source_root`` with a warning.
+        corruptions: corruption names in stream order; default: the 15 ImageNet-C corruptions in the paper's order.
+        severity: severity folder to read, 1 to 5.
+        rounds: how many times the whole corruption sequence is repeated.
+        batch_size: batch size of every loader.
+        num_workers: ``DataLoader`` worker processes (the paper uses 32).
+        seed: seed of every sample order (non-negative).
+        norm: ``"vit"`` for mean = std = 0.5, or ``"imagenet"`` for the ImageNet statistics
+            (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), used with ResNet-50.
+        image_size: crop size in pixels; 224 for ImageNet-C. The resize sizes scale with it (256 and 248 at 224),
+            so tests can use tiny images.
+        num_source_images: how many clean validation images (a seeded random subset) feed the source statistics;
+            ``None`` for all of them.
+
+    Raises:
+        ValueError: for an unknown corruption or ``norm``, a severity outside 1..5, a non-positive count or size,
+            or a negative seed. Layout problems raise ``FileNotFoundError``/``ValueError`` in ``prepare_data`` or
+            ``setup``, naming the offending path.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        source_root: str | None = None,
+        calib_root: str | None = None,
+        corruptions: list[str] | None = None,
+        severity: int = 5,
+        rounds: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 2020,
+        norm: str = "vit",
+        image_size: int = 224,
+        num_source_images: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if norm not in NORMALIZATIONS:
+            raise ValueError(f"norm must be one of {sorted(NORMALIZATIONS)}, got {norm!r}")
+        self.root = Path(root).expanduser()
+        self.source_root = Path(source_root).expanduser() if source_root else None
+        self.calib_root = Path(calib_root).expanduser() if calib_root else None
+        self.corruptions = check_corruptions(corruptions)
+        self.severity = check_severity(severity)
+        self.rounds = check_positive("rounds", rounds)
+        self.batch_size = check_positive("batch_size", batch_size)
+        self.num_workers = check_positive("num_workers", num_workers, minimum=0)
+        self.seed = check_positive("seed", seed, minimum=0)
+        self.norm = norm
+        self.image_size = check_positive("image_size", image_size)
+        self.num_source_images = check_optional_count("num_source_images", num_source_images)
+        self._wnids: tuple[str, ...] | None = None
+        self._test_samples: dict[str, _Samples] = {}
+        self._clean_samples: dict[Path, _Samples] = {}
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def num_classes(self) -> int:
+        """Number of wnid folders (1,000 for ImageNet-C); read from disk on first use, before ``setup`` if needed."""
+        return len(self.wnids)
+
+    @property
+    def wnids(self) -> tuple[str, ...]:
+        """Sorted wnid folder names of the first corruption; label ``i`` is ``wnids[i]``."""
+        if self._wnids is None:
+            first = self._severity_dir(self.corruptions[0])
+            self._wnids = tuple(class_folders(first, "ImageNet-C severity folder", _C_LAYOUT))
+        return self._wnids
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """Domain names in stream order, round-major: ``("r1/gaussian_noise", ..., "r<rounds>/<last>")``."""
+        return domain_names(self.corruptions, self.rounds)
+
+    def prepare_data(self) -> None:
+        """Check the folder structure (root, corruption and severity folders, wnid sets) without listing images."""
+        self._check_root()
+        for corruption in self.corruptions:
+            self._check_wnids(self._severity_dir(corruption), "ImageNet-C severity folder", _C_LAYOUT)
+        for folder, what in ((self.source_root, "source_root"), (self.calib_root, "calib_root")):
+            if folder is not None:
+                self._check_wnids(folder, f"{what} folder", _CLEAN_LAYOUT)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Index the image files of every corruption (and of the clean folders that are set).
+
+        Args:
+            stage: the Lightning stage, or ``None`` for all.
+
+        Raises:
+            FileNotFoundError: for a missing root, corruption, severity or class folder, or a class folder without
+                images; the message names the path and the expected layout.
+            ValueError: if a folder's wnid set differs from the first corruption's.
+        """
+        self.prepare_data()
+        if stage in (None, "test", "predict"):
+            for corruption in self.corruptions:
+                self._corruption_samples(corruption)
+        for folder in (self.source_root, self.calib_root):
+            if folder is not None:
+                self._folder_samples(folder, "clean folder", _CLEAN_LAYOUT)
+
+    def test_dataloader(self) -> OrderedDict[str, DataLoader]:
+        """Return ``{domain: DataLoader}`` in stream order (see :attr:`domains`).
+
+        Each loader has ``shuffle=False`` and ``drop_last=False`` and reads the domain in a seeded order that differs
+        per (round, corruption) and is reproducible for a given ``seed``.
+        """
+        transform = self._transform(resize=None)
+        loaders: OrderedDict[str, DataLoader] = OrderedDict()
+        for domain in self.domains:
+            round_index, corruption = split_domain(domain)
+            samples = self._corruption_samples(corruption)
+            order = stream_order(self.seed, round_index, corruption, len(samples))
+            loaders[domain] = make_loader(FileDataset(samples, order, transform), self.batch_size, self.num_workers)
+        return loaders
+
+    def source_dataloader(self) -> DataLoader:
+        """Clean validation images for source statistics, in a seeded order, ``shuffle=False``.
+
+        Raises:
+            ValueError: if ``source_root`` is not set or ``num_source_images`` exceeds the images found.
+        """
+        if self.source_root is None:
+            raise ValueError("source_dataloader needs clean ImageNet validation images: set source_root=<ImageNet val>")
+        samples = self._folder_samples(self.source_root, "source_root folder", _CLEAN_LAYOUT)
+        order = source_order(self.seed, len(samples), self.num_source_images)
+        transform = self._transform(resize=(VAL_CROP_PCT, T.InterpolationMode.BILINEAR))
+        return make_loader(FileDataset(samples, order, transform), self.batch_size, self.num_workers)
+
+    def calibration_images(self, n: int = 32) -> Tensor:
+        """Return ``n`` clean images for quantization calibration (spec §7).
+
+        The images are the first ``n`` of ``numpy.random.RandomState(3).permutation`` over the ``ImageFolder``
+        ordering of ``calib_root`` (or of ``source_root`` when ``calib_root`` is unset), with the calibration
+        transform of the chosen ``norm``.
+
+        Args:
+            n: number of images.
+
+        Returns:
+            A normalized ``float32`` tensor of shape ``(n, 3, image_size, image_size)``.
+
+        Raises:
+            ValueError: if neither ``calib_root`` nor ``source_root`` is set, or ``n`` exceeds the images found.
+        """
+        folder = self.calib_root
+        if folder is None:
+            if self.source_root is None:
+                raise ValueError("calibration_images needs clean images: set calib_root=<ImageNet train>")
+            log.warning("calib_root is not set; calibrating on images from source_root %s", self.source_root)
+            folder = self.source_root
+        samples = self._folder_samples(folder, "calibration folder", _CLEAN_LAYOUT)
+        order = calibration_order(len(samples), n)
+        if self.norm == "vit":
+            transform = self._transform(resize=(VIT_CALIB_CROP_PCT, T.InterpolationMode.BICUBIC))
+        else:
+            transform = self._transform(resize=(VAL_CROP_PCT, T.InterpolationMode.BILINEAR))
+        dataset = FileDataset(samples, order, transform)
+        return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+    # ------------------------------------------------------------------ layout
+
+    def _transform(self, resize: tuple[float, T.InterpolationMode] | None) -> T.Compose:
+        mean, std = NORMALIZATIONS[self.norm]
+        steps: list[object] = []
+        if resize is not None:
+            crop_pct, interpolation = resize
+            steps.append(T.Resize(math.floor(self.image_size / crop_pct), interpolation=interpolation))
+        steps += [T.CenterCrop(self.image_size), T.ToTensor(), T.Normalize(mean, std)]
+        return T.Compose(steps)
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"ImageNet-C root folder not found: {self.root}. Expected layout: {_C_LAYOUT}; set root= to it"
+            )
+
+    def _severity_dir(self, corruption: str) -> Path:
+        self._check_root()
+        corruption_dir = self.root / corruption
+        if not corruption_dir.is_dir():
+            raise FileNotFoundError(
+                f"ImageNet-C corruption folder not found: {corruption_dir}. Expected layout: {_C_LAYOUT}; "
+                "remove the corruption from `corruptions` or complete the download"
+            )
+        severity_dir = corruption_dir / str(self.severity)
+        if not severity_dir.is_dir():
+            raise FileNotFoundError(
+                f"ImageNet-C severity folder not found: {severity_dir}. Expected layout: {_C_LAYOUT}; "
+                "check `severity` or complete the download"
+            )
+        return severity_dir
+
+    def _check_wnids(self, folder: Path, what: str, layout: str) -> list[str]:
+        found = class_folders(folder, what, layout)
+        if tuple(found) != self.wnids:
+            reference = self._severity_dir(self.corruptions[0])
+            missing = sorted(set(self.wnids) - set(found))
+            extra = sorted(set(found) - set(self.wnids))
+            raise ValueError(
+                f"{what} {folder} has a different wnid set than {reference}: "
+                f"{len(missing)} missing (first: {missing[:5]}), {len(extra)} extra (first: {extra[:5]}). "
+                "Labels are positions in the sorted wnid list, so every folder must hold the same wnid folders"
+            )
+        return found
+
+    def _corruption_samples(self, corruption: str) -> _Samples:
+        if corruption not in self._test_samples:
+            folder = self._severity_dir(corruption)
+            self._check_wnids(folder, "ImageNet-C severity folder", _C_LAYOUT)
+            samples = index_image_folder(folder, self.wnids, "ImageNet-C", _C_LAYOUT)
+            log.debug("ImageNet-C %s severity %d: %d images", corruption, self.severity, len(samples))
+            self._test_samples[corruption] = samples
+        return self._test_samples[corruption]
+
+    def _folder_samples(self, folder: Path, what: str, layout: str) -> _Samples:
+        if folder not in self._clean_samples:
+            self._check_wnids(folder, what, layout)
+            self._clean_samples[folder] = index_image_folder(folder, self.wnids, what, layout)
+        return self._clean_samples[folder]

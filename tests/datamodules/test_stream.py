@@ -1,0 +1,198 @@
+import logging
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import datamodules.stream as stream_module
+from datamodules import CORRUPTIONS, CorruptionStreamDataModule
+
+CHEAP = ["gaussian_noise", "contrast"]  # fast corruptions keep the cache builds short
+
+
+def _make(cache_dir: Path, **kwargs: Any) -> CorruptionStreamDataModule:
+    return CorruptionStreamDataModule(corruptions=CHEAP, cache_dir=str(cache_dir), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> CorruptionStreamDataModule:
+    dm = _make(tmp_path_factory.mktemp("cache"), rounds=2)
+    dm.prepare_data()
+    dm.setup("test")
+    return dm
+
+
+def _ds(loader: DataLoader) -> Any:
+    return loader.dataset
+
+
+def _first_batches(dm: CorruptionStreamDataModule) -> list[torch.Tensor]:
+    return [next(iter(loader))[0] for loader in dm.test_dataloader().values()]
+
+
+def test_defaults_and_domain_order(tmp_path: Path) -> None:
+    dm = CorruptionStreamDataModule(cache_dir=str(tmp_path), rounds=2)
+    assert dm.corruptions == CORRUPTIONS
+    assert dm.num_classes == 10
+    assert len(dm.domains) == 30
+    assert dm.domains[:2] == ("r1/gaussian_noise", "r1/shot_noise")
+    assert dm.domains[14:16] == ("r1/jpeg_compression", "r2/gaussian_noise")
+    assert not any(tmp_path.iterdir())  # nothing is built before prepare_data/setup
+
+
+def test_loaders_lengths_and_batches(built: CorruptionStreamDataModule) -> None:
+    loaders = built.test_dataloader()
+    assert isinstance(loaders, OrderedDict)
+    assert list(loaders) == ["r1/gaussian_noise", "r1/contrast", "r2/gaussian_noise", "r2/contrast"]
+    for loader in loaders.values():
+        assert len(loader) == 16
+        assert len(_ds(loader)) == 1000
+        assert loader.drop_last is False
+        assert isinstance(loader.sampler, torch.utils.data.SequentialSampler)
+    batches = list(loaders["r1/contrast"])
+    assert [len(b[0]) for b in batches[-2:]] == [64, 40]
+    images, labels = batches[0]
+    assert images.shape == (64, 3, 32, 32)
+    assert images.dtype == torch.float32
+    assert labels.dtype == torch.int64
+    assert images.min() >= -1.0
+    assert images.max() <= 1.0
+
+
+def test_orders_differ_per_round_and_corruption(built: CorruptionStreamDataModule) -> None:
+    orders = [tuple(_ds(loader).order) for loader in built.test_dataloader().values()]
+    assert len(set(orders)) == 4
+    assert all(sorted(order) == list(range(1000)) for order in orders)
+    # same corruption in two rounds: same images, another order
+    r1, r2 = (_ds(built.test_dataloader()[f"r{r}/gaussian_noise"]) for r in (1, 2))
+    assert np.array_equal(r1.images, r2.images)
+
+
+def test_deterministic_across_instances(built: CorruptionStreamDataModule, tmp_path: Path) -> None:
+    other = _make(tmp_path, rounds=2)  # separate cache: rebuilt from scratch
+    other.prepare_data()
+    for a, b in zip(_first_batches(built), _first_batches(other), strict=True):
+        assert torch.equal(a, b)
+    changed = CorruptionStreamDataModule(corruptions=["gaussian_noise"], cache_dir=str(tmp_path), seed=1)
+    changed.setup("test")
+    ours, theirs = (_ds(dm.test_dataloader()["r1/gaussian_noise"]) for dm in (built, changed))
+    assert not np.array_equal(ours.images, theirs.images)  # other noise
+    assert not np.array_equal(ours.order, theirs.order)  # other order
+
+
+def test_cache_is_reused(built: CorruptionStreamDataModule, monkeypatch: pytest.MonkeyPatch) -> None:
+    def _fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("corrupt_images must not run when the cache is complete")
+
+    monkeypatch.setattr(stream_module, "corrupt_images", _fail)
+    again = _make(built.cache_path.parent, rounds=2)
+    again.prepare_data()
+    again.setup("test")
+    for a, b in zip(_first_batches(built), _first_batches(again), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "drop_checksum"])
+def test_damaged_cache_is_rebuilt(
+    built: CorruptionStreamDataModule, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.copytree(built.cache_path, tmp_path / "mnist")
+    dm = CorruptionStreamDataModule(corruptions=["gaussian_noise"], cache_dir=str(tmp_path))
+    path = dm._cache_file("gaussian_noise")
+    reference = np.load(path).copy()
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "flip_bytes":
+        raw = bytearray(path.read_bytes())
+        raw[-10:] = bytes(255 - b for b in raw[-10:])
+        path.write_bytes(bytes(raw))
+    else:
+        path.with_suffix(".sha256").unlink()
+    with caplog.at_level(logging.WARNING, logger="datamodules.stream"):
+        dm.setup("test")
+    assert any("damaged" in r.message and str(path) in r.message for r in caplog.records)
+    assert np.array_equal(np.load(path), reference)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_cache_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ZOA_CACHE_DIR", str(tmp_path))
+    dm = CorruptionStreamDataModule(corruptions=["contrast"])
+    assert dm.cache_path == tmp_path / "streams" / "mnist"
+    monkeypatch.delenv("ZOA_CACHE_DIR")
+    assert CorruptionStreamDataModule().cache_path == Path.home() / ".cache" / "zoa_lightning" / "streams" / "mnist"
+
+
+def test_source_calibration_train_val(built: CorruptionStreamDataModule, tmp_path: Path) -> None:
+    source = built.source_dataloader()
+    assert len(_ds(source)) == 4000
+    assert isinstance(source.sampler, torch.utils.data.SequentialSampler)
+    limited = _make(tmp_path, num_source_images=100, augment=True)
+    assert len(_ds(limited.source_dataloader())) == 100
+    assert set(_ds(limited.source_dataloader()).order) <= set(_ds(source).order)
+    calib = built.calibration_images()
+    assert calib.shape == (32, 3, 32, 32)
+    assert torch.equal(calib, built.calibration_images(32))
+    assert torch.equal(calib[:4], built.calibration_images(4))
+    with pytest.raises(ValueError, match=r"1\.\.4000"):
+        built.calibration_images(0)
+    images, _ = next(iter(limited.train_dataloader()))
+    assert images.shape == (64, 3, 32, 32)
+    assert len(limited.train_dataloader()) == 63
+    assert len(_ds(built.val_dataloader())) == 1000
+    with pytest.raises(ValueError, match="num_source_images=5000"):
+        _make(tmp_path, num_source_images=5000).source_dataloader()
+
+
+def test_invalid_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown corruption 'snowy'"):
+        CorruptionStreamDataModule(corruptions=["snowy"])
+    with pytest.raises(ValueError, match="severity"):
+        CorruptionStreamDataModule(severity=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        CorruptionStreamDataModule(batch_size=0)
+    with pytest.raises(ValueError, match="std values must be positive"):
+        CorruptionStreamDataModule(std=(0.5, 0.0, 0.5))
+    with pytest.raises(FileNotFoundError, match="neither 'mnist' nor an existing folder"):
+        CorruptionStreamDataModule(dataset=str(tmp_path / "nope"), cache_dir=str(tmp_path)).prepare_data()
+
+
+def test_folder_dataset(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "shapes"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    dm = CorruptionStreamDataModule(
+        dataset=str(root), corruptions=["contrast"], image_size=24, batch_size=2, cache_dir=str(tmp_path / "c")
+    )
+    assert dm.num_classes == 3
+    dm.setup("test")
+    loader = dm.test_dataloader()["r1/contrast"]
+    assert len(_ds(loader)) == 2  # 20 % of 12 images
+    images, _ = next(iter(loader))
+    assert images.shape == (2, 3, 24, 24)
+    assert dm.cache_path.name == "folder-shapes"
+    (root / "a" / "0.png").write_bytes(b"not an image")
+    broken = CorruptionStreamDataModule(dataset=str(root), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(OSError, match=r"cannot decode image file .*0\.png"):
+        broken.setup("fit")
+
+
+def test_signature_parses_for_lightning_cli() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(CorruptionStreamDataModule, "data")
+    cfg = parser.parse_args(["--data.corruptions=[fog,snow]", "--data.mean=[0.1,0.2,0.3]", "--data.rounds=3"])
+    assert cfg.data.corruptions == ["fog", "snow"]
+    assert tuple(cfg.data.mean) == (0.1, 0.2, 0.3)
+    assert cfg.data.severity == 5
+    assert "corruption severity, 1 to 5" in parser.format_help()
