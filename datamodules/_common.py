@@ -260,3 +260,34 @@ def index_image_folder(root: Path, classes: Sequence[str], what: str, layout: st
             )
         samples.extend((path, label) for path in found)
     return samples
+
+
+class StreamWindow:
+    """Mixin: which part of the domain stream ``test_dataloader`` serves (``start_domain`` up to ``stop_domain``).
+
+    A stream interrupted after ``k`` domains resumes with ``start_domain = k`` (a resumed ``trainer.test`` sets it from
+    the checkpoint); ``stop_domain`` runs only a prefix of the stream.
+    """
+
+    start_domain: int = 0
+    stop_domain: int | None = None
+
+    @property
+    def domains(self) -> tuple[str, ...]:  # pragma: no cover - provided by the data module
+        raise NotImplementedError
+
+    @property
+    def active_domains(self) -> tuple[str, ...]:
+        """The domains ``test_dataloader`` returns: ``domains[start_domain:stop_domain]``.
+
+        Raises:
+            ValueError: if the window is empty or out of range.
+        """
+        total = len(self.domains)
+        stop = total if self.stop_domain is None else self.stop_domain
+        if not 0 <= self.start_domain < stop <= total:
+            raise ValueError(
+                f"start_domain={self.start_domain} and stop_domain={self.stop_domain} select no domains of a "
+                f"{total}-domain stream; need 0 <= start_domain < stop_domain <= {total}"
+            )
+        return self.domains[self.start_domain : stop]

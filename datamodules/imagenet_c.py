@@ -31,6 +31,7 @@ from torchvision import transforms as T
 
 from datamodules._common import (
     FileDataset,
+    StreamWindow,
     calibration_order,
     check_optional_count,
     check_positive,
@@ -61,7 +62,7 @@ _CLEAN_LAYOUT = "<folder>/<wnid>/<image>.JPEG, e.g. <folder>/n01440764/ILSVRC201
 _Samples = list[tuple[str, int]]
 
 
-class ImageNetCDataModule(LightningDataModule):
+class ImageNetCDataModule(StreamWindow, LightningDataModule):
     """ImageNet-C corruption stream from disk, with clean ImageNet images for source statistics and calibration.
 
     The test stream visits ``rounds × corruptions`` domains, round-major (``r1/gaussian_noise``, ...,
@@ -88,6 +89,9 @@ class ImageNetCDataModule(LightningDataModule):
             so tests can use tiny images.
         num_source_images: how many clean validation images (a seeded random subset) feed the source statistics;
             ``None`` for all of them.
+        start_domain: first stream domain served by ``test_dataloader`` (a resumed run starts after the
+            domains it already finished).
+        stop_domain: serve domains up to, not including, this index (``None``: to the end of the stream).
 
     Raises:
         ValueError: for an unknown corruption or ``norm``, a severity outside 1..5, a non-positive count or size,
@@ -109,9 +113,13 @@ class ImageNetCDataModule(LightningDataModule):
         norm: str = "vit",
         image_size: int = 224,
         num_source_images: int | None = None,
+        start_domain: int = 0,
+        stop_domain: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.start_domain = check_positive("start_domain", start_domain, minimum=0)
+        self.stop_domain = stop_domain
         if norm not in NORMALIZATIONS:
             raise ValueError(f"norm must be one of {sorted(NORMALIZATIONS)}, got {norm!r}")
         self.root = Path(root).expanduser()
@@ -186,7 +194,7 @@ class ImageNetCDataModule(LightningDataModule):
         """
         transform = self._transform(resize=None)
         loaders: OrderedDict[str, DataLoader] = OrderedDict()
-        for domain in self.domains:
+        for domain in self.active_domains:
             round_index, corruption = split_domain(domain)
             samples = self._corruption_samples(corruption)
             order = stream_order(self.seed, round_index, corruption, len(samples))

@@ -20,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import multiprocessing
 import os
 import re
 import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from datamodules._common import (
     ArrayDataset,
+    StreamWindow,
     calibration_order,
     check_normalization,
     check_optional_count,
@@ -74,7 +77,7 @@ def default_cache_dir() -> Path:
     return base / "streams"
 
 
-class CorruptionStreamDataModule(LightningDataModule):
+class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
     """Corrupted test stream, clean source data and calibration images built from a small clean image set.
 
     The clean set is split into a training part (source-model training, source statistics, quantization
@@ -107,6 +110,9 @@ class CorruptionStreamDataModule(LightningDataModule):
             ``None`` for all of them.
         augment: light augmentation for ``train_dataloader``: a random shift of up to ``image_size // 16``
             pixels (at least 1) in each direction, zero-padded; no flips (digits are not mirror-symmetric).
+        start_domain: first stream domain served by ``test_dataloader`` (a resumed run starts after the
+            domains it already finished).
+        stop_domain: serve domains up to, not including, this index (``None``: to the end of the stream).
 
     Raises:
         ValueError: for an unknown corruption, a severity outside 1..5, a non-positive count or size, a negative
@@ -136,9 +142,13 @@ class CorruptionStreamDataModule(LightningDataModule):
         cache_dir: str | None = None,
         num_source_images: int | None = None,
         augment: bool = False,
+        start_domain: int = 0,
+        stop_domain: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.start_domain = check_positive("start_domain", start_domain, minimum=0)
+        self.stop_domain = stop_domain
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"dataset must be 'mnist' or a folder path, got {dataset!r}")
         self.dataset = dataset
@@ -207,7 +217,7 @@ class CorruptionStreamDataModule(LightningDataModule):
         """
         _, _, _, test_y = self._clean_split()
         loaders: OrderedDict[str, DataLoader] = OrderedDict()
-        for domain in self.domains:
+        for domain in self.active_domains:
             round_index, corruption = split_domain(domain)
             order = stream_order(self.seed, round_index, corruption, len(test_y))
             dataset = ArrayDataset(self._corrupted_array(corruption), test_y, order, self._mean, self._std)
@@ -332,6 +342,19 @@ class CorruptionStreamDataModule(LightningDataModule):
             return None
         return array
 
+    def _save_corrupted(self, corruption: str, array: np.ndarray, start: float) -> None:
+        _atomic_save(self._cache_file(corruption), array)
+        log.info(
+            "cached %s severity %d for %d images of %s at %d px after %.1f s: %s",
+            corruption,
+            self.severity,
+            len(array),
+            self._dataset_tag(),
+            self.image_size,
+            time.perf_counter() - start,
+            self._cache_file(corruption),
+        )
+
     def _load_or_build(self) -> None:
         """Load every verified cache file of the stream, building the missing or damaged ones first."""
         missing = []
@@ -346,21 +369,27 @@ class CorruptionStreamDataModule(LightningDataModule):
             return
         _, _, test_x, _ = self._clean_split()
         self.cache_path.mkdir(parents=True, exist_ok=True)
+        workers = min(len(missing), os.cpu_count() or 1)
         with _Progress(len(missing) * len(test_x)) as advance:
-            for corruption in missing:
-                start = time.perf_counter()
-                array = corrupt_images(test_x, corruption, self.severity, self.seed, progress=advance)
-                _atomic_save(self._cache_file(corruption), array)
-                log.info(
-                    "cached %s severity %d for %d images of %s at %d px in %.1f s: %s",
-                    corruption,
-                    self.severity,
-                    len(array),
-                    self._dataset_tag(),
-                    self.image_size,
-                    time.perf_counter() - start,
-                    self._cache_file(corruption),
-                )
+            if workers == 1:
+                for corruption in missing:
+                    start = time.perf_counter()
+                    self._save_corrupted(
+                        corruption,
+                        corrupt_images(test_x, corruption, self.severity, self.seed, progress=advance),
+                        start,
+                    )
+            else:
+                # One process per core: the corruptions are independent and CPU-bound (numpy/OpenCV/scipy).
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                    start = time.perf_counter()
+                    futures = {
+                        pool.submit(corrupt_images, np.asarray(test_x), c, self.severity, self.seed): c for c in missing
+                    }
+                    for future in as_completed(futures):
+                        self._save_corrupted(futures[future], future.result(), start)
+                        advance(len(test_x))
         for corruption in missing:
             array = self._read_cache(self._cache_file(corruption))
             if array is None:

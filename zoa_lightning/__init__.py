@@ -1,6 +1,11 @@
 """zoa-lightning: ZOA zeroth-order test-time adaptation of quantized networks, on PyTorch Lightning.
 
-The pure-torch engine lives in :mod:`zoa_lightning.core` (``from zoa_lightning.core import ZOA``).
+The pure-torch engine lives in :mod:`zoa_lightning.core` (``from zoa_lightning.core import ZOA``); the Lightning
+modules are :class:`ZOAModule` and the baselines.
 """
 
+from zoa_lightning.module import NoAdaptModule, StreamModule, ZOAModule
+
 __version__ = "0.1.0"
+
+__all__ = ["NoAdaptModule", "StreamModule", "ZOAModule", "__version__"]

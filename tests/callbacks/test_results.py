@@ -1,0 +1,266 @@
+"""ResultsCallback: files written at the end of ``trainer.test``, protocol check, state, plots."""
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+from lightning.pytorch import Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+import callbacks.results as results_mod
+from callbacks.results import (
+    ROW_COLUMNS,
+    RUN_COLUMNS,
+    ResultsCallback,
+    StreamResults,
+    plot_accuracy,
+    summarize,
+    write_results,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(index: int, rnd: int, corruption: str, acc1: float, acc5: float, n: int) -> dict[str, Any]:
+    return {
+        "index": index,
+        "domain": f"r{rnd}/{corruption}",
+        "round": rnd,
+        "corruption": corruption,
+        "acc1": acc1,
+        "acc5": acc5,
+        "n": n,
+        "batches": n // 50,
+        "forward_passes": 3 * (n // 50),
+        "seconds": 0.5,
+    }
+
+
+# Unweighted mean acc1 = 55, acc5 = 81.25; weighted by n it would differ (acc1 52.5).
+ROWS = [
+    _row(0, 1, "gaussian_noise", 50.0, 80.0, 100),
+    _row(1, 1, "fog", 40.0, 70.0, 300),
+    _row(2, 2, "gaussian_noise", 70.0, 90.0, 100),
+    _row(3, 2, "fog", 60.0, 85.0, 300),
+]
+INFO = {"method": "zoa", "model": "test_vit", "bits": "W8A8", "seed": 7}
+
+
+class StreamModel(BoringModel):
+    def __init__(self, rows: list[dict[str, Any]] | None = None, info: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self._rows = ROWS if rows is None else rows
+        self._info = INFO if info is None else info
+
+    def stream_results(self) -> list[dict[str, Any]]:
+        return [dict(row) for row in self._rows]
+
+    def run_info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+
+class HalfStreamModel(BoringModel):
+    def stream_results(self) -> list[dict[str, Any]]:
+        return []
+
+
+def _trainer(root: Path, *cbs: ResultsCallback) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_test_batches=1,
+        inference_mode=False,
+        default_root_dir=root,
+        callbacks=list(cbs),
+    )
+
+
+def test_writes_json_csv_png_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    cb = ResultsCallback(out_dir=out)
+    _trainer(tmp_path, cb).test(StreamModel())
+
+    data = json.loads((out / "results.json").read_text())
+    summary = data["summary"]
+    assert list(summary)[:14] == ["method", "model", "bits", "mean_acc1", "mean_acc5", "domains", "samples",
+                                  "batches", "forward_passes", "forward_passes_per_batch", "seconds",
+                                  "seconds_per_batch", "peak_memory_mb", "memory_kind"]  # fmt: skip
+    assert (summary["method"], summary["model"], summary["bits"], summary["seed"]) == ("zoa", "test_vit", "W8A8", 7)
+    assert summary["mean_acc1"] == pytest.approx(55.0)
+    assert summary["mean_acc5"] == pytest.approx(81.25)
+    assert (summary["domains"], summary["samples"], summary["batches"], summary["forward_passes"]) == (4, 800, 16, 48)
+    assert summary["forward_passes_per_batch"] == pytest.approx(3.0)
+    # Wall time is the callback's own measurement, not the rows' sum (2 s).
+    assert 0 < summary["seconds"] < 2.0
+    assert summary["seconds_per_batch"] == pytest.approx(summary["seconds"] / 16)
+    assert summary["memory_kind"] == "cpu_max_rss"
+    assert summary["peak_memory_mb"] > 1
+    assert data["domains"] == ROWS
+
+    with (out / "results.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames or ()) == (*ROW_COLUMNS, *RUN_COLUMNS)
+        csv_rows = list(reader)
+    assert [r["domain"] for r in csv_rows] == [r["domain"] for r in ROWS]
+    assert [float(r["acc1"]) for r in csv_rows] == [r["acc1"] for r in ROWS]
+    assert {(r["method"], r["model"], r["bits"]) for r in csv_rows} == {("zoa", "test_vit", "W8A8")}
+
+    png = (out / "accuracy.png").read_bytes()
+    assert len(png) > 1000
+    assert png.startswith(PNG_MAGIC)
+
+    printed = capsys.readouterr().out
+    assert "r2/fog" in printed
+    assert "mean" in printed
+    assert "55.00" in printed
+    assert "81.25" in printed
+
+
+def test_prefix_no_plot_no_table_and_log_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    messages: list[str] = []
+    monkeypatch.setattr(results_mod, "rank_zero_info", messages.append)
+    cb = ResultsCallback(out_dir=str(tmp_path / "a" / "b"), filename_prefix="zoa_", plot=False, table=False)
+    _trainer(tmp_path, cb).test(StreamModel())
+
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["zoa_results.csv", "zoa_results.json"]
+    assert "r1/fog" not in capsys.readouterr().out
+    assert len(messages) == 1
+    assert str(tmp_path / "a" / "b" / "zoa_results.json") in messages[0]
+    assert "zoa_results.csv" in messages[0]
+
+
+def test_files_are_overwritten(tmp_path: Path) -> None:
+    _trainer(tmp_path, ResultsCallback(out_dir=tmp_path, plot=False, table=False)).test(StreamModel())
+    _trainer(tmp_path, ResultsCallback(out_dir=tmp_path, plot=False, table=False)).test(StreamModel(rows=ROWS[:1]))
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["summary"]["domains"] == 1
+    assert data["summary"]["mean_acc1"] == pytest.approx(50.0)
+
+
+def test_protocol_is_checked_in_setup(tmp_path: Path) -> None:
+    assert isinstance(StreamModel(), StreamResults)
+    assert not isinstance(BoringModel(), StreamResults)
+    with pytest.raises(TypeError, match=r"BoringModel lacks `stream_results\(\)`, `run_info\(\)`"):
+        _trainer(tmp_path, ResultsCallback(out_dir=tmp_path)).test(BoringModel())
+    with pytest.raises(TypeError, match=r"HalfStreamModel lacks `run_info\(\)`\.$"):
+        _trainer(tmp_path, ResultsCallback(out_dir=tmp_path)).test(HalfStreamModel())
+    assert not list(tmp_path.glob("results.*"))
+
+
+def test_run_info_without_required_keys_fails_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"run_info\(\) lacks the keys \['bits'\]"):
+        _trainer(tmp_path, ResultsCallback(out_dir=tmp_path)).test(StreamModel(info={"method": "m", "model": "x"}))
+
+
+def test_no_finished_domains_warns_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="no finished domains"):
+        _trainer(tmp_path, ResultsCallback(out_dir=out)).test(StreamModel(rows=[]))
+    assert not out.exists()
+
+
+def test_state_dict_round_trip_and_state_key() -> None:
+    cb = ResultsCallback(out_dir="runs/a")
+    cb.load_state_dict({"elapsed_seconds": 12.5})
+    assert cb.state_dict() == {"elapsed_seconds": 12.5}
+    other = ResultsCallback(out_dir="runs/a")
+    other.load_state_dict(cb.state_dict())
+    assert other.state_dict() == cb.state_dict()
+    assert "runs/a" in cb.state_key
+    assert cb.state_key == other.state_key
+    assert cb.state_key != ResultsCallback(out_dir="runs/b").state_key
+    assert cb.state_key != ResultsCallback(out_dir="runs/a", filename_prefix="x_").state_key
+
+
+def test_resume_from_checkpoint_accumulates_seconds(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cb = ResultsCallback(out_dir=out, plot=False, table=False)
+    trainer = _trainer(tmp_path, cb)
+    model = StreamModel()
+    trainer.test(model)
+    first = json.loads((out / "results.json").read_text())["summary"]["seconds"]
+    assert cb.state_dict()["elapsed_seconds"] == pytest.approx(first)
+
+    ckpt_path = tmp_path / "stream.ckpt"
+    trainer.save_checkpoint(ckpt_path)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["callbacks"][cb.state_key] == {"elapsed_seconds": pytest.approx(first)}
+    ckpt["callbacks"][cb.state_key]["elapsed_seconds"] = 1000.0
+    torch.save(ckpt, ckpt_path)
+
+    resumed = ResultsCallback(out_dir=out, plot=False, table=False)
+    _trainer(tmp_path, resumed).test(model, ckpt_path=ckpt_path)
+    seconds = json.loads((out / "results.json").read_text())["summary"]["seconds"]
+    assert 1000.0 < seconds < 1010.0
+
+    # A fresh test with the same instance starts again at zero.
+    _trainer(tmp_path, resumed).test(model)
+    assert json.loads((out / "results.json").read_text())["summary"]["seconds"] < 10.0
+
+
+def test_summarize_unweighted_mean_and_extras(caplog: pytest.LogCaptureFixture) -> None:
+    rows = [dict(r) for r in ROWS]
+    rows[0]["acc1"] = torch.tensor(50.0)
+    with caplog.at_level(logging.WARNING, logger="callbacks.results"):
+        summary = summarize(rows, {**INFO, "domains": 99, "lr": 1e-3})
+    assert summary["mean_acc1"] == pytest.approx(55.0)
+    assert summary["domains"] == 4
+    assert summary["lr"] == 1e-3
+    assert summary["seconds"] == pytest.approx(2.0)  # no measurement given: sum of the rows
+    assert summary["peak_memory_mb"] is None
+    assert "'domains'" in caplog.text
+
+
+def test_write_results_rejects_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="No domain rows"):
+        write_results([], INFO, tmp_path)
+    bad = {k: v for k, v in ROWS[0].items() if k != "acc5"}
+    with pytest.raises(ValueError, match=r"lacks the keys \['acc5'\]"):
+        write_results([bad], INFO, tmp_path)
+    with pytest.raises(ValueError, match=r"\['bits'\]"):
+        write_results(ROWS, {"method": "m", "model": "x"}, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_plot_accuracy_two_methods(tmp_path: Path) -> None:
+    backend = matplotlib.rcParams["backend"]
+    corruptions = ("gaussian_noise", "shot_noise", "fog")
+    stream = [(i, 1 + i // 3, c) for i, c in enumerate(corruptions * 3)]
+    by_method = {
+        "zoa": [_row(i, r, c, 50.0 + i, 80.0, 100) for i, r, c in stream],
+        "no_adapt": [_row(i, r, c, 40.0, 70.0, 100) for i, r, c in stream[:5]],
+    }
+    path = plot_accuracy(by_method, tmp_path / "cmp.png", "ViT W4A4")
+    assert path == tmp_path / "cmp.png"
+    png = path.read_bytes()
+    assert len(png) > 1000
+    assert png.startswith(PNG_MAGIC)
+    assert matplotlib.rcParams["backend"] == backend
+    with pytest.raises(ValueError, match="No domain rows"):
+        plot_accuracy({"zoa": []}, tmp_path / "empty.png")
+
+
+def test_init_validation_and_cli_arguments() -> None:
+    with pytest.raises(ValueError, match="path separator"):
+        ResultsCallback(filename_prefix="a/b")
+    parser = ArgumentParser()
+    parser.add_class_arguments(ResultsCallback, "results")
+    assert "Folder for the result files" in parser.format_help()
+    cfg = parser.parse_args(["--results.out_dir=runs/x", "--results.plot=false", "--results.filename_prefix=zoa_"])
+    cb = parser.instantiate(cfg).results
+    assert isinstance(cb, ResultsCallback)
+    assert (cb.out_dir, cb.filename_prefix, cb.plot, cb.table) == (Path("runs/x"), "zoa_", False, True)
+    assert math.isfinite(cb.elapsed_seconds)

@@ -1,0 +1,407 @@
+"""LightningModules that run a (quantized) classifier over a stream of corrupted domains, adapting or not.
+
+:class:`StreamModule` holds what every method shares: the network (built by one factory or injected), one top-1 and
+one top-5 ``MulticlassAccuracy`` per domain, per-domain bookkeeping (samples, batches, forward passes, seconds), the
+stream position that a checkpoint resumes from, and the protocols the callbacks use. Subclasses implement
+:meth:`StreamModule.setup_method` and :meth:`StreamModule.adapt_step`.
+
+* :class:`ZOAModule`: ZOA (two forward passes and a manual zeroth-order update per batch, in ``test_step``).
+* :class:`NoAdaptModule`: the network as it is (eval mode; BatchNorm uses its running statistics).
+
+Testing needs no optimizer (Lightning never calls ``configure_optimizers`` in ``test``). Shipped configs set
+``trainer.inference_mode: false``; ZOA also works under the default ``inference_mode=True`` because every tensor it
+mutates is allocated in ``setup`` and updated in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from zoa_lightning.core import ZOA, ZOAConfig
+from zoa_lightning.core.protocols import StreamDataModule, missing_members
+from zoa_lightning.networks import build_network
+from zoa_lightning.stream import is_last_batch_of_domain
+
+__all__ = ["NoAdaptModule", "StreamModule", "ZOAModule"]
+
+log = logging.getLogger(__name__)
+
+_STREAM_KEY = "zoa_stream"
+
+
+class StreamModule(pl.LightningModule):
+    """Base class: evaluate a network on a domain stream; subclasses decide how it adapts.
+
+    Args:
+        network: a name for :func:`zoa_lightning.networks.build_network` (``demo_vit``, ``demo_cnn``, a timm name,
+            ``torchvision:<name>``) or, from Python, an ``nn.Module``.
+        weights: local weights file for ``network`` (``None``: the shipped demo weights, else random init).
+        num_classes: classifier size; the CLI links it to the data module's ``num_classes``.
+    """
+
+    method_name = "stream"
+
+    def __init__(
+        self, network: str | nn.Module = "demo_vit", weights: str | None = None, num_classes: int = 10
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["network"] if isinstance(network, nn.Module) else None)
+        self.network_name = network if isinstance(network, str) else type(network).__name__
+        self.net = network if isinstance(network, nn.Module) else build_network(network, weights, num_classes)
+        self.num_classes = num_classes
+        self.precision_tag = "float"
+        self.domains: tuple[str, ...] = ()
+        self.start_domain = 0
+        self.acc1 = nn.ModuleList()
+        self.acc5 = nn.ModuleList()
+        self._results: list[dict[str, Any]] = []
+        self._current: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ protocols used by callbacks
+    def get_network(self) -> nn.Module:
+        """The network (quantized once a quantization callback has run)."""
+        return self.net
+
+    def set_network(self, network: nn.Module, precision: str) -> None:
+        """Install a (quantized) network before :meth:`setup_method` runs; ``precision`` e.g. ``"W8A8"``."""
+        if getattr(self, "_method_ready", False):
+            raise RuntimeError("set_network must run before the method's setup (use a callback's setup hook)")
+        self.net = network
+        self.precision_tag = precision
+
+    def stream_results(self) -> list[dict[str, Any]]:
+        """One dict per finished domain, in stream order (acc1/acc5 in %, samples, batches, passes, seconds)."""
+        return [dict(r) for r in self._results]
+
+    def run_info(self) -> dict[str, Any]:
+        """Method, model and precision of this run."""
+        return {"method": self.method_name, "model": self.network_name, "bits": self.precision_tag}
+
+    def pop_adaptation_events(self) -> list[dict[str, Any]]:
+        """Adaptation events since the last call (none for a method without a knowledge bank)."""
+        return []
+
+    def mixing_weights(self) -> Tensor | None:
+        """Knowledge-mixing weights (``None`` for a method without a knowledge bank)."""
+        return None
+
+    # ------------------------------------------------------------------ method hooks
+    def setup_method(self, datamodule: StreamDataModule) -> None:
+        """Prepare the method (after quantization, on the run's device). Default: nothing."""
+
+    def adapt_step(self, images: Tensor) -> Tensor:
+        """Return the logits the method predicts for ``images`` (adapting on them if it adapts)."""
+        raise NotImplementedError
+
+    def forward_passes(self) -> int:
+        """Network forward passes spent so far (for cost reports)."""
+        return self._plain_passes
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, stage: str) -> None:
+        if stage != "test":
+            return
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, StreamDataModule):
+            raise TypeError(
+                f"{type(self).__name__} needs a stream data module (e.g. datamodules.CorruptionStreamDataModule); "
+                f"{type(datamodule).__name__} lacks {missing_members(datamodule, StreamDataModule)}"
+            )
+        if datamodule.num_classes != self.num_classes:
+            raise ValueError(
+                f"the data has {datamodule.num_classes} classes but model.num_classes is {self.num_classes}"
+            )
+        self.domains = tuple(datamodule.domains)
+        self.start_domain = int(getattr(datamodule, "start_domain", 0))
+        metrics = {"top_k": 1, "average": "micro", "sync_on_compute": True}
+        self.acc1 = nn.ModuleList(MulticlassAccuracy(self.num_classes, **metrics) for _ in self.domains)
+        self.acc5 = nn.ModuleList(
+            MulticlassAccuracy(self.num_classes, **{**metrics, "top_k": min(5, self.num_classes)}) for _ in self.domains
+        )
+        self._plain_passes = 0
+        device = self.trainer.strategy.root_device
+        self.net.to(device)
+        with torch.inference_mode(False), torch.no_grad():
+            self.setup_method(datamodule)
+        self._method_ready = True
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        images, labels = batch[0], batch[1]
+        index = self.start_domain + dataloader_idx
+        if self._current is None or self._current["index"] != index:  # also closes a domain cut short
+            self._finish_domain()
+            self._start_domain(index)
+        current = self._current
+        assert current is not None
+        passes = self.forward_passes()
+        with torch.no_grad():
+            logits = self.adapt_step(images)
+        current["forward_passes"] += self.forward_passes() - passes
+        current["batches"] += 1
+        current["n"] += int(labels.shape[0])
+        self.acc1[index].update(logits, labels)
+        self.acc5[index].update(logits, labels)
+        domain = self.domains[index]
+        self.log(f"test/{domain}/acc1", self.acc1[index], add_dataloader_idx=False, on_epoch=True)
+        self.log(f"test/{domain}/acc5", self.acc5[index], add_dataloader_idx=False, on_epoch=True)
+        if is_last_batch_of_domain(self.trainer, batch_idx, dataloader_idx):
+            self._finish_domain()
+        return logits
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._finish_domain()
+        if self._results:
+            mean1 = sum(r["acc1"] for r in self._results) / len(self._results)
+            mean5 = sum(r["acc5"] for r in self._results) / len(self._results)
+            self.log("test/mean/acc1", mean1)
+            self.log("test/mean/acc5", mean5)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        finished = self._results[-1]["index"] + 1 if self._results else self.start_domain
+        checkpoint[_STREAM_KEY] = {
+            "next_domain": finished,
+            "results": [dict(r) for r in self._results],
+            "precision": self.precision_tag,
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stream = checkpoint.get(_STREAM_KEY)
+        if stream is None:
+            return
+        self._results = [dict(r) for r in stream["results"]]
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "start_domain"):
+            datamodule.start_domain = int(stream["next_domain"])
+            self.start_domain = int(stream["next_domain"])
+            rank_zero_info(f"resuming the stream at domain {self.start_domain} of {len(self.domains)}")
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _start_domain(self, index: int) -> None:
+        self._current = {"index": index, "batches": 0, "n": 0, "forward_passes": 0, "start": time.perf_counter()}
+
+    def _finish_domain(self) -> None:
+        current, self._current = self._current, None
+        if current is None or current["batches"] == 0:
+            return
+        index = current["index"]
+        round_index, corruption = self.domains[index].split("/", 1)
+        row = {
+            "index": index,
+            "domain": self.domains[index],
+            "round": int(round_index.lstrip("r")),
+            "corruption": corruption,
+            "acc1": float(self.acc1[index].compute()) * 100,
+            "acc5": float(self.acc5[index].compute()) * 100,
+            "n": current["n"],
+            "batches": current["batches"],
+            "forward_passes": current["forward_passes"],
+            "seconds": time.perf_counter() - current["start"],
+        }
+        self._results.append(row)
+        mean = sum(r["acc1"] for r in self._results) / len(self._results)
+        rank_zero_info(
+            f"{row['domain']}: top-1 {row['acc1']:.2f}%  top-5 {row['acc5']:.2f}%  "
+            f"(running mean top-1 {mean:.2f}% over {len(self._results)} domains)"
+        )
+
+
+class NoAdaptModule(StreamModule):
+    """No adaptation: the (quantized) network in eval mode; BatchNorm keeps its running statistics.
+
+    Args:
+        network: see :class:`StreamModule`.
+        weights: see :class:`StreamModule`.
+        num_classes: see :class:`StreamModule`.
+    """
+
+    method_name = "no_adapt"
+
+    @override
+    def adapt_step(self, images: Tensor) -> Tensor:
+        self.net.eval()
+        self._plain_passes += 1
+        return self.net(images)
+
+
+class ZOAModule(StreamModule):
+    """ZOA: each test batch costs two forward passes and one zeroth-order update of the norm layers.
+
+    ``test_step`` runs pass A (prediction with the current parameters, loss ``L0``), pass B (all adapted values
+    perturbed, loss ``L+``), and the manual SPSA update of the epsilons and knowledge-mixing logits; a domain-shift
+    detector stores the adapted parameters in a knowledge bank. See ``zoa_lightning.core`` and the specification.
+
+    Args:
+        network: see :class:`StreamModule`.
+        weights: see :class:`StreamModule`.
+        num_classes: see :class:`StreamModule`.
+        lr: SGD learning rate of the epsilons.
+        lr_alpha: learning rate of the mixing logits (first-AdamW step).
+        spsa_c: perturbation scale of the epsilons.
+        spsa_c_alpha: perturbation scale of the logits.
+        momentum: SGD momentum of the epsilons.
+        weight_decay: coupled weight decay of the epsilons.
+        weight_decay_alpha: decoupled weight decay of the logits.
+        sp_avg: SPSA repetitions per step (each adds a forward pass).
+        steps: zeroth-order steps per batch.
+        max_weight_nums: knowledge-bank capacity.
+        alpha_scale: logit scale of the mixing softmax.
+        domain_t: domain-shift threshold (symmetric KL).
+        lambda_bp: weight of the statistics-discrepancy loss term.
+        detector_min_batch: smallest batch that tests for / updates the domain detector.
+        use_bank: store knowledge on detected shifts.
+        use_shift: apply the back-to-source activation shift to predictions.
+        mode: ``reference`` (the authors' behaviour) or ``corrected`` (the evident intent).
+        resnet_shift: override the CNN shift-vector switch (``scalar``/``vector``).
+        compact_similarity: override the similarity-matrix compaction switch.
+        detector_passes: override how many passes run the detector (1 or 2).
+        seed_detector_from_source: override whether CNN source statistics seed the detector.
+        seed: seed of ZOA's own perturbation generator.
+        source_batches: clean batches used for source statistics (``None``: the whole source loader).
+    """
+
+    method_name = "zoa"
+
+    def __init__(
+        self,
+        network: str | nn.Module = "demo_vit",
+        weights: str | None = None,
+        num_classes: int = 10,
+        lr: float = 0.005,
+        lr_alpha: float = 0.01,
+        spsa_c: float = 0.01,
+        spsa_c_alpha: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.4,
+        weight_decay_alpha: float = 0.1,
+        sp_avg: int = 1,
+        steps: int = 1,
+        max_weight_nums: int = 32,
+        alpha_scale: float = 10.0,
+        domain_t: float = 0.1,
+        lambda_bp: float = 30.0,
+        detector_min_batch: int = 64,
+        use_bank: bool = True,
+        use_shift: bool = True,
+        mode: Literal["reference", "corrected"] = "reference",
+        resnet_shift: Literal["scalar", "vector"] | None = None,
+        compact_similarity: bool | None = None,
+        detector_passes: Literal[1, 2] | None = None,
+        seed_detector_from_source: bool | None = None,
+        seed: int = 2020,
+        source_batches: int | None = None,
+    ) -> None:
+        super().__init__(network, weights, num_classes)
+        self.config = ZOAConfig(
+            lr=lr,
+            lr_alpha=lr_alpha,
+            spsa_c=spsa_c,
+            spsa_c_alpha=spsa_c_alpha,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            weight_decay_alpha=weight_decay_alpha,
+            sp_avg=sp_avg,
+            steps=steps,
+            max_weight_nums=max_weight_nums,
+            alpha_scale=alpha_scale,
+            domain_t=domain_t,
+            lambda_bp=lambda_bp,
+            detector_min_batch=detector_min_batch,
+            use_bank=use_bank,
+            use_shift=use_shift,
+            mode=mode,
+            resnet_shift=resnet_shift,
+            compact_similarity=compact_similarity,
+            detector_passes=detector_passes,
+            seed_detector_from_source=seed_detector_from_source,
+            seed=seed,
+        )
+        if source_batches is not None and source_batches < 1:
+            raise ValueError(f"source_batches must be >= 1 or None, got {source_batches}")
+        self.source_batches = source_batches
+        self.adapter: ZOA | None = None
+
+    @override
+    def setup_method(self, datamodule: StreamDataModule) -> None:
+        network = self.net
+        del self.net  # from now on the network lives once, inside the adapter
+        self.adapter = ZOA(network, self.config, reduce_fn=self._reduce)
+        self.adapter.collect_source_statistics(
+            _to_device(datamodule.source_dataloader(), self.adapter), max_batches=self.source_batches
+        )
+
+    @override
+    def get_network(self) -> nn.Module:
+        """The network (inside the adapter once it is built)."""
+        return self.adapter.model if self.adapter is not None else self.net
+
+    def _reduce(self, stats: Tensor) -> Tensor:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return stats
+        return trainer.strategy.reduce(stats.clone(), reduce_op="sum")
+
+    @override
+    def adapt_step(self, images: Tensor) -> Tensor:
+        assert self.adapter is not None, "ZOAModule.setup_method has not run"
+        return self.adapter(images)
+
+    @override
+    def forward_passes(self) -> int:
+        return self.adapter.counter("forward_passes") if self.adapter is not None else 0
+
+    @override
+    def pop_adaptation_events(self) -> list[dict[str, Any]]:
+        """Knowledge-bank events since the last call (stores, evictions, detections)."""
+        if self.adapter is None:
+            return []
+        events = list(self.adapter.events)
+        self.adapter.events.clear()
+        return events
+
+    @override
+    def mixing_weights(self) -> Tensor | None:
+        """Current softmax mixing weights over the stored knowledge entries."""
+        return None if self.adapter is None else self.adapter.bank.mixing_weights().detach().clone()
+
+    @override
+    def run_info(self) -> dict[str, Any]:
+        info = super().run_info()
+        if self.adapter is not None:
+            info.update(
+                knowledge_entries=self.adapter.bank.num_entries - 1,
+                stores=self.adapter.counter("stores"),
+                evictions=self.adapter.counter("evictions"),
+                skipped_batches=self.adapter.skipped_batches,
+                mode=self.config.mode,
+            )
+        return info
+
+
+class _DeviceLoader:
+    """Iterate a loader, moving each batch's images to the adapter's device."""
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            images = batch[0] if isinstance(batch, tuple | list) else batch
+            yield images.to(self.device)
+
+
+def _to_device(loader: Any, adapter: ZOA) -> _DeviceLoader:
+    return _DeviceLoader(loader, adapter.bank.theta.device)
