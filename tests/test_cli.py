@@ -1,0 +1,82 @@
+"""The `zoa` LightningCLI: every shipped config parses, configs compose, errors name paths, README matches CI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+BASE_CONFIGS = [c for c in CONFIGS if c.parent.name != "methods"]
+METHOD_CONFIGS = [c for c in CONFIGS if c.parent.name == "methods"]
+IMAGENET_ARGS = ["--data.init_args.root", "/nonexistent/imagenet-c"]
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.argv", ["zoa"])
+
+
+def _print_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config", BASE_CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    extra = IMAGENET_ARGS if "ImageNetC" in config.read_text() else []
+    resolved = _print_config(["-c", str(config), *extra], capsys)
+    assert resolved["trainer"]["inference_mode"] is False
+    assert isinstance(resolved["seed_everything"], int)
+    callbacks = [c["class_path"] for c in resolved["trainer"]["callbacks"]]
+    assert "lightning.pytorch.callbacks.RichProgressBar" in callbacks
+
+
+@pytest.mark.parametrize("method", METHOD_CONFIGS, ids=lambda p: p.name)
+def test_method_configs_compose_with_the_demo(method: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    resolved = _print_config(["-c", str(ROOT / "configs/demo.yaml"), "-c", str(method)], capsys)
+    assert resolved["model"]["class_path"] == yaml.safe_load(method.read_text())["model"]["class_path"]
+    assert resolved["model"]["init_args"]["network"] == "demo_vit"
+
+
+def test_flags_override_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    resolved = _print_config(["-c", str(ROOT / "configs/demo.yaml"), "--model.init_args.lr", "0.123"], capsys)
+    assert resolved["model"]["init_args"]["lr"] == pytest.approx(0.123)
+
+
+def test_help_documents_every_zoa_hyperparameter(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["test", "--model.help", "zoa_lightning.ZOAModule"])
+    text = capsys.readouterr().out
+    for name in ("lr", "spsa_c", "spsa_c_alpha", "lambda_bp", "domain_t", "max_weight_nums", "mode", "sp_avg"):
+        assert f"--model.{name} " in text
+    assert "perturbation scale of the epsilons" in text
+
+
+def test_missing_imagenet_c_root_fails_fast_naming_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-imagenet-c"
+    with pytest.raises((FileNotFoundError, SystemExit, ValueError)) as info:
+        main(["-c", str(ROOT / "configs/vit_b16_w8a8.yaml"), "--data.init_args.root", str(missing)], run=False)
+    message = str(info.value)
+    if isinstance(info.value, SystemExit):  # jsonargparse wraps instantiation errors into a usage exit
+        message = str(info.value.__context__ or "")
+    assert str(missing) in message
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_them() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S)
+    assert block is not None
+    install, test = block.group(1).strip().splitlines()
+    assert "pip install -e '.[dev]'" in install
+    assert "zoa test -c configs/demo.yaml" in install
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test in ci, "CI must run the README's test command verbatim"
+    assert "pip install --quiet -e '.[dev]'" in ci

@@ -1,0 +1,132 @@
+"""The Lightning shape: ZOAModule / NoAdaptModule under Trainer.test, the bank callback and stream resumption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from callbacks import DomainBankCallback
+from datamodules import CorruptionStreamDataModule
+from tests.conftest import make_resnet, make_vit
+from zoa_lightning import NoAdaptModule, ZOAModule
+
+CORRUPTIONS = ["gaussian_noise", "brightness", "contrast"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("stream-cache")
+    CorruptionStreamDataModule(corruptions=CORRUPTIONS, cache_dir=str(path)).prepare_data()
+    return path
+
+
+def _data(cache_dir: Path, **kwargs: Any) -> CorruptionStreamDataModule:
+    return CorruptionStreamDataModule(
+        corruptions=CORRUPTIONS, cache_dir=str(cache_dir), num_source_images=256, **kwargs
+    )
+
+
+def _trainer(callbacks: list[pl.Callback] | None = None, batches: int = 2, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "limit_test_batches": batches,
+        "inference_mode": False,
+        "callbacks": callbacks or [],
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+class _Record(pl.Callback):
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        self.logits.append(outputs.detach().clone())
+
+
+def _zoa(network: torch.nn.Module | None = None, **kwargs: Any) -> ZOAModule:
+    return ZOAModule(network=network if network is not None else make_vit(0), lr=0.005, spsa_c=0.05, **kwargs)
+
+
+@pytest.mark.parametrize("make", [make_vit, make_resnet])
+def test_zoa_module_adapts_with_two_passes_and_logs_per_domain(make: Any, cache_dir: Path) -> None:
+    module = _zoa(make(0))
+    trainer = _trainer(batches=2)
+    results = trainer.test(module, datamodule=_data(cache_dir))
+    assert len(results) == 3
+    rows = module.stream_results()
+    assert [r["domain"] for r in rows] == [f"r1/{c}" for c in CORRUPTIONS]
+    assert all(r["batches"] == 2 and r["forward_passes"] == 4 and r["n"] == 128 for r in rows)
+    assert all(0 <= r["acc1"] <= r["acc5"] <= 100 for r in rows)
+    assert "test/r1/gaussian_noise/acc1" in results[0]
+    assert "test/mean/acc1" in trainer.callback_metrics
+    assert module.adapter is not None
+    assert module.adapter.counter("batches") == 6
+    assert not torch.equal(module.adapter.bank.theta, torch.zeros_like(module.adapter.bank.theta))
+
+
+def test_no_adapt_spends_one_pass_and_changes_nothing(cache_dir: Path) -> None:
+    net = make_vit(0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    module = NoAdaptModule(network=net)
+    _trainer(batches=2).test(module, datamodule=_data(cache_dir))
+    assert all(r["forward_passes"] == 2 for r in module.stream_results())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_works_under_default_inference_mode(cache_dir: Path) -> None:
+    module = _zoa()
+    _trainer(batches=2, inference_mode=True).test(module, datamodule=_data(cache_dir))
+    assert len(module.stream_results()) == 3
+    # The adaptation state is made of ordinary tensors: it can still be loaded outside inference mode.
+    module.load_state_dict(module.state_dict())
+
+
+def test_class_count_mismatch_is_reported(cache_dir: Path) -> None:
+    module = ZOAModule(network=make_vit(0), num_classes=7)
+    with pytest.raises(ValueError, match="10 classes"):
+        _trainer().test(module, datamodule=_data(cache_dir))
+
+
+def test_stream_split_in_two_runs_gives_the_same_predictions(cache_dir: Path, tmp_path: Path) -> None:
+    full = _Record()
+    _trainer([full], batches=3).test(_zoa(make_vit(0), detector_min_batch=16), datamodule=_data(cache_dir))
+
+    first = _Record()
+    bank = DomainBankCallback(dirpath=str(tmp_path))
+    _trainer([first, bank], batches=3).test(
+        _zoa(make_vit(0), detector_min_batch=16), datamodule=_data(cache_dir, stop_domain=2)
+    )
+    ckpt = tmp_path / "stream-last.ckpt"
+    assert ckpt.is_file()
+
+    second = _Record()
+    resumed = _zoa(make_vit(0), detector_min_batch=16)
+    _trainer([second, DomainBankCallback(dirpath=str(tmp_path / "b"))], batches=3).test(
+        resumed, datamodule=_data(cache_dir), ckpt_path=str(ckpt)
+    )
+    split = first.logits + second.logits
+    assert len(split) == len(full.logits) == 9
+    for got, want in zip(split, full.logits, strict=True):
+        assert torch.equal(got, want)
+    assert [r["domain"] for r in resumed.stream_results()] == [f"r1/{c}" for c in CORRUPTIONS]
+
+
+def test_bank_callback_reports_stores(cache_dir: Path, tmp_path: Path) -> None:
+    bank = DomainBankCallback(dirpath=str(tmp_path), verbose=False)
+    module = _zoa(make_vit(0), detector_min_batch=16, domain_t=0.05)
+    _trainer([bank], batches=3).test(module, datamodule=_data(cache_dir, batch_size=32))
+    stores = [e for e in bank.history if e["event"] == "shift"]
+    assert stores, "the corruption changes should be detected"
+    assert all(e["domain_index"] >= 1 for e in stores)
+    assert bank.state_dict()["history"] == bank.history
