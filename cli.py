@@ -1,6 +1,7 @@
 """The ``zoa`` command: LightningCLI over the stream modules, data modules and callbacks of zoa-lightning.
 
-``zoa test -c configs/demo.yaml`` runs the embedded demo; configs compose (``-c configs/demo.yaml -c
+``zoa test -c configs/demo.yaml`` runs the embedded demo, ``zoa compare -c configs/demo.yaml --methods zoa no_adapt``
+compares methods on one stream; configs compose (``-c configs/demo.yaml -c
 configs/methods/no_adapt.yaml``) and flags override them (``--model.init_args.lr 0.001``). ``zoa test --help``
 documents every argument; ``--print_config`` prints the resolved YAML. From Python, ``main(args=[...], run=False)``
 returns the CLI object with ``model``, ``datamodule`` and ``trainer`` built but not run.
@@ -9,6 +10,7 @@ returns the CLI object with ``model``, ``datamodule`` and ``trainer`` built but 
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only; never wait on a model hub
 
@@ -29,16 +31,22 @@ class ZOACLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> ZOACLI:
-    """Entry point of the ``zoa`` console script.
+def main(args: list[str] | None = None, run: bool = True) -> ZOACLI | None:
+    """Entry point of the ``zoa`` console script (``zoa compare ...`` runs :mod:`zoa_lightning.compare`).
 
     Args:
         args: command-line arguments (default ``sys.argv[1:]``).
         run: run the subcommand; ``False`` only parses and instantiates (no subcommand level then).
 
     Returns:
-        The CLI object.
+        The CLI object (``None`` for ``zoa compare``).
     """
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["compare"]:
+        from zoa_lightning.compare import main as compare_main
+
+        compare_main(argv[1:])
+        return None
     return ZOACLI(
         StreamModule,
         LightningDataModule,

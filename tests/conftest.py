@@ -7,7 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import timm
@@ -56,3 +59,42 @@ def corrupt_noise(x: torch.Tensor, sigma: float = 0.8, seed: int = 0) -> torch.T
     """Additive Gaussian noise: a real distribution change for the detector."""
     g = torch.Generator().manual_seed(seed)
     return x + sigma * torch.randn(x.shape, generator=g)
+
+
+STREAM_CORRUPTIONS = ["gaussian_noise", "brightness", "contrast"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session cache of three fast corruptions of the MNIST test part."""
+    from datamodules import CorruptionStreamDataModule
+
+    path = tmp_path_factory.mktemp("stream-cache")
+    CorruptionStreamDataModule(corruptions=STREAM_CORRUPTIONS, cache_dir=str(path)).prepare_data()
+    return path
+
+
+def make_stream(cache: Path, **kwargs: Any) -> Any:
+    """A three-domain MNIST corruption stream with 256 source images, read from the session cache."""
+    from datamodules import CorruptionStreamDataModule
+
+    return CorruptionStreamDataModule(
+        corruptions=STREAM_CORRUPTIONS, cache_dir=str(cache), num_source_images=256, **kwargs
+    )
+
+
+def make_trainer(callbacks: list[pl.Callback] | None = None, batches: int = 2, **kwargs: Any) -> pl.Trainer:
+    """A quiet CPU test Trainer running ``batches`` batches per domain, inference mode off."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "limit_test_batches": batches,
+        "inference_mode": False,
+        "callbacks": callbacks or [],
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)

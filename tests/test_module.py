@@ -10,40 +10,12 @@ import pytest
 import torch
 
 from callbacks import DomainBankCallback
-from datamodules import CorruptionStreamDataModule
-from tests.conftest import make_resnet, make_vit
+from tests.conftest import STREAM_CORRUPTIONS, make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule, ZOAModule
 
-CORRUPTIONS = ["gaussian_noise", "brightness", "contrast"]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("stream-cache")
-    CorruptionStreamDataModule(corruptions=CORRUPTIONS, cache_dir=str(path)).prepare_data()
-    return path
-
-
-def _data(cache_dir: Path, **kwargs: Any) -> CorruptionStreamDataModule:
-    return CorruptionStreamDataModule(
-        corruptions=CORRUPTIONS, cache_dir=str(cache_dir), num_source_images=256, **kwargs
-    )
-
-
-def _trainer(callbacks: list[pl.Callback] | None = None, batches: int = 2, **kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "limit_test_batches": batches,
-        "inference_mode": False,
-        "callbacks": callbacks or [],
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+CORRUPTIONS = STREAM_CORRUPTIONS
+_data = make_stream
+_trainer = make_trainer
 
 
 class _Record(pl.Callback):
