@@ -3,7 +3,7 @@
 ``zoa test -c configs/demo.yaml`` runs the embedded demo, ``zoa compare -c configs/demo.yaml --methods zoa no_adapt``
 compares methods on one stream; configs compose (``-c configs/demo.yaml -c
 configs/methods/no_adapt.yaml``) and flags override them (``--model.init_args.lr 0.001``). ``zoa test --help``
-documents every argument; ``--print_config`` prints the resolved YAML. From Python, ``main(args=[...], run=False)``
+documents every argument; ``--print_config`` prints the resolved YAML. From Python, ``make_cli(args=[...], run=False)``
 returns the CLI object with ``model``, ``datamodule`` and ``trainer`` built but not run.
 """
 
@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from zoa_lightning.module import StreamModule
 
-__all__ = ["ZOACLI", "main"]
+__all__ = ["ZOACLI", "main", "make_cli"]
 
 
 class ZOACLI(LightningCLI):
@@ -31,22 +31,31 @@ class ZOACLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None, run: bool = True) -> ZOACLI | None:
-    """Entry point of the ``zoa`` console script (``zoa compare ...`` runs :mod:`zoa_lightning.compare`).
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``zoa`` console script; ``zoa compare ...`` runs :mod:`zoa_lightning.compare`.
 
     Args:
         args: command-line arguments (default ``sys.argv[1:]``).
-        run: run the subcommand; ``False`` only parses and instantiates (no subcommand level then).
-
-    Returns:
-        The CLI object (``None`` for ``zoa compare``).
     """
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["compare"]:
         from zoa_lightning.compare import main as compare_main
 
         compare_main(argv[1:])
-        return None
+        return
+    make_cli(argv)
+
+
+def make_cli(args: list[str] | None = None, run: bool = True) -> ZOACLI:
+    """Build the CLI; with ``run=False`` only parse and instantiate (then there is no subcommand level).
+
+    Args:
+        args: command-line arguments (default ``sys.argv[1:]``).
+        run: run the subcommand.
+
+    Returns:
+        The CLI object with ``model``, ``datamodule`` and ``trainer``.
+    """
     return ZOACLI(
         StreamModule,
         LightningDataModule,

@@ -162,7 +162,7 @@ class QuantizationCallback(Callback):
         quantized = self._calibrate(network, images, method, act_bits)
         if self.cache:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique: several processes may calibrate at once
             torch.save({k: v.detach().cpu() for k, v in quantized.state_dict().items()}, tmp)
             tmp.replace(path)
             log.info("saved calibrated model to %s", path)

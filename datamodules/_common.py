@@ -1,23 +1,38 @@
-"""Helpers shared by the stream and ImageNet-C data modules: argument checks, stream order, datasets, image files."""
+"""Helpers shared by the stream and ImageNet-C data modules: argument checks, stream order, datasets, image files.
+
+Multi-process runs (DDP): a stream loader built by :func:`make_loader` with ``trainer=...`` shards itself. The
+global batch ``batch_size`` keeps its single-process meaning, so the stream is cut into exactly the same global
+batches as on one process, and every process reads its own contiguous slice of every global batch
+(:class:`GlobalBatchShardSampler`). Lightning's ``DistributedSampler`` must stay off
+(``Trainer(use_distributed_sampler=False)``): it would pad the stream with repeated images and cut it differently.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """File extensions read as images (case-insensitive); the same set as torchvision's ``ImageFolder``."""
 
 CALIBRATION_SEED = 3
 """NumPy ``RandomState`` seed that picks the quantization-calibration images (spec §6.3 and §7)."""
+
+MIN_SHARD_SIZE = 2
+"""Fewest images a process may get from a global batch under DDP: batch statistics need two samples per process."""
 
 _SOURCE_STREAM_TAG = 0x50C  # separates the source-statistics order from the test-stream orders
 
@@ -99,10 +114,125 @@ def check_normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[Te
     return mean_t.view(3, 1, 1), std_t.view(3, 1, 1)
 
 
+class GlobalBatchShardSampler(Sampler[list[int]]):
+    """Batch sampler yielding one process's slice of every global batch of a dataset read in order.
+
+    The dataset is cut into global batches of ``batch_size`` consecutive indices (the last one may be smaller),
+    exactly as a single-process ``DataLoader(shuffle=False, drop_last=False)`` cuts it. Global batch ``g`` with ``b``
+    images ``g·B … g·B+b-1`` is split into ``num_shards`` contiguous slices whose sizes differ by at most one:
+    shard ``r`` gets ``g·B + ⌊b·r/N⌋ … g·B + ⌊b·(r+1)/N⌋ - 1``. So the slices of all processes concatenated in rank
+    order are the global batch (nothing duplicated, nothing dropped), and every process gets the same number of
+    batches, ``⌈len/B⌉``: a collective per batch never waits for a process that has run out of data.
+
+    Args:
+        size: number of items in the dataset.
+        batch_size: the global batch size ``B`` (all processes together).
+        num_shards: number of processes ``N``.
+        rank: this process's global rank, ``0 <= rank < num_shards``.
+        min_shard_size: fewest images any process may get from any global batch.
+
+    Raises:
+        ValueError: if a global batch, the last one included, would give a process fewer than ``min_shard_size``
+            images (the message says which ``batch_size`` values work).
+
+    Example:
+        >>> list(GlobalBatchShardSampler(10, batch_size=6, num_shards=2, rank=1))
+        [[3, 4, 5], [8, 9]]
+    """
+
+    def __init__(
+        self, size: int, batch_size: int, num_shards: int, rank: int, min_shard_size: int = MIN_SHARD_SIZE
+    ) -> None:
+        self.size = check_positive("size", size, minimum=0)
+        self.batch_size = check_positive("batch_size", batch_size)
+        self.num_shards = check_positive("num_shards", num_shards)
+        self.min_shard_size = check_positive("min_shard_size", min_shard_size)
+        if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or not 0 <= rank < num_shards:
+            raise ValueError(f"rank must be an integer in 0..{num_shards - 1}, got {rank!r}")
+        self.rank = int(rank)
+        check_global_batch(self.batch_size, self.num_shards, self.min_shard_size)
+        tail = self.size % self.batch_size
+        if 0 < tail < self.num_shards * self.min_shard_size:
+            raise ValueError(
+                f"the last global batch of a {self.size}-image loader holds {tail} image(s) (batch_size="
+                f"{self.batch_size}), too few to give each of {self.num_shards} processes at least "
+                f"{self.min_shard_size}: choose a batch_size for which {self.size} % batch_size is 0 or at least "
+                f"{self.num_shards * self.min_shard_size}, or run on fewer devices"
+            )
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, self.size, self.batch_size):
+            images = min(self.batch_size, self.size - start)
+            lo = start + images * self.rank // self.num_shards
+            hi = start + images * (self.rank + 1) // self.num_shards
+            yield list(range(lo, hi))
+
+
+def check_global_batch(batch_size: int, num_shards: int, min_shard_size: int = MIN_SHARD_SIZE) -> None:
+    """Check that a full global batch gives each of ``num_shards`` processes at least ``min_shard_size`` images.
+
+    Raises:
+        ValueError: if ``batch_size < num_shards * min_shard_size``; the message explains the global batch.
+    """
+    if batch_size < num_shards * min_shard_size:
+        raise ValueError(
+            f"batch_size={batch_size} is the global batch, split over {num_shards} processes, and each process needs "
+            f"at least {min_shard_size} images of it: use batch_size >= {num_shards * min_shard_size} or fewer devices"
+        )
+
+
+def stream_shards(trainer: pl.Trainer | None) -> tuple[int, int]:
+    """Return ``(num_shards, rank)`` for a stream loader: ``(1, 0)`` without a trainer or on one process.
+
+    Raises:
+        ValueError: on several processes, if the trainer would replace the loader's sampler with Lightning's
+            ``DistributedSampler`` (``use_distributed_sampler=True``, the default); the message says what to set.
+    """
+    if trainer is None or trainer.world_size <= 1:
+        return 1, 0
+    # Lightning keeps the flag only on its (private) accelerator connector; absent means it cannot inject anything.
+    if getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", False):
+        raise ValueError(
+            f"this data module shards every global batch over the {trainer.world_size} processes itself; Lightning's "
+            "DistributedSampler would instead pad the stream with repeated images (biasing accuracy) and change the "
+            "batches. Set `trainer.use_distributed_sampler: false` in the config "
+            "(`--trainer.use_distributed_sampler false`, or `Trainer(use_distributed_sampler=False)`)"
+        )
+    return trainer.world_size, trainer.global_rank
+
+
 def make_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False, seed: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    trainer: pl.Trainer | None = None,
 ) -> DataLoader:
-    """Build a ``DataLoader`` with ``drop_last=False``; when shuffling, its generator is seeded with ``seed``."""
+    """Build a ``DataLoader`` with ``drop_last=False``; when shuffling, its generator is seeded with ``seed``.
+
+    Args:
+        dataset: the map-style dataset.
+        batch_size: the global batch size (all processes together).
+        num_workers: ``DataLoader`` worker processes.
+        shuffle: reshuffle every epoch (seeded); for training loaders only, never sharded.
+        seed: seed of the shuffling generator.
+        trainer: the data module's trainer (``self.trainer``, may be ``None``). On several processes the loader
+            yields this process's slice of every global batch (:class:`GlobalBatchShardSampler`).
+
+    Raises:
+        ValueError: on several processes, for a shuffled loader, a global batch too small to split, or a trainer that
+            would inject Lightning's ``DistributedSampler`` (see :func:`stream_shards`).
+    """
+    num_shards, rank = stream_shards(trainer)
+    if num_shards > 1:
+        if shuffle:
+            raise ValueError("make_loader shards only sequential stream loaders (shuffle=False) over processes")
+        sampler = GlobalBatchShardSampler(len(dataset), batch_size, num_shards, rank)  # type: ignore[arg-type]
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=False)
     generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
     return DataLoader(
         dataset,

@@ -2,9 +2,18 @@
 
 Layouts (spec §6.1)::
 
-    <root>/<corruption>/<severity>/<wnid>/<image>.JPEG     ImageNet-C (labels: index of the wnid, sorted)
+    <root>/<corruption>/<severity>/<wnid>/<image>.JPEG     ImageNet-C test stream
     <source_root>/<wnid>/<image>.JPEG                      clean ImageNet val: source statistics
     <calib_root>/<wnid>/<image>.JPEG                       clean ImageNet train: quantization calibration
+
+Label spaces (``label_space``):
+
+* ``"imagenet"``: a wnid's label is its canonical ImageNet-1k class index (the position of the synset in the sorted
+  list of the 1,000 ImageNet-1k synsets that timm ships, ``timm/data/_info/imagenet_synsets.txt``) and
+  ``num_classes`` is 1,000, so a subset of ImageNet-C (a few wnid folders) is labelled correctly for a 1,000-class
+  model. For the full ImageNet-C the labels equal the ``"folders"`` labels (spec §6.1).
+* ``"folders"``: a wnid's label is its position in the sorted list of wnid folders; ``num_classes`` is their number.
+* ``"auto"``: ``"imagenet"`` if every wnid folder of the stream is an ImageNet-1k synset, else ``"folders"``.
 
 Transforms (spec §6.2; sizes shown for ``image_size=224`` and scaled with it otherwise):
 
@@ -18,9 +27,12 @@ Transforms (spec §6.2; sizes shown for ``image_size=224`` and scaled with it ot
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -59,7 +71,47 @@ VIT_CALIB_CROP_PCT = 0.9  # timm's ViT-B/16 eval transform: Resize 248 → Cente
 _C_LAYOUT = "<root>/<corruption>/<severity>/<wnid>/<image>.JPEG, e.g. <root>/gaussian_noise/5/n01440764/x.JPEG"
 _CLEAN_LAYOUT = "<folder>/<wnid>/<image>.JPEG, e.g. <folder>/n01440764/ILSVRC2012_val_00000293.JPEG"
 
+LABEL_SPACES: tuple[str, ...] = ("auto", "imagenet", "folders")
+"""``label_space`` choices (see the module docstring)."""
+
+IMAGENET_NUM_CLASSES = 1000
+
 _Samples = list[tuple[str, int]]
+
+
+@functools.cache
+def imagenet_class_index() -> dict[str, int]:
+    """Map each ImageNet-1k synset (wnid) to its canonical class index, read from the list timm ships.
+
+    The list ``timm/data/_info/imagenet_synsets.txt`` holds the 1,000 wnids in sorted order, which is the standard
+    ImageNet-1k class order.
+
+    Returns:
+        ``{wnid: index}`` with 1,000 entries, e.g. ``"n01440764" -> 0`` and ``"n02123045" -> 281`` (tabby cat).
+
+    Raises:
+        FileNotFoundError: if timm's synset list is missing.
+        ValueError: if the list does not hold 1,000 distinct, sorted wnids.
+    """
+    source = importlib.resources.files("timm.data") / "_info" / "imagenet_synsets.txt"
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as err:
+        raise FileNotFoundError(
+            f"ImageNet-1k synset list not found: {source} (shipped with timm); "
+            "reinstall timm or use label_space='folders'"
+        ) from err
+    wnids = text.split()
+    if len(wnids) != IMAGENET_NUM_CLASSES or len(set(wnids)) != len(wnids) or wnids != sorted(wnids):
+        raise ValueError(
+            f"{source} should hold {IMAGENET_NUM_CLASSES} distinct wnids in sorted order, got {len(wnids)} entries"
+        )
+    return {wnid: index for index, wnid in enumerate(wnids)}
+
+
+@functools.cache
+def _imagenet_wnids() -> tuple[str, ...]:
+    return tuple(imagenet_class_index())
 
 
 class ImageNetCDataModule(StreamWindow, LightningDataModule):
@@ -67,12 +119,15 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
 
     The test stream visits ``rounds × corruptions`` domains, round-major (``r1/gaussian_noise``, ...,
     ``r1/jpeg_compression``, ``r2/gaussian_noise``, ...). Within a domain the images come in a seeded order that
-    differs per round and corruption (the loaders themselves do not shuffle). Labels are the positions of the wnid
-    folders in sorted order; every corruption folder (and ``source_root``/``calib_root``) must hold the same wnid
-    set. Batches are ``(images, labels)``: ``float32`` ``N×3×H×W`` and ``int64``.
+    differs per round and corruption (the loaders themselves do not shuffle). Every corruption folder must hold the
+    same wnid set. Labels depend on ``label_space``: canonical ImageNet-1k class indices (the clean folders may then
+    hold any ImageNet-1k wnids), or positions in the sorted wnid folder list (the clean folders must then hold the
+    same wnid set as the corruption folders). Batches are ``(images, labels)``: ``float32`` ``N×3×H×W`` and
+    ``int64``.
 
     Args:
-        root: ImageNet-C folder, ``<root>/<corruption>/<severity>/<wnid>/*.JPEG``.
+        root: ImageNet-C folder, ``<root>/<corruption>/<severity>/<wnid>/*.JPEG``. Must exist when the data module is
+            built.
         source_root: clean ImageNet validation folder ``<val>/<wnid>/*``, for source statistics
             (``source_dataloader``). ``None`` if not needed.
         calib_root: clean ImageNet training folder ``<train>/<wnid>/*``, for quantization calibration
@@ -92,11 +147,17 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         start_domain: first stream domain served by ``test_dataloader`` (a resumed run starts after the
             domains it already finished).
         stop_domain: serve domains up to, not including, this index (``None``: to the end of the stream).
+        label_space: ``"imagenet"``: labels are the canonical ImageNet-1k class indices of the wnid folders (every
+            folder must be an ImageNet-1k synset) and ``num_classes`` is 1000; ``"folders"``: labels are positions in
+            the sorted wnid folder list and ``num_classes`` is its length; ``"auto"``: ``"imagenet"`` if every wnid
+            folder of the stream is an ImageNet-1k synset, else ``"folders"``.
 
     Raises:
-        ValueError: for an unknown corruption or ``norm``, a severity outside 1..5, a non-positive count or size,
-            or a negative seed. Layout problems raise ``FileNotFoundError``/``ValueError`` in ``prepare_data`` or
-            ``setup``, naming the offending path.
+        ValueError: for an unknown corruption, ``norm`` or ``label_space``, a severity outside 1..5, a non-positive
+            count or size, or a negative seed.
+        FileNotFoundError: if ``root`` (or a ``source_root``/``calib_root`` that is given) is missing or not a folder;
+            the message names the path and the expected layout. The rest of the layout is checked in
+            ``prepare_data``/``setup``, whose errors name the offending path.
     """
 
     def __init__(
@@ -115,6 +176,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         num_source_images: int | None = None,
         start_domain: int = 0,
         stop_domain: int | None = None,
+        label_space: str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -122,9 +184,16 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         self.stop_domain = stop_domain
         if norm not in NORMALIZATIONS:
             raise ValueError(f"norm must be one of {sorted(NORMALIZATIONS)}, got {norm!r}")
-        self.root = Path(root).expanduser()
-        self.source_root = Path(source_root).expanduser() if source_root else None
-        self.calib_root = Path(calib_root).expanduser() if calib_root else None
+        if label_space not in LABEL_SPACES:
+            raise ValueError(f"label_space must be one of {list(LABEL_SPACES)}, got {label_space!r}")
+        self.label_space = label_space
+        self.root = _existing_folder(root, "ImageNet-C root", "root", _C_LAYOUT)
+        self.source_root = (
+            _existing_folder(source_root, "source_root", "source_root", _CLEAN_LAYOUT, "val") if source_root else None
+        )
+        self.calib_root = (
+            _existing_folder(calib_root, "calib_root", "calib_root", _CLEAN_LAYOUT, "train") if calib_root else None
+        )
         self.corruptions = check_corruptions(corruptions)
         self.severity = check_severity(severity)
         self.rounds = check_positive("rounds", rounds)
@@ -135,6 +204,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         self.image_size = check_positive("image_size", image_size)
         self.num_source_images = check_optional_count("num_source_images", num_source_images)
         self._wnids: tuple[str, ...] | None = None
+        self._effective_label_space: str | None = None
         self._test_samples: dict[str, _Samples] = {}
         self._clean_samples: dict[Path, _Samples] = {}
 
@@ -142,16 +212,53 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """Number of wnid folders (1,000 for ImageNet-C); read from disk on first use, before ``setup`` if needed."""
-        return len(self.wnids)
+        """Classifier size: 1000 in the ``"imagenet"`` label space, else the number of wnid folders.
+
+        Read from disk on first use (before ``setup`` if needed) unless ``label_space="imagenet"``.
+        """
+        if self.label_space == "imagenet":
+            return IMAGENET_NUM_CLASSES
+        return len(self.class_wnids)
 
     @property
     def wnids(self) -> tuple[str, ...]:
-        """Sorted wnid folder names of the first corruption; label ``i`` is ``wnids[i]``."""
+        """Sorted wnid folder names of the first corruption: the stream's classes."""
         if self._wnids is None:
             first = self._severity_dir(self.corruptions[0])
             self._wnids = tuple(class_folders(first, "ImageNet-C severity folder", _C_LAYOUT))
         return self._wnids
+
+    @property
+    def effective_label_space(self) -> str:
+        """``"imagenet"`` or ``"folders"``: ``label_space`` with ``"auto"`` resolved from the stream's wnid folders.
+
+        Raises:
+            ValueError: if ``label_space="imagenet"`` and a wnid folder is not an ImageNet-1k synset (the message
+                names the folder).
+        """
+        if self._effective_label_space is None:
+            index = imagenet_class_index() if self.label_space != "folders" else {}
+            foreign = [wnid for wnid in self.wnids if wnid not in index]
+            if self.label_space == "imagenet" and foreign:
+                folder = self._severity_dir(self.corruptions[0]) / foreign[0]
+                raise ValueError(_not_imagenet_message(folder, len(foreign)))
+            if self.label_space == "auto":
+                resolved = "folders" if foreign else "imagenet"
+                log.info("label_space='auto' resolved to %r for the wnid folders of %s", resolved, self.root)
+            else:
+                resolved = self.label_space
+            self._effective_label_space = resolved
+        return self._effective_label_space
+
+    @property
+    def class_wnids(self) -> tuple[str, ...]:
+        """The wnid of every label: label ``i`` is ``class_wnids[i]``; ``len(class_wnids) == num_classes``.
+
+        The 1,000 ImageNet-1k synsets in the ``"imagenet"`` label space, :attr:`wnids` in the ``"folders"`` one.
+        """
+        if self.effective_label_space == "imagenet":
+            return _imagenet_wnids()
+        return self.wnids
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -159,13 +266,19 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         return domain_names(self.corruptions, self.rounds)
 
     def prepare_data(self) -> None:
-        """Check the folder structure (root, corruption and severity folders, wnid sets) without listing images."""
+        """Check the folder structure (root, corruption and severity folders, wnid sets) without listing images.
+
+        Raises:
+            FileNotFoundError: for a missing root, corruption, severity or class folder.
+            ValueError: if a corruption folder's wnid set differs from the first corruption's, or a wnid folder does
+                not fit the label space (see :meth:`setup`).
+        """
         self._check_root()
         for corruption in self.corruptions:
             self._check_wnids(self._severity_dir(corruption), "ImageNet-C severity folder", _C_LAYOUT)
         for folder, what in ((self.source_root, "source_root"), (self.calib_root, "calib_root")):
             if folder is not None:
-                self._check_wnids(folder, f"{what} folder", _CLEAN_LAYOUT)
+                self._check_wnids(folder, f"{what} folder", _CLEAN_LAYOUT, clean=True)
 
     def setup(self, stage: str | None = None) -> None:
         """Index the image files of every corruption (and of the clean folders that are set).
@@ -176,7 +289,9 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         Raises:
             FileNotFoundError: for a missing root, corruption, severity or class folder, or a class folder without
                 images; the message names the path and the expected layout.
-            ValueError: if a folder's wnid set differs from the first corruption's.
+            ValueError: if a corruption folder's wnid set differs from the first corruption's; in the ``"imagenet"``
+                label space, if a wnid folder (also of ``source_root``/``calib_root``) is not an ImageNet-1k synset;
+                in the ``"folders"`` label space, if a clean folder's wnid set differs from the stream's.
         """
         self.prepare_data()
         if stage in (None, "test", "predict"):
@@ -198,7 +313,9 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             round_index, corruption = split_domain(domain)
             samples = self._corruption_samples(corruption)
             order = stream_order(self.seed, round_index, corruption, len(samples))
-            loaders[domain] = make_loader(FileDataset(samples, order, transform), self.batch_size, self.num_workers)
+            loaders[domain] = make_loader(
+                FileDataset(samples, order, transform), self.batch_size, self.num_workers, trainer=self.trainer
+            )
         return loaders
 
     def source_dataloader(self) -> DataLoader:
@@ -212,7 +329,9 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         samples = self._folder_samples(self.source_root, "source_root folder", _CLEAN_LAYOUT)
         order = source_order(self.seed, len(samples), self.num_source_images)
         transform = self._transform(resize=(VAL_CROP_PCT, T.InterpolationMode.BILINEAR))
-        return make_loader(FileDataset(samples, order, transform), self.batch_size, self.num_workers)
+        return make_loader(
+            FileDataset(samples, order, transform), self.batch_size, self.num_workers, trainer=self.trainer
+        )
 
     def calibration_images(self, n: int = 32) -> Tensor:
         """Return ``n`` clean images for quantization calibration (spec §7).
@@ -278,30 +397,85 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             )
         return severity_dir
 
-    def _check_wnids(self, folder: Path, what: str, layout: str) -> list[str]:
+    def _check_wnids(self, folder: Path, what: str, layout: str, *, clean: bool = False) -> list[str]:
+        """Return the sorted wnid folders of ``folder`` after checking that they fit the stream and label space.
+
+        Corruption folders (``clean=False``) must hold the stream's wnid set. Clean folders must too in the
+        ``"folders"`` label space; in the ``"imagenet"`` one they may hold any ImageNet-1k synsets.
+        """
         found = class_folders(folder, what, layout)
+        imagenet = self.effective_label_space == "imagenet"
+        if clean and imagenet:
+            index = imagenet_class_index()
+            foreign = [wnid for wnid in found if wnid not in index]
+            if foreign:
+                raise ValueError(_not_imagenet_message(folder / foreign[0], len(foreign)))
+            return found
         if tuple(found) != self.wnids:
             reference = self._severity_dir(self.corruptions[0])
             missing = sorted(set(self.wnids) - set(found))
             extra = sorted(set(found) - set(self.wnids))
+            reason = (
+                "Every ImageNet-C corruption folder must hold the same wnid folders"
+                if imagenet
+                else "Labels are positions in the sorted wnid list (label_space='folders'), so every folder must hold "
+                "the same wnid folders"
+            )
             raise ValueError(
                 f"{what} {folder} has a different wnid set than {reference}: "
-                f"{len(missing)} missing (first: {missing[:5]}), {len(extra)} extra (first: {extra[:5]}). "
-                "Labels are positions in the sorted wnid list, so every folder must hold the same wnid folders"
+                f"{len(missing)} missing (first: {missing[:5]}), {len(extra)} extra (first: {extra[:5]}). {reason}"
             )
         return found
+
+    def _labelled_samples(self, folder: Path, wnids: Sequence[str], what: str, layout: str) -> _Samples:
+        """Index ``folder/<wnid>/`` in ``ImageFolder`` order and label each file in the effective label space.
+
+        ``wnids`` comes from :meth:`_check_wnids`: in the ``"folders"`` label space it equals :attr:`wnids`, so the
+        positions that ``index_image_folder`` assigns are the labels; in the ``"imagenet"`` one they are mapped to the
+        canonical class indices.
+        """
+        samples = index_image_folder(folder, wnids, what, layout)
+        if self.effective_label_space == "folders":
+            return samples
+        index = imagenet_class_index()
+        labels = [index[wnid] for wnid in wnids]
+        return [(path, labels[position]) for path, position in samples]
 
     def _corruption_samples(self, corruption: str) -> _Samples:
         if corruption not in self._test_samples:
             folder = self._severity_dir(corruption)
-            self._check_wnids(folder, "ImageNet-C severity folder", _C_LAYOUT)
-            samples = index_image_folder(folder, self.wnids, "ImageNet-C", _C_LAYOUT)
+            wnids = self._check_wnids(folder, "ImageNet-C severity folder", _C_LAYOUT)
+            samples = self._labelled_samples(folder, wnids, "ImageNet-C", _C_LAYOUT)
             log.debug("ImageNet-C %s severity %d: %d images", corruption, self.severity, len(samples))
             self._test_samples[corruption] = samples
         return self._test_samples[corruption]
 
     def _folder_samples(self, folder: Path, what: str, layout: str) -> _Samples:
         if folder not in self._clean_samples:
-            self._check_wnids(folder, what, layout)
-            self._clean_samples[folder] = index_image_folder(folder, self.wnids, what, layout)
+            wnids = self._check_wnids(folder, what, layout, clean=True)
+            self._clean_samples[folder] = self._labelled_samples(folder, wnids, what, layout)
         return self._clean_samples[folder]
+
+
+def _existing_folder(value: str, what: str, argument: str, layout: str, example: str | None = None) -> Path:
+    """Return ``value`` as an expanded ``Path`` if it is an existing folder.
+
+    Raises:
+        FileNotFoundError: if the path is missing or not a folder; the message names it and the expected layout.
+    """
+    if not str(value).strip():
+        raise FileNotFoundError(f"{what} folder not set ({argument}={value!r}). Expected layout: {layout}")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        problem = "is not a directory" if path.exists() else "not found"
+        hint = f"set {argument}= to the folder" + (f" (e.g. ImageNet's {example}/)" if example else "")
+        raise FileNotFoundError(f"{what} folder {problem}: {path}. Expected layout: {layout}; {hint}")
+    return path
+
+
+def _not_imagenet_message(folder: Path, count: int) -> str:
+    return (
+        f"wnid folder {folder} is not one of the 1,000 ImageNet-1k synsets ({count} such folder(s) in "
+        f"{folder.parent}), but label_space='imagenet' labels every folder by its ImageNet-1k class index. "
+        "Rename or remove the folder, or use label_space='folders' (labels = positions in the sorted folder list)"
+    )

@@ -41,6 +41,7 @@ from datamodules._common import (
     ArrayDataset,
     StreamWindow,
     calibration_order,
+    check_global_batch,
     check_normalization,
     check_optional_count,
     check_positive,
@@ -52,6 +53,7 @@ from datamodules._common import (
     source_order,
     split_domain,
     stream_order,
+    stream_shards,
 )
 from datamodules.corruptions import check_corruptions, check_severity, corrupt_images
 from datamodules.mnist import MNIST_NUM_CLASSES, MNIST_SPLIT_SEED, load_mnist_split
@@ -99,7 +101,8 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         severity: corruption severity, 1 to 5.
         rounds: how many times the whole corruption sequence is repeated (no resets in between).
         image_size: side length in pixels of the square images.
-        batch_size: batch size of every loader.
+        batch_size: batch size of every loader; under DDP the global batch, which every process reads a slice of
+            (at least 2 images each; Lightning's sampler injection must be off: ``use_distributed_sampler=False``).
         num_workers: ``DataLoader`` worker processes.
         seed: seed of the corruption noise and of every sample order (non-negative).
         mean: per-channel normalization mean.
@@ -201,10 +204,19 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         """Load the clean split and, for ``"test"``/``"predict"``/``None``, the cached corrupted arrays.
 
         Missing cache files are built here too (with a log line), so ``setup`` works without ``prepare_data``.
+        Under DDP (``self.trainer.world_size > 1``) ``batch_size`` is the global batch: the test and source loaders
+        give every process its slice of each global batch (``datamodules._common.GlobalBatchShardSampler``).
 
         Args:
             stage: the Lightning stage, or ``None`` for all.
+
+        Raises:
+            ValueError: under DDP, for a test stage, if ``trainer.use_distributed_sampler`` is on or ``batch_size``
+                is smaller than twice the number of processes.
         """
+        num_shards = stream_shards(self.trainer)[0] if stage in (None, "test", "predict") else 1
+        if num_shards > 1:
+            check_global_batch(self.batch_size, num_shards)
         self._clean_split()
         if stage in (None, "test", "predict"):
             self._load_or_build()
@@ -213,7 +225,9 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         """Return ``{domain: DataLoader}`` in stream order (see :attr:`domains`).
 
         Each loader has ``shuffle=False`` and ``drop_last=False`` and reads the corrupted test part in a seeded
-        order that differs per (round, corruption) and is reproducible for a given ``seed``.
+        order that differs per (round, corruption) and is reproducible for a given ``seed``. Under DDP each process
+        reads its slice of every global batch of ``batch_size`` images (the global batches are the single-process
+        ones).
         """
         _, _, _, test_y = self._clean_split()
         loaders: OrderedDict[str, DataLoader] = OrderedDict()
@@ -221,20 +235,21 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             round_index, corruption = split_domain(domain)
             order = stream_order(self.seed, round_index, corruption, len(test_y))
             dataset = ArrayDataset(self._corrupted_array(corruption), test_y, order, self._mean, self._std)
-            loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers)
+            loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
         return loaders
 
     def source_dataloader(self) -> DataLoader:
         """Clean training-part images for source statistics, in a seeded order, ``shuffle=False``.
+
+        Sharded like the test loaders under DDP, so the reduced source statistics count every image once.
 
         Raises:
             ValueError: if ``num_source_images`` exceeds the training part.
         """
         train_x, train_y, _, _ = self._clean_split()
         order = source_order(self.seed, len(train_y), self.num_source_images)
-        return make_loader(
-            ArrayDataset(train_x, train_y, order, self._mean, self._std), self.batch_size, self.num_workers
-        )
+        dataset = ArrayDataset(train_x, train_y, order, self._mean, self._std)
+        return make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
 
     def calibration_images(self, n: int = 32) -> Tensor:
         """Return ``n`` clean training-part images for quantization calibration.

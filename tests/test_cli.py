@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli import main
+from cli import main, make_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -24,7 +24,7 @@ def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _print_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        main(["test", *args, "--print_config"])
+        make_cli(["test", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
 
@@ -63,7 +63,7 @@ def test_help_documents_every_zoa_hyperparameter(capsys: pytest.CaptureFixture[s
 def test_missing_imagenet_c_root_fails_fast_naming_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-imagenet-c"
     with pytest.raises((FileNotFoundError, SystemExit, ValueError)) as info:
-        main(["-c", str(ROOT / "configs/vit_b16_w8a8.yaml"), "--data.init_args.root", str(missing)], run=False)
+        make_cli(["-c", str(ROOT / "configs/vit_b16_w8a8.yaml"), "--data.init_args.root", str(missing)], run=False)
     message = str(info.value)
     if isinstance(info.value, SystemExit):  # jsonargparse wraps instantiation errors into a usage exit
         message = str(info.value.__context__ or "")

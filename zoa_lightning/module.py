@@ -11,6 +11,11 @@ stream position that a checkpoint resumes from, and the protocols the callbacks 
 Testing needs no optimizer (Lightning never calls ``configure_optimizers`` in ``test``). Shipped configs set
 ``trainer.inference_mode: false``; ZOA also works under the default ``inference_mode=True`` because every tensor it
 mutates is allocated in ``setup`` and updated in place.
+
+Several processes (``strategy: ddp``, ``devices: N``, ``use_distributed_sampler: false``): the data module gives every
+process its slice of each global batch; ZOA sums its statistics over processes before any update, so all processes
+take the same step as one process on the global batch; the per-domain accuracies sync themselves (torchmetrics) and the
+domain rows count the samples of all processes. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
@@ -79,7 +86,11 @@ class StreamModule(pl.LightningModule):
         self.precision_tag = precision
 
     def stream_results(self) -> list[dict[str, Any]]:
-        """One dict per finished domain, in stream order (acc1/acc5 in %, samples, batches, passes, seconds)."""
+        """One dict per finished domain, in stream order (acc1/acc5 in %, samples, batches, passes, seconds).
+
+        Under DDP the accuracies and ``n`` cover all processes, ``batches`` counts global batches and
+        ``forward_passes`` the passes of one process (every process runs each pass on its slice).
+        """
         return [dict(r) for r in self._results]
 
     def run_info(self) -> dict[str, Any]:
@@ -136,6 +147,12 @@ class StreamModule(pl.LightningModule):
         self._method_ready = True
 
     @override
+    def on_test_start(self) -> None:
+        """Under DDP, check that every test loader gives each process its own slice of the stream."""
+        if self.trainer.world_size > 1:
+            _check_sharded_loaders(self.trainer.test_dataloaders, self.trainer.world_size)
+
+    @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         images, labels = batch[0], batch[1]
         index = self.start_domain + dataloader_idx
@@ -165,8 +182,9 @@ class StreamModule(pl.LightningModule):
         if self._results:
             mean1 = sum(r["acc1"] for r in self._results) / len(self._results)
             mean5 = sum(r["acc5"] for r in self._results) / len(self._results)
-            self.log("test/mean/acc1", mean1)
-            self.log("test/mean/acc5", mean5)
+            # Equal on every process (built from the synced per-domain metrics): sync_dist is an exact no-op mean.
+            self.log("test/mean/acc1", mean1, sync_dist=True)
+            self.log("test/mean/acc5", mean5, sync_dist=True)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -198,6 +216,11 @@ class StreamModule(pl.LightningModule):
         if current is None or current["batches"] == 0:
             return
         index = current["index"]
+        samples = current["n"]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every process closes the domain at the same batch, so this sum (like the metrics' sync) meets everywhere.
+            total = torch.tensor([samples], dtype=torch.long, device=self.device)
+            samples = int(self.trainer.strategy.reduce(total, reduce_op="sum")[0])
         round_index, corruption = self.domains[index].split("/", 1)
         row = {
             "index": index,
@@ -206,7 +229,7 @@ class StreamModule(pl.LightningModule):
             "corruption": corruption,
             "acc1": float(self.acc1[index].compute()) * 100,
             "acc5": float(self.acc5[index].compute()) * 100,
-            "n": current["n"],
+            "n": samples,
             "batches": current["batches"],
             "forward_passes": current["forward_passes"],
             "seconds": time.perf_counter() - current["start"],
@@ -336,6 +359,14 @@ class ZOAModule(StreamModule):
 
     @override
     def setup_method(self, datamodule: StreamDataModule) -> None:
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size > 1 and any(isinstance(m, _BatchNorm) for m in self.net.modules()):
+            raise ValueError(
+                f"ZOA cannot run a BatchNorm network ({self.network_name}) on {world_size} processes exactly: its "
+                "BatchNorm layers normalise with the statistics of the current batch, and under DDP each process sees "
+                "only its slice of the global batch, so the predictions and updates would differ from one process. "
+                "Run BatchNorm networks with `trainer.devices: 1` (LayerNorm networks such as ViTs run exactly on N)"
+            )
         network = self.net
         del self.net  # from now on the network lives once, inside the adapter
         self.adapter = ZOA(network, self.config, reduce_fn=self._reduce)
@@ -387,8 +418,41 @@ class ZOAModule(StreamModule):
                 evictions=self.adapter.counter("evictions"),
                 skipped_batches=self.adapter.skipped_batches,
                 mode=self.config.mode,
+                reduced_bytes_per_batch=self.adapter.last_batch_reduced_bytes,
             )
         return info
+
+
+def _check_sharded_loaders(loaders: Any, world_size: int) -> None:
+    """Raise if a test loader would give a process other than its own slice of every global batch.
+
+    Args:
+        loaders: ``trainer.test_dataloaders`` (a loader, or a dict/list of loaders).
+        world_size: number of processes.
+
+    Raises:
+        ValueError: for Lightning's injected ``DistributedSampler`` (pads the stream with repeated images and cuts it
+            into other batches) and for an unsharded sequential loader (every process would read the whole stream).
+    """
+    if isinstance(loaders, dict):
+        items = list(loaders.items())
+    else:
+        items = list(enumerate(loaders if isinstance(loaders, list | tuple) else [loaders]))
+    for name, loader in items:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        samplers = (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None))
+        if any(isinstance(sampler, DistributedSampler) for sampler in samplers):
+            raise ValueError(
+                f"test loader {name!r} got Lightning's DistributedSampler, which pads the stream with repeated images "
+                "and changes its batches: set `trainer.use_distributed_sampler: false` and let the data module shard "
+                "(datamodules._common.make_loader(..., trainer=self.trainer))"
+            )
+        if isinstance(batch_sampler, BatchSampler) and isinstance(batch_sampler.sampler, SequentialSampler):
+            raise ValueError(
+                f"test loader {name!r} is not sharded: each of the {world_size} processes would read the whole stream. "
+                "Build the data module's loaders with datamodules._common.make_loader(..., trainer=self.trainer), "
+                "which gives every process its slice of each global batch"
+            )
 
 
 class _DeviceLoader:

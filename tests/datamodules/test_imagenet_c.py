@@ -12,14 +12,20 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from datamodules import ImageNetCDataModule
+from datamodules.imagenet_c import imagenet_class_index
 
-WNIDS = ("n01440764", "n01443537")
-PHOTOS = {WNIDS[0]: ("astronaut", "coffee"), WNIDS[1]: ("chelsea", "rocket")}
+# ImageNet-1k synsets whose canonical indices (281 tabby cat, 967 espresso) differ from their folder positions (0, 1)
+WNIDS = ("n02123045", "n07920052")
+IMAGENET_LABELS = (281, 967)
+PHOTOS = {WNIDS[0]: ("chelsea", "astronaut"), WNIDS[1]: ("coffee", "rocket")}
 CORRUPTIONS = ["gaussian_noise", "fog"]
+LABEL_SPACE_CASES = [("auto", 1000, IMAGENET_LABELS), ("imagenet", 1000, IMAGENET_LABELS), ("folders", 2, (0, 1))]
 
 
-def _write_class_tree(root: Path, size: int, suffix: str = ".JPEG") -> None:
-    for wnid, names in PHOTOS.items():
+def _write_class_tree(
+    root: Path, size: int, suffix: str = ".JPEG", photos: dict[str, tuple[str, ...]] = PHOTOS
+) -> None:
+    for wnid, names in photos.items():
         (root / wnid).mkdir(parents=True)
         for name in names:
             photo = (
@@ -56,10 +62,28 @@ def _make(tree: Path, **kwargs: Any) -> ImageNetCDataModule:
     return ImageNetCDataModule(**args)
 
 
-def test_loaders(tree: Path) -> None:
-    dm = _make(tree)
-    assert dm.num_classes == 2
+def _labels(loader: DataLoader) -> list[int]:
+    return sorted(int(label) for _, label in _ds(loader).samples)
+
+
+def test_imagenet_class_index() -> None:
+    index = imagenet_class_index()
+    assert len(index) == 1000
+    assert list(index.values()) == list(range(1000))
+    assert list(index) == sorted(index)
+    assert index["n01440764"] == 0  # tench
+    assert index["n15075141"] == 999  # toilet tissue
+    assert tuple(index[wnid] for wnid in WNIDS) == IMAGENET_LABELS
+
+
+@pytest.mark.parametrize(("label_space", "num_classes", "expected"), LABEL_SPACE_CASES)
+def test_loaders(tree: Path, label_space: str, num_classes: int, expected: tuple[int, int]) -> None:
+    dm = _make(tree, label_space=label_space)
+    assert dm.num_classes == num_classes
     assert dm.wnids == WNIDS
+    assert dm.effective_label_space == ("folders" if num_classes == 2 else "imagenet")
+    assert len(dm.class_wnids) == num_classes
+    assert tuple(dm.class_wnids.index(wnid) for wnid in WNIDS) == expected
     assert dm.domains == ("r1/gaussian_noise", "r1/fog", "r2/gaussian_noise", "r2/fog")
     dm.prepare_data()
     dm.setup("test")
@@ -73,15 +97,17 @@ def test_loaders(tree: Path) -> None:
         assert images.shape == (4, 3, 32, 32)
         assert images.dtype == torch.float32
         assert labels.dtype == torch.int64
-        assert sorted(labels.tolist()) == [0, 0, 1, 1]
+        assert sorted(labels.tolist()) == sorted(2 * expected)
         assert images.min() >= -1.0
         assert images.max() <= 1.0
     orders = {domain: tuple(_ds(loader).order) for domain, loader in loaders.items()}
-    assert orders == {domain: tuple(_ds(loader).order) for domain, loader in _make(tree).test_dataloader().items()}
+    again = _make(tree, label_space=label_space).test_dataloader()
+    assert orders == {domain: tuple(_ds(loader).order) for domain, loader in again.items()}
     for domain, loader in loaders.items():  # every label matches the wnid folder of its file
         for index in _ds(loader).order:
             path, label = _ds(loader).samples[index]
-            assert Path(path).parent.name == WNIDS[label], domain
+            assert Path(path).parent.name == dm.class_wnids[label], domain
+    assert _labels(dm.source_dataloader()) == sorted(2 * expected)
 
 
 def test_source_and_calibration(tree: Path) -> None:
@@ -104,12 +130,87 @@ def test_source_and_calibration(tree: Path) -> None:
         _make(tree, source_root=None).source_dataloader()
 
 
-def test_layout_errors(tree: Path, tmp_path: Path) -> None:
+def test_non_imagenet_folders(tmp_path: Path) -> None:
+    photos = {"cat": ("chelsea",), "coffee": ("coffee",)}
+    for corruption in CORRUPTIONS:
+        _write_class_tree(tmp_path / "c" / corruption / "5", 32, photos=photos)
+    _write_class_tree(tmp_path / "val", 32, photos=photos)
+    dm = _make(tmp_path, calib_root=None)
+    assert dm.effective_label_space == "folders"
+    assert dm.num_classes == 2
+    assert dm.class_wnids == ("cat", "coffee")
+    dm.setup("test")
+    assert _labels(dm.test_dataloader()["r1/fog"]) == [0, 1]
+    assert _labels(dm.source_dataloader()) == [0, 1]
+    strict = _make(tmp_path, calib_root=None, label_space="imagenet")
+    assert strict.num_classes == 1000  # known without reading the folders
+    bad = tmp_path / "c" / "gaussian_noise" / "5" / "cat"
+    with pytest.raises(ValueError, match=f"wnid folder {re.escape(str(bad))} is not one of the 1,000 ImageNet-1k"):
+        strict.setup("test")
+
+
+def test_mixed_imagenet_folders_are_not_imagenet(tree: Path, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(tree / "c", root)
+    for corruption in CORRUPTIONS:
+        (root / corruption / "5" / "n99999999").mkdir()
+        shutil.copy(next((tree / "val" / WNIDS[0]).iterdir()), root / corruption / "5" / "n99999999" / "x.JPEG")
+    dm = _make(tree, root=str(root), source_root=None, calib_root=None)
+    assert dm.effective_label_space == "folders"
+    assert dm.num_classes == 3
+    bad = root / "gaussian_noise" / "5" / "n99999999"
+    with pytest.raises(ValueError, match=f"{re.escape(str(bad))} is not one of .* \\(1 such folder"):
+        _make(tree, root=str(root), label_space="imagenet").prepare_data()
+
+
+def test_clean_folders_may_hold_other_imagenet_wnids(tree: Path, tmp_path: Path) -> None:
+    val = tmp_path / "val"
+    _write_class_tree(val, 40, photos={WNIDS[1]: ("coffee",), "n01440764": ("astronaut", "rocket")})
+    train = tmp_path / "train"
+    _write_class_tree(train, 40, photos={"n04266014": ("astronaut", "rocket")})
+    dm = _make(tree, source_root=str(val), calib_root=str(train))
+    dm.prepare_data()
+    dm.setup("test")
+    assert _labels(dm.source_dataloader()) == [0, 0, IMAGENET_LABELS[1]]
+    calib_labels = sorted(label for _, label in dm._folder_samples(train, "", ""))
+    assert calib_labels == [812, 812]  # n04266014 space shuttle
+    assert dm.calibration_images(2).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match=f"source_root folder {re.escape(str(val))} has a different wnid set"):
+        _make(tree, source_root=str(val), label_space="folders").prepare_data()
+    (val / "n99999999").mkdir()
+    bad = val / "n99999999"
+    with pytest.raises(ValueError, match=f"wnid folder {re.escape(str(bad))} is not one of the 1,000 ImageNet-1k"):
+        _make(tree, source_root=str(val)).prepare_data()
+
+
+def test_argument_errors(tree: Path) -> None:
     with pytest.raises(ValueError, match="norm must be one of"):
         _make(tree, norm="resnet")
+    with pytest.raises(ValueError, match=r"label_space must be one of \['auto', 'imagenet', 'folders'\], got 'in1k'"):
+        _make(tree, label_space="in1k")
+
+
+@pytest.mark.parametrize("argument", ["root", "source_root", "calib_root"])
+def test_missing_folders_fail_at_construction(tree: Path, tmp_path: Path, argument: str) -> None:
     missing = tmp_path / "missing"
-    with pytest.raises(FileNotFoundError, match=f"root folder not found: {re.escape(str(missing))}"):
-        _make(tree, root=str(missing)).prepare_data()
+    layout = r"<root>/<corruption>/<severity>/<wnid>/<image>\.JPEG" if argument == "root" else r"<folder>/<wnid>/"
+    with pytest.raises(
+        FileNotFoundError, match=f"folder not found: {re.escape(str(missing))}\\. Expected layout: {layout}"
+    ):
+        _make(tree, **{argument: str(missing)})
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match=f"folder is not a directory: {re.escape(str(a_file))}.*{layout}"):
+        _make(tree, **{argument: str(a_file)})
+
+
+def test_layout_errors(tree: Path, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(tree / "c", root)
+    dm = _make(tree, root=str(root))
+    shutil.rmtree(root)  # deleted after construction: prepare_data still names it
+    with pytest.raises(FileNotFoundError, match=f"root folder not found: {re.escape(str(root))}"):
+        dm.prepare_data()
     with pytest.raises(FileNotFoundError, match=f"corruption folder not found: {re.escape(str(tree / 'c' / 'snow'))}"):
         _make(tree, corruptions=["fog", "snow"]).prepare_data()
     with pytest.raises(
@@ -118,19 +219,27 @@ def test_layout_errors(tree: Path, tmp_path: Path) -> None:
         _make(tree, severity=3).setup("test")
 
 
-def test_bad_class_folders(tree: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("label_space", ["auto", "folders"])
+def test_bad_class_folders(tree: Path, tmp_path: Path, label_space: str) -> None:
     root = tmp_path / "c"
     shutil.copytree(tree / "c", root)
-    (root / "fog" / "5" / "n99999999").mkdir()
-    with pytest.raises(ValueError, match=f"{re.escape(str(root / 'fog' / '5'))} has a different wnid set.*n99999999"):
-        _make(tree, root=str(root)).setup("test")
+    (root / "fog" / "5" / "n01440764").mkdir()  # an ImageNet wnid: the corruption folders must still agree
+    with pytest.raises(ValueError, match=f"{re.escape(str(root / 'fog' / '5'))} has a different wnid set.*n01440764"):
+        _make(tree, root=str(root), label_space=label_space).setup("test")
     for corruption in CORRUPTIONS:
-        (root / corruption / "5" / "n99999999").mkdir(exist_ok=True)
-    empty = root / "gaussian_noise" / "5" / "n99999999"
+        (root / corruption / "5" / "n01440764").mkdir(exist_ok=True)
+    empty = root / "gaussian_noise" / "5" / "n01440764"
     with pytest.raises(FileNotFoundError, match=f"class folder {re.escape(str(empty))} holds no image files"):
-        _make(tree, root=str(root), source_root=None, calib_root=None).setup("test")
-    with pytest.raises(ValueError, match=r"source_root folder .* different wnid set"):
-        _make(tree, root=str(root)).prepare_data()
+        _make(tree, root=str(root), source_root=None, calib_root=None, label_space=label_space).setup("test")
+    (empty / "a.JPEG").write_bytes((root / "fog" / "5" / WNIDS[0] / "chelsea.JPEG").read_bytes())
+    (root / "fog" / "5" / "n01440764" / "a.JPEG").write_bytes(empty.joinpath("a.JPEG").read_bytes())
+    dm = _make(tree, root=str(root), label_space=label_space)
+    if label_space == "folders":
+        with pytest.raises(ValueError, match=r"source_root folder .* different wnid set.*label_space='folders'"):
+            dm.prepare_data()
+    else:  # canonical labels: the clean folders may hold a different subset of ImageNet wnids
+        dm.prepare_data()
+        assert dm.num_classes == 1000
 
 
 def test_unreadable_image_names_the_file(tree: Path, tmp_path: Path) -> None:

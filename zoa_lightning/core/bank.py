@@ -280,18 +280,24 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
         eps: variance epsilon.
         bank: the bank holding this layer's slice.
         index: the layer's position among the bank's adapted layers.
+        post: what the replaced layer applied after normalising (timm's ``BatchNormAct2d`` carries its dropout and
+            activation inside the norm layer); ``None`` for a plain BatchNorm.
     """
 
-    def __init__(self, num_features: int, eps: float, bank: KnowledgeBank, index: int) -> None:
+    def __init__(
+        self, num_features: int, eps: float, bank: KnowledgeBank, index: int, post: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
+        self.post = post
         self._attach(bank, index)
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise with batch statistics over (N, H, W) and the fused affine parameters."""
         weight, bias = self.fused_affine()
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        out = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        return out if self.post is None else self.post(out)
 
     def extra_repr(self) -> str:
         """Channels, epsilon and bank slot, for ``print(model)``."""

@@ -8,7 +8,8 @@ and the knowledge-mixing logits (a first AdamW step). Nothing is back-propagated
 The adapter acts through forward hooks on the modules named by a :class:`~zoa_lightning.core.layout.ModelLayout`, so
 it runs the network's own ``forward``. All loss and detector statistics are formed from sufficient statistics
 (counts, sums, sums of squares) that pass through ``reduce_fn`` (identity by default): a sum all-reduce there makes
-N processes adapt as one on their concatenated batch.
+N processes adapt as one on their concatenated batch. The engine counts what it hands to ``reduce_fn``
+(:attr:`ZOA.reduced_elements`, :attr:`ZOA.last_batch_reduced_bytes`, ...): the communication volume per batch under DDP.
 
 Failure policy: an input that is not a finite ``(B, C, H, W)`` image batch of the expected size raises ``ValueError``
 before anything changes. If a loss, the gradient estimate or an updated value turns out non-finite, the whole batch is
@@ -60,6 +61,14 @@ def _finish(n: Tensor, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
     mean = s1 / n
     var = ((s2 - n * mean * mean) / (n - 1)).clamp_min(0)
     return mean, var
+
+
+def _post_norm(norm: nn.Module) -> nn.Module | None:
+    """What a norm layer applies after normalising, e.g. timm ``BatchNormAct2d``'s dropout and activation."""
+    act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
+    if isinstance(act, nn.Module) or isinstance(drop, nn.Module):
+        return nn.Sequential(*(m for m in (drop, act) if isinstance(m, nn.Module)))
+    return None
 
 
 class _NonFinite(Exception):
@@ -132,6 +141,13 @@ class ZOA(nn.Module):
         self.layout.check(model)
         self.config = (config or ZOAConfig()).resolved(self.layout.kind)
         self.reduce_fn: ReduceFn = reduce_fn if reduce_fn is not None else (lambda t: t)
+        # Communication accounting (diagnostics, not checkpointed): totals since construction and the last batch's.
+        self.reduce_calls = 0
+        self.reduced_elements = 0
+        self.reduced_bytes = 0
+        self.last_batch_reduce_calls = 0
+        self.last_batch_reduced_elements = 0
+        self.last_batch_reduced_bytes = 0
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.events: list[dict[str, Any]] = []
         model.eval()
@@ -191,7 +207,7 @@ class ZOA(nn.Module):
             if isinstance(m, nn.LayerNorm):
                 fused = FusedLayerNorm(tuple(m.normalized_shape), m.eps, bank, index)
             else:
-                fused = FusedBatchNorm2d(m.num_features, m.eps, bank, index)
+                fused = FusedBatchNorm2d(m.num_features, m.eps, bank, index, post=_post_norm(m))
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, fused)
         for name in self.layout.batch_norms:
@@ -276,9 +292,16 @@ class ZOA(nn.Module):
         else:
             s1, s2 = _moments(output, (0, 2, 3))
         c = s1.numel()
-        stats = self.reduce_fn(torch.cat([s1, s2, s1.new_tensor([output.numel() // c, output.shape[0]])]))
+        stats = self._all_reduce(torch.cat([s1, s2, s1.new_tensor([output.numel() // c, output.shape[0]])]))
         mean, var = _finish(stats[2 * c], stats[:c], stats[c : 2 * c])
         return mean.to(self.det_mean.dtype), var.to(self.det_var.dtype), int(stats[2 * c + 1])
+
+    def _all_reduce(self, stats: Tensor) -> Tensor:
+        """Pass a statistics vector through ``reduce_fn``, counting the calls, elements and bytes handed over."""
+        self.reduce_calls += 1
+        self.reduced_elements += stats.numel()
+        self.reduced_bytes += stats.numel() * stats.element_size()
+        return self.reduce_fn(stats)
 
     # ------------------------------------------------------------------ detector (spec §5.1-§5.2, §5.7)
     def shift_divergence(self, mean: Tensor, var: Tensor) -> float:
@@ -337,7 +360,7 @@ class ZOA(nn.Module):
         feats = [*cap.taps, cap.head_input]
         sums = [s for f in feats for s in _moments(f, (0,))]  # type: ignore[arg-type]
         entropy = softmax_entropy(logits.float()).sum().double()
-        stats = self.reduce_fn(torch.cat([*sums, entropy.view(1), entropy.new_tensor([logits.shape[0]])]))
+        stats = self._all_reduce(torch.cat([*sums, entropy.view(1), entropy.new_tensor([logits.shape[0]])]))
         n, offset, source, terms = stats[-1], 0, 0, []
         final_mean = stats.new_zeros(0)
         for dim in self._tap_dims:
@@ -412,7 +435,7 @@ class ZOA(nn.Module):
                 acc = vec if acc is None else acc + vec
         if acc is None:
             raise ValueError("collect_source_statistics got an empty loader: pass clean source images")
-        acc = self.reduce_fn(acc)
+        acc = self._all_reduce(acc)
         n, offset, means, stds = acc[-1], 0, [], []
         for dim in self._tap_dims:
             mean, var = _finish(n, acc[offset : offset + dim], acc[offset + dim : offset + 2 * dim])
@@ -455,6 +478,7 @@ class ZOA(nn.Module):
             raise RuntimeError("ZOA has no source statistics: call collect_source_statistics(clean_loader) first")
         snapshot = self._begin()
         self._det_cache = None
+        sent = (self.reduce_calls, self.reduced_elements, self.reduced_bytes)
         try:
             with torch.no_grad():
                 prediction = self._adapt(images)
@@ -478,6 +502,10 @@ class ZOA(nn.Module):
         finally:
             self.bank._before_mutation = None
             self._det_cache = None
+            # Communication happened even when the batch was rolled back: count it either way.
+            self.last_batch_reduce_calls = self.reduce_calls - sent[0]
+            self.last_batch_reduced_elements = self.reduced_elements - sent[1]
+            self.last_batch_reduced_bytes = self.reduced_bytes - sent[2]
         self.counters[0] += 1
         return prediction
 

@@ -1,0 +1,169 @@
+"""Baseline LightningModules under Trainer.test on a real small stream; their configs compose with the demo."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from callbacks import DomainBankCallback
+from cli import main
+from tests.conftest import STREAM_CORRUPTIONS, make_resnet, make_stream, make_trainer, make_vit
+from zoa_lightning import NoAdaptModule
+from zoa_lightning.baselines import FOAModule, NormAdaptModule, T3AModule, TentModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CORRUPTIONS = STREAM_CORRUPTIONS
+OUR_CONFIGS = ["norm_adapt", "t3a", "foa", "tent", "zoa_no_bank", "zoa_no_shift", "zoa_shift_only"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: intra-op threads only add contention (3-4x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.argv", ["zoa"])
+
+
+class _Record(pl.Callback):
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        self.logits.append(outputs.detach().clone())
+
+
+def _module(method: str, make: Any) -> pl.LightningModule:
+    if method == "norm_adapt":
+        return NormAdaptModule(network=make(0))
+    if method == "t3a":
+        return T3AModule(network=make(0), filter_k=5)
+    if method == "foa":
+        return FOAModule(network=make(0), popsize=27, source_batches=2)
+    return TentModule(network=make(0), lr=0.01)
+
+
+@pytest.mark.parametrize(
+    ("method", "make", "passes"),
+    [
+        ("norm_adapt", make_resnet, 1),
+        ("t3a", make_vit, 1),
+        ("t3a", make_resnet, 1),
+        ("foa", make_vit, 28),
+        ("tent", make_vit, 1),
+        ("tent", make_resnet, 1),
+    ],
+)
+def test_baseline_runs_the_stream_with_its_pass_count(method: str, make: Any, passes: int, cache_dir: Path) -> None:
+    module = _module(method, make)
+    batch_size = 16 if method == "foa" else 32
+    batches = 1 if method == "foa" else 2
+    results = make_trainer(batches=batches).test(module, datamodule=make_stream(cache_dir, batch_size=batch_size))
+    assert len(results) == 3
+    rows = module.stream_results()
+    assert [r["domain"] for r in rows] == [f"r1/{c}" for c in CORRUPTIONS]
+    assert all(r["batches"] == batches and r["forward_passes"] == passes * batches for r in rows)
+    assert all(r["n"] == batch_size * batches and 0 <= r["acc1"] <= r["acc5"] <= 100 for r in rows)
+    info = module.run_info()
+    assert info["method"] == method
+    if method == "tent":
+        assert info["backward_passes"] == 3 * batches
+        assert info["zero_gradient_steps"] == 0
+
+
+def test_norm_adapt_on_a_vit_is_no_adapt_and_says_so(cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    plain, adapted = _Record(), _Record()
+    make_trainer([plain], batches=1).test(NoAdaptModule(network=make_vit(0)), datamodule=make_stream(cache_dir))
+    with caplog.at_level(logging.WARNING, logger="zoa_lightning.baselines"):
+        make_trainer([adapted], batches=1).test(NormAdaptModule(network=make_vit(0)), datamodule=make_stream(cache_dir))
+    assert any("identical to no_adapt" in r.message for r in caplog.records)
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, adapted.logits, strict=True))
+
+
+def test_norm_adapt_changes_resnet_predictions_without_changing_parameters(cache_dir: Path) -> None:
+    plain, adapted = _Record(), _Record()
+    make_trainer([plain], batches=1).test(NoAdaptModule(network=make_resnet(0)), datamodule=make_stream(cache_dir))
+    net = make_resnet(0)
+    params = {k: v.clone() for k, v in net.named_parameters()}
+    make_trainer([adapted], batches=1).test(NormAdaptModule(network=net), datamodule=make_stream(cache_dir))
+    assert not torch.allclose(plain.logits[0], adapted.logits[0])
+    assert all(torch.equal(params[k], v) for k, v in net.named_parameters())
+
+
+def test_tent_under_default_inference_mode_names_the_flag(cache_dir: Path) -> None:
+    module = TentModule(network=make_vit(0))
+    with pytest.raises(RuntimeError, match=r"trainer\.inference_mode: false"):
+        make_trainer(batches=1, inference_mode=True).test(module, datamodule=make_stream(cache_dir))
+
+
+@pytest.mark.parametrize("method", ["norm_adapt", "t3a", "foa"])
+def test_forward_only_baselines_work_under_default_inference_mode(method: str, cache_dir: Path) -> None:
+    foa = method == "foa"
+    module = FOAModule(network=make_vit(0), popsize=2, source_batches=1) if foa else _module(method, make_vit)
+    make_trainer(batches=1, inference_mode=True).test(module, datamodule=make_stream(cache_dir, batch_size=16))
+    assert len(module.stream_results()) == 3
+    module.load_state_dict(module.state_dict())  # the adaptation state stays made of ordinary tensors
+
+
+def test_foa_rejects_a_cnn_at_construction() -> None:
+    with pytest.raises(TypeError, match="ViT"):
+        FOAModule(network=make_resnet(0))
+
+
+@pytest.mark.parametrize("method", ["t3a", "tent", "foa"])
+def test_stream_split_in_two_runs_gives_the_same_predictions(method: str, cache_dir: Path, tmp_path: Path) -> None:
+    def build() -> pl.LightningModule:
+        if method == "foa":
+            return FOAModule(network=make_vit(0), popsize=4, source_batches=1)
+        return _module(method, make_vit)
+
+    kwargs = {"batch_size": 16}
+    full = _Record()
+    make_trainer([full], batches=2).test(build(), datamodule=make_stream(cache_dir, **kwargs))
+    first = _Record()
+    make_trainer([first, DomainBankCallback(dirpath=str(tmp_path), verbose=False)], batches=2).test(
+        build(), datamodule=make_stream(cache_dir, stop_domain=2, **kwargs)
+    )
+    second = _Record()
+    make_trainer([second, DomainBankCallback(dirpath=str(tmp_path / "b"), verbose=False)], batches=2).test(
+        build(), datamodule=make_stream(cache_dir, **kwargs), ckpt_path=str(tmp_path / "stream-last.ckpt")
+    )
+    split = first.logits + second.logits
+    assert len(split) == len(full.logits) == 6
+    for got, want in zip(split, full.logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------- configs
+def _print_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name", OUR_CONFIGS)
+def test_method_config_composes_with_the_demo(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = ROOT / "configs" / "methods" / f"{name}.yaml"
+    own = yaml.safe_load(path.read_text())["model"]
+    resolved = _print_config(["-c", str(ROOT / "configs/demo.yaml"), "-c", str(path)], capsys)
+    model = resolved["model"]
+    assert model["class_path"] == own["class_path"]
+    assert model["init_args"]["network"] == "demo_vit"
+    for key, value in own.get("init_args", {}).items():
+        assert model["init_args"][key] == value, key
+    assert resolved["trainer"]["inference_mode"] is False
+    if name.startswith("zoa_"):  # the demo's ZOA settings still apply to the ablations
+        assert model["init_args"]["lambda_bp"] == 30.0

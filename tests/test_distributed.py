@@ -1,0 +1,267 @@
+"""Distributed ZOA: N processes, each adapting on its slice of every global batch, behave as one process.
+
+* The shard sampler and ``make_loader`` cut the stream into the single-process global batches and split each one.
+* Engine level, in-process: two adapters in two threads whose ``reduce_fn`` is a thread all-reduce take the same
+  steps (and store the same knowledge) as one adapter on the concatenated batches.
+* Lightning level (``ddp`` marker): a 2-process gloo ``ddp_spawn`` run of ``ZOAModule`` on a corruption stream,
+  recorded from inside the ranks after every batch, against a single-process run of the same global batches.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from datamodules._common import GlobalBatchShardSampler, make_loader
+from tests.conftest import corrupt_noise, make_resnet, make_stream, make_trainer, make_vit
+from zoa_lightning import ZOAModule
+from zoa_lightning.core import ZOA, ZOAConfig
+from zoa_lightning.module import _check_sharded_loaders
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Two processes share two cores: keep the single-process reference run to one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fake_trainer(world_size: int, rank: int, use_distributed_sampler: bool = False) -> Any:
+    connector = SimpleNamespace(use_distributed_sampler=use_distributed_sampler)
+    return SimpleNamespace(world_size=world_size, global_rank=rank, _accelerator_connector=connector)
+
+
+# ---------------------------------------------------------------------------------------------------- sharding
+@pytest.mark.parametrize(("size", "batch", "shards"), [(1000, 64, 2), (1000, 43, 2), (100, 10, 3), (64, 64, 4)])
+def test_shards_concatenate_to_the_single_process_batches(size: int, batch: int, shards: int) -> None:
+    single = [list(b) for b in DataLoader(range(size), batch_size=batch)]
+    per_rank = [list(GlobalBatchShardSampler(size, batch, shards, r)) for r in range(shards)]
+    assert all(len(batches) == len(single) for batches in per_rank)  # equal batch counts: no rank waits alone
+    for g, global_batch in enumerate(single):
+        slices = [per_rank[r][g] for r in range(shards)]
+        assert [i for s in slices for i in s] == [int(i) for i in global_batch]  # nothing duplicated or dropped
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+def test_shard_sampler_rejects_batches_too_small_to_split() -> None:
+    with pytest.raises(ValueError, match=r"batch_size=3 is the global batch.*batch_size >= 4"):
+        GlobalBatchShardSampler(100, 3, 2, 0)
+    with pytest.raises(ValueError, match=r"last global batch of a 1001-image loader holds 1 image"):
+        GlobalBatchShardSampler(1001, 100, 2, 0)
+    with pytest.raises(ValueError, match="rank must be"):
+        GlobalBatchShardSampler(100, 10, 2, 2)
+
+
+def test_make_loader_shards_under_a_multi_process_trainer() -> None:
+    data = TensorDataset(torch.arange(10).float(), torch.arange(10))
+    batches = [labels.tolist() for _, labels in make_loader(data, 6, 0, trainer=_fake_trainer(2, 1))]
+    assert batches == [[3, 4, 5], [8, 9]]
+    assert [len(y) for _, y in make_loader(data, 4, 0, trainer=_fake_trainer(1, 0))] == [4, 4, 2]  # one process
+    with pytest.raises(ValueError, match=r"use_distributed_sampler: false"):
+        make_loader(data, 6, 0, trainer=_fake_trainer(2, 0, use_distributed_sampler=True))
+
+
+def test_stream_setup_checks_the_sampler_flag_and_the_global_batch(cache_dir: Path) -> None:
+    data = make_stream(cache_dir, batch_size=64)
+    data.trainer = _fake_trainer(2, 0, use_distributed_sampler=True)
+    with pytest.raises(ValueError, match=r"trainer.use_distributed_sampler: false"):
+        data.setup("test")
+    data = make_stream(cache_dir, batch_size=3)
+    data.trainer = _fake_trainer(2, 0)
+    with pytest.raises(ValueError, match=r"batch_size=3 is the global batch"):
+        data.setup("test")
+
+
+def test_module_rejects_unsharded_loaders_and_batchnorm_networks() -> None:
+    data = TensorDataset(torch.zeros(10, 1), torch.zeros(10))
+    with pytest.raises(ValueError, match="is not sharded"):
+        _check_sharded_loaders({"r1/fog": DataLoader(data, batch_size=4)}, 2)
+    with pytest.raises(ValueError, match="DistributedSampler"):
+        _check_sharded_loaders([DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0))], 2)
+    _check_sharded_loaders([make_loader(data, 6, 0, trainer=_fake_trainer(2, 0))], 2)
+
+    module = ZOAModule(network=make_resnet(0))
+    module._trainer = _fake_trainer(2, 0)  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="BatchNorm network"):
+        module.setup_method(None)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+class _ThreadAllReduce:
+    """A sum all-reduce between threads, standing in for ``trainer.strategy.reduce`` across processes."""
+
+    def __init__(self, world: int) -> None:
+        self.slots: list[torch.Tensor | None] = [None] * world
+        self.barrier = threading.Barrier(world, timeout=120)
+
+    def for_rank(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def reduce(stats: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = stats.clone()
+            self.barrier.wait()
+            total = torch.stack(self.slots).sum(0)  # type: ignore[arg-type]
+            self.barrier.wait()  # nobody overwrites a slot before everyone has read them all
+            return total
+
+        return reduce
+
+
+def _run_ranks(work: Callable[[int], None], world: int) -> None:
+    errors: list[BaseException] = []
+
+    def target(rank: int) -> None:
+        try:
+            work(rank)
+        except BaseException as error:  # re-raised in the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _split(batch: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    b = batch.shape[0]
+    return batch[b * rank // world : b * (rank + 1) // world]
+
+
+def test_sharded_engine_steps_as_one_engine_on_the_global_batch(digits: torch.Tensor, one_thread: None) -> None:
+    world, batch = 2, 64
+    config = ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, detector_min_batch=batch)
+    source = digits[:256].split(batch)
+    pool = digits[512:]
+    # Clean, then noisy (a shift the detector must see), then an uneven 43-image tail (21 + 22 images).
+    stream = [
+        pool[:batch],
+        pool[batch : 2 * batch],
+        corrupt_noise(pool[2 * batch : 3 * batch]),
+        corrupt_noise(pool[:batch], seed=1),
+    ]
+    stream.append(corrupt_noise(pool[3 * batch : 3 * batch + 43], seed=2))
+
+    single = ZOA(make_vit(0), config)
+    single.collect_source_statistics(source)
+    want = [(single(x), single.bank.theta.clone(), single.bank.alpha.clone(), int(single.bank.count)) for x in stream]
+    assert single.counter("stores") >= 1, "the stream should make the single engine store knowledge"
+
+    comm = _ThreadAllReduce(world)
+    engines = [ZOA(make_vit(0), config, reduce_fn=comm.for_rank(r)) for r in range(world)]
+    got: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]] = [[] for _ in range(world)]
+
+    def rank_work(rank: int) -> None:
+        engine = engines[rank]
+        engine.collect_source_statistics([_split(x, world, rank) for x in source])
+        for x in stream:
+            logits = engine(_split(x, world, rank))
+            got[rank].append((logits, engine.bank.theta.clone(), engine.bank.alpha.clone(), int(engine.bank.count)))
+
+    _run_ranks(rank_work, world)
+    torch.testing.assert_close(engines[0].src_std, single.src_std, rtol=1e-5, atol=1e-6)
+    for i, (logits, theta, alpha, count) in enumerate(want):
+        r0, r1 = got[0][i], got[1][i]
+        assert torch.equal(r0[1], r1[1]), f"ranks' epsilons differ after batch {i}"
+        assert torch.equal(r0[2], r1[2]), f"ranks' mixing logits differ after batch {i}"
+        torch.testing.assert_close(r0[1], theta, rtol=0, atol=1e-5)
+        torch.testing.assert_close(r0[2], alpha, rtol=0, atol=1e-5)
+        assert r0[3] == r1[3] == count, f"bank entries differ after batch {i}"
+        torch.testing.assert_close(torch.cat([r0[0], r1[0]]), logits, rtol=0, atol=1e-4)
+    assert [e["batch"] for e in engines[0].events] == [e["batch"] for e in single.events]
+
+
+def test_reduced_elements_per_batch_are_a_few_feature_vectors(digits: torch.Tensor) -> None:
+    seen: list[int] = []
+    adapter = ZOA(make_vit(0), ZOAConfig(detector_min_batch=16), reduce_fn=lambda t: seen.append(t.numel()) or t)
+    adapter.collect_source_statistics([digits[:64]])
+    assert adapter.reduced_elements == sum(seen)
+    seen.clear()
+    adapter(digits[:32])
+    features, channels = sum(adapter._tap_dims), adapter.det_mean.numel()
+    # Pass A: detector moments (2C + 2) and loss moments (2F + 2); pass B reuses the detector's and sends the loss's.
+    assert seen == [2 * channels + 2, 2 * features + 2, 2 * features + 2]
+    assert adapter.last_batch_reduce_calls == 3
+    assert adapter.last_batch_reduced_elements == sum(seen)
+    assert adapter.last_batch_reduced_bytes == 8 * sum(seen)  # float64
+    assert adapter.last_batch_reduced_elements < sum(p.numel() for p in adapter.model.parameters()) / 10
+
+
+# ---------------------------------------------------------------------------------------------------- Lightning DDP
+class _RecordPerBatch(pl.Callback):
+    """Save the adaptation state after every batch (and the domain rows at the end) from inside each process."""
+
+    def __init__(self, out_dir: Path, tag: str) -> None:
+        self.out_dir, self.tag, self.step = str(out_dir), tag, 0
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        adapter = pl_module.adapter  # type: ignore[attr-defined]
+        state = {
+            "theta": adapter.bank.theta.clone(),
+            "alpha": adapter.bank.alpha.clone(),
+            "count": int(adapter.bank.count),
+            "events": [dict(e) for e in adapter.events],
+            "logits": outputs.detach().clone(),
+            "labels": args[0][1].clone(),
+        }
+        torch.save(state, f"{self.out_dir}/{self.tag}{trainer.global_rank}_batch{self.step}.pt")
+        self.step += 1
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows = pl_module.stream_results()  # type: ignore[attr-defined]
+        torch.save(rows, f"{self.out_dir}/{self.tag}{trainer.global_rank}_rows.pt")
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.ddp
+def test_two_gloo_processes_adapt_exactly_as_one(cache_dir: Path, tmp_path: Path, one_thread: None) -> None:
+    # A 43-image global batch splits 21 + 22: uneven slices. The detector needs 43 images: only the global count has.
+    batch, batches = 43, 3
+    options = {"lr": 0.005, "spsa_c": 0.05, "domain_t": 0.1, "detector_min_batch": batch}
+
+    single = make_trainer([_RecordPerBatch(tmp_path, "single")], batches=batches)
+    want = single.test(ZOAModule(network=make_vit(0), **options), datamodule=make_stream(cache_dir, batch_size=batch))
+    ddp = make_trainer(
+        [_RecordPerBatch(tmp_path, "ddp")],
+        batches=batches,
+        strategy="ddp_spawn",
+        devices=2,
+        use_distributed_sampler=False,
+    )
+    got = ddp.test(ZOAModule(network=make_vit(0), **options), datamodule=make_stream(cache_dir, batch_size=batch))
+
+    steps = 3 * batches
+    for i in range(steps):
+        ref = _load(tmp_path / f"single0_batch{i}.pt")
+        r0, r1 = _load(tmp_path / f"ddp0_batch{i}.pt"), _load(tmp_path / f"ddp1_batch{i}.pt")
+        assert (len(r0["labels"]), len(r1["labels"])) == (21, 22)
+        assert torch.equal(torch.cat([r0["labels"], r1["labels"]]), ref["labels"]), f"batch {i} was not split"
+        assert torch.equal(r0["theta"], r1["theta"]), f"ranks' epsilons differ after batch {i}"
+        assert torch.equal(r0["alpha"], r1["alpha"]), f"ranks' mixing logits differ after batch {i}"
+        torch.testing.assert_close(r0["theta"], ref["theta"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(r0["alpha"], ref["alpha"], rtol=0, atol=1e-5)
+        assert r0["count"] == r1["count"] == ref["count"], f"bank entries differ after batch {i}"
+        assert [e["batch"] for e in r0["events"]] == [e["batch"] for e in ref["events"]]
+        torch.testing.assert_close(torch.cat([r0["logits"], r1["logits"]]), ref["logits"], rtol=0, atol=1e-4)
+    assert ref["count"] >= 2, "the corruption change should store a knowledge entry"
+    assert not (tmp_path / f"ddp0_batch{steps}.pt").exists()
+
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-6)
+    rows, ref_rows = _load(tmp_path / "ddp0_rows.pt"), _load(tmp_path / "single0_rows.pt")
+    assert [(r["n"], r["batches"]) for r in rows] == [(r["n"], r["batches"]) for r in ref_rows] == [(129, 3)] * 3
+    assert [r["acc1"] for r in rows] == pytest.approx([r["acc1"] for r in ref_rows], abs=1e-6)

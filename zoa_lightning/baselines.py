@@ -1,0 +1,328 @@
+"""Baseline LightningModules of the evaluation (spec §8), thin wrappers of :mod:`zoa_lightning.core.baselines`.
+
+Each runs the data config's (quantized) network over the same domain stream as :class:`~zoa_lightning.ZOAModule`
+and reports the same per-domain results; compose a method config after a data/model config, e.g.
+``zoa test -c configs/demo.yaml -c configs/methods/t3a.yaml``.
+
+| Module | ``method_name`` | forward passes per batch | notes |
+|---|---|---|---|
+| :class:`NormAdaptModule` | ``norm_adapt`` | 1 | BatchNorm batch statistics; a ViT has none (= ``no_adapt``) |
+| :class:`T3AModule` | ``t3a`` | 1 | prototype classifier over filtered supports |
+| :class:`FOAModule` | ``foa`` | ``popsize + 1`` (28) | ViT only; CMA-ES over prompt tokens |
+| :class:`TentModule` | ``tent`` | 1 (+ 1 backward) | needs ``trainer.inference_mode: false`` |
+
+The ZOA ablations (no bank, no shift, shift only) are configs of :class:`~zoa_lightning.ZOAModule`
+(``configs/methods/zoa_*.yaml``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from zoa_lightning.core.baselines import FOA, T3A, Tent, check_prompt_vit, use_batch_statistics
+from zoa_lightning.core.protocols import StreamDataModule
+from zoa_lightning.module import StreamModule
+
+__all__ = ["FOAModule", "NormAdaptModule", "T3AModule", "TentModule"]
+
+log = logging.getLogger(__name__)
+
+
+def _batch_norm_setup(network: nn.Module, method: str, network_name: str, *, warn_if_none: bool) -> list[str]:
+    """Apply ``bn_adapt`` to ``network`` and say what it did (a warning if it was the method and changed nothing)."""
+    names = use_batch_statistics(network)
+    if names:
+        rank_zero_info(f"{method}: {len(names)} BatchNorm2d layers normalise with test-batch statistics")
+    elif warn_if_none:
+        log.warning(
+            "%s: network %s has no BatchNorm2d layer, so batch-statistics normalisation changes nothing: "
+            "for this network (a ViT, say) norm_adapt is identical to no_adapt",
+            method,
+            network_name,
+        )
+    else:
+        log.info("%s: network %s has no BatchNorm2d layer; the bn_adapt step does nothing", method, network_name)
+    return names
+
+
+class _ImagesOnDevice:
+    """Iterate a loader, yielding only its images, moved to ``device``."""
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            images = batch[0] if isinstance(batch, tuple | list) else batch
+            yield images.to(self.device)
+
+
+class NormAdaptModule(StreamModule):
+    """``bn_adapt``: every BatchNorm2d normalises with the test batch's statistics; no parameter is updated.
+
+    The running statistics are discarded at setup (after quantization), so this also holds in eval mode. A vision
+    transformer has no BatchNorm (its LayerNorms are untouched): for it this method is **identical to no_adapt**; the
+    setup logs a warning saying so. One forward pass per batch.
+
+    Args:
+        network: see :class:`~zoa_lightning.module.StreamModule`.
+        weights: see :class:`~zoa_lightning.module.StreamModule`.
+        num_classes: see :class:`~zoa_lightning.module.StreamModule`.
+    """
+
+    method_name = "norm_adapt"
+
+    @override
+    def setup_method(self, datamodule: StreamDataModule) -> None:
+        self.batch_norms = _batch_norm_setup(self.net, self.method_name, self.network_name, warn_if_none=True)
+        self.net.eval()
+
+    @override
+    def adapt_step(self, images: Tensor) -> Tensor:
+        self.net.eval()
+        self._plain_passes += 1
+        return self.net(images)
+
+    @override
+    def run_info(self) -> dict[str, Any]:
+        return {**super().run_info(), "batch_norms": len(getattr(self, "batch_norms", []))}
+
+
+class T3AModule(StreamModule):
+    """T3A (Test-Time Template Adjuster): classify by prototypes of filtered, pseudo-labelled test features.
+
+    Setup applies ``bn_adapt`` (BatchNorm batch statistics, CNNs only) and wraps the network in
+    :class:`~zoa_lightning.core.baselines.T3A`: the head input is the feature, the (quantized) head the classifier, the
+    support set starts from the head's weight rows and keeps per class the ``filter_k`` lowest-entropy supports. One
+    forward pass per batch; the support set carries over across domains (no reset) and is part of the checkpoint
+    (fixed-size buffers). Per-process state: meant for one device.
+
+    Args:
+        network: see :class:`~zoa_lightning.module.StreamModule`.
+        weights: see :class:`~zoa_lightning.module.StreamModule`.
+        num_classes: see :class:`~zoa_lightning.module.StreamModule`.
+        filter_k: supports kept per pseudo-class (20).
+    """
+
+    method_name = "t3a"
+
+    def __init__(
+        self,
+        network: str | nn.Module = "demo_vit",
+        weights: str | None = None,
+        num_classes: int = 10,
+        filter_k: int = 20,
+    ) -> None:
+        super().__init__(network, weights, num_classes)
+        if isinstance(filter_k, bool) or not isinstance(filter_k, int) or filter_k < 1:
+            raise ValueError(f"filter_k must be an integer >= 1, got {filter_k!r}")
+        self.filter_k = filter_k
+        self.adapter: T3A | None = None
+
+    @override
+    def setup_method(self, datamodule: StreamDataModule) -> None:
+        network = self.net
+        del self.net  # from now on the network lives once, inside the adapter
+        self.batch_norms = _batch_norm_setup(network, self.method_name, self.network_name, warn_if_none=False)
+        self.adapter = T3A(network, self.filter_k)
+
+    @override
+    def get_network(self) -> nn.Module:
+        """The network (inside the adapter once it is built)."""
+        return self.adapter.model if self.adapter is not None else self.net
+
+    @override
+    def adapt_step(self, images: Tensor) -> Tensor:
+        assert self.adapter is not None, "T3AModule.setup_method has not run"
+        return self.adapter(images)
+
+    @override
+    def forward_passes(self) -> int:
+        return self.adapter.forward_passes if self.adapter is not None else 0
+
+    @override
+    def run_info(self) -> dict[str, Any]:
+        info = {**super().run_info(), "filter_k": self.filter_k}
+        if self.adapter is not None:
+            info["supports"] = int(self.adapter.support_counts().sum())
+        return info
+
+
+class FOAModule(StreamModule):
+    """FOA (forward-optimization adaptation, ICML 2024) of a ViT: CMA-ES over input prompts, plus activation shifting.
+
+    Setup wraps the network in :class:`~zoa_lightning.core.baselines.FOA` and computes the source statistics of its
+    per-block CLS features **without** prompts from the data module's ``source_dataloader()``. Each batch evaluates
+    ``popsize`` CMA-ES candidates plus the previous best (``popsize + 1`` = 28 forward passes), predicts with the best
+    candidate's activation-shifted logits and tells CMA-ES all candidates. Continual: no reset between domains; no
+    class mask.
+
+    Vision transformers only (timm ``VisionTransformer`` with a class token): a CNN raises ``TypeError`` at
+    construction (FOA's convolutional-prompt variant ``foa_resnet`` is not implemented).
+
+    Checkpoints: the CMA-ES state is pickled into the adapter's extra state (a ``uint8`` tensor in the
+    ``state_dict``), so a stream checkpoint resumes the search exactly; it holds a few covariance-sized matrices
+    (``(num_prompts · width)²`` floats each; about 90 MB for ViT-B). Loading unpickles it: load only checkpoints you
+    trust.
+
+    Args:
+        network: see :class:`~zoa_lightning.module.StreamModule`.
+        weights: see :class:`~zoa_lightning.module.StreamModule`.
+        num_classes: see :class:`~zoa_lightning.module.StreamModule`.
+        num_prompts: prompt tokens inserted after the class token (3).
+        popsize: CMA-ES population (27); a batch costs ``popsize + 1`` forward passes.
+        sigma0: CMA-ES initial step size (1).
+        fitness_lambda: weight of the feature-statistics discrepancy in the fitness (0.4).
+        reference_batch: batch size the discrepancy is scaled to (64).
+        use_shift: apply the back-to-source activation shift to predictions.
+        seed: seed of the CMA-ES sampling and the initial prompts.
+        source_batches: clean batches used for source statistics (``None``: the whole source loader).
+    """
+
+    method_name = "foa"
+
+    def __init__(
+        self,
+        network: str | nn.Module = "demo_vit",
+        weights: str | None = None,
+        num_classes: int = 10,
+        num_prompts: int = 3,
+        popsize: int = 27,
+        sigma0: float = 1.0,
+        fitness_lambda: float = 0.4,
+        reference_batch: int = 64,
+        use_shift: bool = True,
+        seed: int = 2020,
+        source_batches: int | None = None,
+    ) -> None:
+        super().__init__(network, weights, num_classes)
+        check_prompt_vit(self.net)
+        if source_batches is not None and source_batches < 1:
+            raise ValueError(f"source_batches must be >= 1 or None, got {source_batches}")
+        self.options: dict[str, Any] = {
+            "num_prompts": num_prompts,
+            "popsize": popsize,
+            "sigma0": sigma0,
+            "fitness_lambda": fitness_lambda,
+            "reference_batch": reference_batch,
+            "use_shift": use_shift,
+            "seed": seed,
+        }
+        self.source_batches = source_batches
+        self.adapter: FOA | None = None
+
+    @override
+    def setup_method(self, datamodule: StreamDataModule) -> None:
+        network = self.net
+        del self.net  # from now on the network lives once, inside the adapter
+        self.adapter = FOA(network, **self.options, reduce_fn=self._reduce)
+        device = self.adapter.src_mean.device
+        self.adapter.collect_source_statistics(
+            _ImagesOnDevice(datamodule.source_dataloader(), device), max_batches=self.source_batches
+        )
+
+    def _reduce(self, stats: Tensor) -> Tensor:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return stats
+        return trainer.strategy.reduce(stats.clone(), reduce_op="sum")
+
+    @override
+    def get_network(self) -> nn.Module:
+        """The network (inside the adapter once it is built)."""
+        return self.adapter.model if self.adapter is not None else self.net
+
+    @override
+    def adapt_step(self, images: Tensor) -> Tensor:
+        assert self.adapter is not None, "FOAModule.setup_method has not run"
+        return self.adapter(images)
+
+    @override
+    def forward_passes(self) -> int:
+        return self.adapter.forward_passes if self.adapter is not None else 0
+
+    @override
+    def run_info(self) -> dict[str, Any]:
+        return {**super().run_info(), "popsize": self.options["popsize"], "num_prompts": self.options["num_prompts"]}
+
+
+class TentModule(StreamModule):
+    """Tent: one SGD step of entropy minimisation on the norm layers' affine parameters per batch (first order).
+
+    Setup wraps the network in :class:`~zoa_lightning.core.baselines.Tent` (BatchNorm batch statistics; every
+    BatchNorm/LayerNorm/GroupNorm ``weight`` and ``bias`` trainable). Per batch: one forward with autograd whose logits
+    are the prediction, one backward, one step (1 forward + 1 backward pass; :meth:`run_info` reports
+    ``backward_passes``). Unlike the forward-only methods it stores the activations for the backward pass.
+
+    Needs autograd: set ``trainer.inference_mode: false`` (``configs/methods/tent.yaml`` does); under Lightning's
+    default inference mode the first batch raises ``RuntimeError`` naming that flag.
+
+    On a PTQ4ViT fake-quantized ViT every gradient is zero (its quantizers round without a straight-through estimator)
+    and Tent does not change the network; it warns once and counts ``zero_gradient_steps``. MQBench-quantized CNNs
+    pass gradients straight through and adapt.
+
+    Args:
+        network: see :class:`~zoa_lightning.module.StreamModule`.
+        weights: see :class:`~zoa_lightning.module.StreamModule`.
+        num_classes: see :class:`~zoa_lightning.module.StreamModule`.
+        lr: SGD learning rate (0.001: FOA's Tent setting for ViT-B, batch 64; Tent's ResNet-50 one is 0.00025).
+        momentum: SGD momentum (0.9).
+    """
+
+    method_name = "tent"
+
+    def __init__(
+        self,
+        network: str | nn.Module = "demo_vit",
+        weights: str | None = None,
+        num_classes: int = 10,
+        lr: float = 0.001,
+        momentum: float = 0.9,
+    ) -> None:
+        super().__init__(network, weights, num_classes)
+        if lr < 0 or momentum < 0:
+            raise ValueError(f"lr and momentum must be >= 0, got lr={lr}, momentum={momentum}")
+        self.lr, self.momentum = lr, momentum
+        self.adapter: Tent | None = None
+
+    @override
+    def setup_method(self, datamodule: StreamDataModule) -> None:
+        network = self.net
+        del self.net  # from now on the network lives once, inside the adapter
+        self.adapter = Tent(network, lr=self.lr, momentum=self.momentum)
+
+    @override
+    def get_network(self) -> nn.Module:
+        """The network (inside the adapter once it is built)."""
+        return self.adapter.model if self.adapter is not None else self.net
+
+    @override
+    def adapt_step(self, images: Tensor) -> Tensor:
+        assert self.adapter is not None, "TentModule.setup_method has not run"
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "TentModule back-propagates, which inference mode forbids: set `trainer.inference_mode: false` in the "
+                "config (or pass Trainer(inference_mode=False))"
+            )
+        return self.adapter(images)
+
+    @override
+    def forward_passes(self) -> int:
+        return self.adapter.forward_passes if self.adapter is not None else 0
+
+    @override
+    def run_info(self) -> dict[str, Any]:
+        info = super().run_info()
+        if self.adapter is not None:
+            info.update(
+                backward_passes=self.adapter.backward_passes,
+                zero_gradient_steps=self.adapter.zero_gradient_steps,
+                skipped_batches=self.adapter.skipped_batches,
+            )
+        return info
