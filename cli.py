@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only; never wait on a model hub
 
@@ -22,6 +23,8 @@ from zoa_lightning.module import StreamModule
 
 __all__ = ["ZOACLI", "main", "make_cli"]
 
+_TEST_DEFAULTS = Path(__file__).resolve().parent / "zoa_lightning" / "test_defaults.yaml"
+
 
 class ZOACLI(LightningCLI):
     """LightningCLI with the class count linked from the data module to the model."""
@@ -29,6 +32,7 @@ class ZOACLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
 
 
 def main(args: list[str] | None = None) -> None:
@@ -43,7 +47,7 @@ def main(args: list[str] | None = None) -> None:
 
         compare_main(argv[1:])
         return
-    make_cli(argv)
+    make_cli(args)
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> ZOACLI:
@@ -62,6 +66,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> ZOACLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"test": {"default_config_files": [str(_TEST_DEFAULTS)]}},
         auto_configure_optimizers=False,
         seed_everything_default=2020,
         args=args,

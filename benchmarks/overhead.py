@@ -3,7 +3,9 @@
 Run ``python benchmarks/overhead.py [--json] [--batch 64] [--repeats 15]``. For each model the plain forward (no
 adaptation, ``torch.no_grad``) and one ZOA step (two forward passes plus the update) alternate on the same batches,
 so machine noise hits both alike; the script prints the median seconds per batch and their ratio as a table, or as
-JSON with ``--json``. ZOA's floor is 2.0 (two passes); the issue's bound is 2.3, the project's goal 2.05.
+JSON with ``--json``. ZOA's floor is 2.0 (two passes); the issue's bound is 2.3, the project's goal 2.05. For CNNs a
+second ratio compares with the same network running every BatchNorm on batch statistics, which is how ZOA must run
+it (spec §1.2): that part of the cost is the method's, not the implementation's.
 """
 
 from __future__ import annotations
@@ -26,13 +28,21 @@ from rich.table import Table
 from torch import nn
 
 from zoa_lightning.core import ZOA, ZOAConfig
+from zoa_lightning.networks import build_network
 
 
 def _models() -> dict[str, tuple[Callable[[], nn.Module], int]]:
     def demo_vit() -> nn.Module:
-        return timm.models.vision_transformer.VisionTransformer(
-            img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, num_classes=10
-        )
+        return build_network("demo_vit")
+
+    def demo_vit_w8a8() -> nn.Module:
+        from zoa_lightning.core.quant import quantize_vit
+
+        torch.manual_seed(0)
+        return quantize_vit(build_network("demo_vit"), torch.randn(32, 3, 32, 32), 8, 8, num_candidates=20)
+
+    def demo_cnn() -> nn.Module:
+        return build_network("demo_cnn")
 
     def vit_tiny_224() -> nn.Module:
         return timm.create_model("vit_tiny_patch16_224", num_classes=1000)
@@ -42,6 +52,8 @@ def _models() -> dict[str, tuple[Callable[[], nn.Module], int]]:
 
     return {
         "demo_vit (32px)": (demo_vit, 32),
+        "demo_vit W8A8 (32px)": (demo_vit_w8a8, 32),
+        "demo_cnn (32px)": (demo_cnn, 32),
         "vit_tiny (224px)": (vit_tiny_224, 224),
         "resnet18 (32px)": (resnet18_32, 32),
     }
@@ -57,26 +69,35 @@ def measure(name: str, build: Callable[[], nn.Module], size: int, batch: int, re
     """Median seconds per batch of the plain forward and of one ZOA step, interleaved."""
     torch.manual_seed(0)
     plain = build().eval()
+    batch_stats = copy.deepcopy(plain)  # the same network with every BatchNorm on batch statistics (as ZOA runs it)
+    for m in batch_stats.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
     adapter = ZOA(copy.deepcopy(plain), ZOAConfig())
     source = torch.randn(batch, 3, size, size)
     adapter.collect_source_statistics([source])
     batches = [torch.randn(batch, 3, size, size) for _ in range(3)]
-    plain_times, zoa_times = [], []
+    plain_times, stats_times, zoa_times = [], [], []
     with torch.no_grad():
         for i in range(repeats + 2):
             x = batches[i % len(batches)]
             t_plain = _time(lambda x=x: plain(x))
+            t_stats = _time(lambda x=x: batch_stats(x))
             t_zoa = _time(lambda x=x: adapter(x))
             if i >= 2:  # warm-up
                 plain_times.append(t_plain)
+                stats_times.append(t_stats)
                 zoa_times.append(t_zoa)
     plain_s, zoa_s = statistics.median(plain_times), statistics.median(zoa_times)
+    stats_s = statistics.median(stats_times)
     return {
         "model": name,
         "batch": batch,
         "plain_s_per_batch": plain_s,
+        "batch_stats_s_per_batch": stats_s,
         "zoa_s_per_batch": zoa_s,
         "time_ratio": zoa_s / plain_s,
+        "time_ratio_vs_batch_stats": zoa_s / stats_s,
         "forward_passes_per_batch": adapter.counter("forward_passes") / max(adapter.counter("batches"), 1),
     }
 
@@ -98,7 +119,7 @@ def main() -> None:
         print(json.dumps({"threads": torch.get_num_threads(), "results": results}, indent=2))
         return
     table = Table(title=f"ZOA step vs plain forward (CPU, {torch.get_num_threads()} threads, batch {args.batch})")
-    for column in ("model", "plain s/batch", "ZOA s/batch", "ratio", "passes/batch"):
+    for column in ("model", "plain s/batch", "ZOA s/batch", "ratio", "ratio vs batch-stat BN", "passes/batch"):
         table.add_column(column)
     for r in results:
         table.add_row(
@@ -106,6 +127,7 @@ def main() -> None:
             f"{r['plain_s_per_batch']:.4f}",
             f"{r['zoa_s_per_batch']:.4f}",
             f"{r['time_ratio']:.3f}",
+            f"{r['time_ratio_vs_batch_stats']:.3f}",
             f"{r['forward_passes_per_batch']:.0f}",
         )
     Console().print(table)
