@@ -88,10 +88,17 @@ def build_demo_cnn(num_classes: int = 10) -> ResNet:
         A timm ``ResNet`` with ``BasicBlock`` stages ``[2, 2, 2, 2]`` of widths 16/32/64/128 (about 0.7 M parameters).
     """
     stem_width = DEMO_CNN_CHANNELS[0]
-    model = ResNet(block=BasicBlock, layers=(2, 2, 2, 2), num_classes=num_classes, channels=DEMO_CNN_CHANNELS)
-    model.conv1 = nn.Conv2d(3, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
+    # timm annotates `block` as an instance although it takes the class, and types `conv1`/`maxpool` as the modules
+    # of its deep-stem variant; both are annotation quirks, hence the ignores.
+    model = ResNet(
+        block=BasicBlock,  # type: ignore[arg-type]
+        layers=(2, 2, 2, 2),
+        num_classes=num_classes,
+        channels=DEMO_CNN_CHANNELS,
+    )
+    model.conv1 = nn.Conv2d(3, stem_width, kernel_size=3, stride=1, padding=1, bias=False)  # type: ignore[assignment]
     model.bn1 = nn.BatchNorm2d(stem_width)
-    model.maxpool = nn.Identity()
+    model.maxpool = nn.Identity()  # type: ignore[assignment]
     stages, _ = make_blocks(
         (BasicBlock,), (stem_width,), (2,), inplanes=stem_width, act_layer=nn.ReLU, norm_layer=nn.BatchNorm2d
     )

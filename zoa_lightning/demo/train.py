@@ -143,7 +143,8 @@ def _augment(x: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> tor
 def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
     """Split parameters into a weight-decayed group (matrices, kernels) and an undecayed one (the rest)."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -318,7 +319,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dtype",
         choices=sorted(_DTYPES),
         default="float16",
-        help="storage precision of the weights file (default float16: keeps both demo models under 10 MB)",
+        help="storage precision of the weights file (float16 halves the files; the models are used in float32)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
