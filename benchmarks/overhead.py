@@ -99,6 +99,8 @@ def measure(name: str, build: Callable[[], nn.Module], size: int, batch: int, re
         "time_ratio": zoa_s / plain_s,
         "time_ratio_vs_batch_stats": zoa_s / stats_s,
         "forward_passes_per_batch": adapter.counter("forward_passes") / max(adapter.counter("batches"), 1),
+        # What N processes would exchange per batch under DDP (sufficient statistics, float64; see docs/distributed.md).
+        "ddp_bytes_per_batch": adapter.last_batch_reduced_bytes,
     }
 
 
@@ -119,7 +121,16 @@ def main() -> None:
         print(json.dumps({"threads": torch.get_num_threads(), "results": results}, indent=2))
         return
     table = Table(title=f"ZOA step vs plain forward (CPU, {torch.get_num_threads()} threads, batch {args.batch})")
-    for column in ("model", "plain s/batch", "ZOA s/batch", "ratio", "ratio vs batch-stat BN", "passes/batch"):
+    columns = (
+        "model",
+        "plain s/batch",
+        "ZOA s/batch",
+        "ratio",
+        "ratio vs batch-stat BN",
+        "passes/batch",
+        "DDP bytes/batch",
+    )
+    for column in columns:
         table.add_column(column)
     for r in results:
         table.add_row(
@@ -129,6 +140,7 @@ def main() -> None:
             f"{r['time_ratio']:.3f}",
             f"{r['time_ratio_vs_batch_stats']:.3f}",
             f"{r['forward_passes_per_batch']:.0f}",
+            f"{r['ddp_bytes_per_batch']:,}",
         )
     Console().print(table)
 
