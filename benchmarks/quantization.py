@@ -36,12 +36,19 @@ def _accuracy(net: nn.Module, loader: Any) -> float:
     return 100.0 * correct / total
 
 
-def measure(model: str, bits: int | None, data: CorruptionStreamDataModule, observer: str) -> dict[str, Any]:
+def measure(
+    model: str, bits: int | None, data: CorruptionStreamDataModule, observer: str, adaround_iters: int = 20000
+) -> dict[str, Any]:
     """Quantize (``bits=None``: float) and evaluate one demo model."""
     net = build_network(model)
     seconds = 0.0
     if bits is not None:
-        callback = QuantizationCallback(bits=bits, observer=observer, cache=False)  # type: ignore[arg-type]
+        callback = QuantizationCallback(
+            bits=bits,
+            observer=observer,
+            adaround_iters=adaround_iters,
+            cache=False,  # type: ignore[arg-type]
+        )
         start = time.perf_counter()
         net, _ = callback.quantize(copy.deepcopy(net), data.calibration_images(32))
         seconds = time.perf_counter() - start
@@ -54,6 +61,7 @@ def measure(model: str, bits: int | None, data: CorruptionStreamDataModule, obse
         "clean_acc1": clean,
         "stream_mean_acc1": sum(stream) / len(stream),
         "calibration_s": seconds,
+        "adaround_iters": adaround_iters if bits is not None and bits <= 4 and "cnn" in model else None,
     }
 
 
@@ -63,11 +71,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["demo_vit", "demo_cnn"])
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4])
     parser.add_argument("--observer", default="mse", choices=["mse", "minmax"], help="MQBench observers (CNN)")
+    parser.add_argument("--adaround-iters", type=int, default=20000, help="MQBench AdaRound iterations (<= 4 bits)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     data = CorruptionStreamDataModule()
     data.setup("test")
-    rows = [measure(m, b, data, args.observer) for m in args.models for b in [None, *args.bits]]
+    rows = [measure(m, b, data, args.observer, args.adaround_iters) for m in args.models for b in [None, *args.bits]]
     if args.json:
         print(json.dumps({"threads": torch.get_num_threads(), "results": rows}, indent=2))
         return
