@@ -133,16 +133,6 @@ class T3AModule(StreamModule):
         self.adapter = T3A(network, self.filter_k)
 
     @override
-    def get_network(self) -> nn.Module:
-        """The network (inside the adapter once it is built)."""
-        return self.adapter.model if self.adapter is not None else self.net
-
-    @override
-    def adapt_step(self, images: Tensor) -> Tensor:
-        assert self.adapter is not None, "T3AModule.setup_method has not run"
-        return self.adapter(images)
-
-    @override
     def forward_passes(self) -> int:
         return self.adapter.forward_passes if self.adapter is not None else 0
 
@@ -227,22 +217,6 @@ class FOAModule(StreamModule):
             _ImagesOnDevice(datamodule.source_dataloader(), device), max_batches=self.source_batches
         )
 
-    def _reduce(self, stats: Tensor) -> Tensor:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return stats
-        return trainer.strategy.reduce(stats.clone(), reduce_op="sum")
-
-    @override
-    def get_network(self) -> nn.Module:
-        """The network (inside the adapter once it is built)."""
-        return self.adapter.model if self.adapter is not None else self.net
-
-    @override
-    def adapt_step(self, images: Tensor) -> Tensor:
-        assert self.adapter is not None, "FOAModule.setup_method has not run"
-        return self.adapter(images)
-
     @override
     def forward_passes(self) -> int:
         return self.adapter.forward_passes if self.adapter is not None else 0
@@ -298,19 +272,13 @@ class TentModule(StreamModule):
         self.adapter = Tent(network, lr=self.lr, momentum=self.momentum)
 
     @override
-    def get_network(self) -> nn.Module:
-        """The network (inside the adapter once it is built)."""
-        return self.adapter.model if self.adapter is not None else self.net
-
-    @override
     def adapt_step(self, images: Tensor) -> Tensor:
-        assert self.adapter is not None, "TentModule.setup_method has not run"
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "TentModule back-propagates, which inference mode forbids: set `trainer.inference_mode: false` in the "
                 "config (or pass Trainer(inference_mode=False))"
             )
-        return self.adapter(images)
+        return super().adapt_step(images)
 
     @override
     def forward_passes(self) -> int:

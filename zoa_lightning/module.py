@@ -75,8 +75,9 @@ class StreamModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ protocols used by callbacks
     def get_network(self) -> nn.Module:
-        """The network (quantized once a quantization callback has run)."""
-        return self.net
+        """The network (quantized once a quantization callback has run; inside the method's adapter once built)."""
+        adapter = getattr(self, "adapter", None)
+        return adapter.model if adapter is not None else self.net
 
     def set_network(self, network: nn.Module, precision: str) -> None:
         """Install a (quantized) network before :meth:`setup_method` runs; ``precision`` e.g. ``"W8A8"``."""
@@ -110,8 +111,21 @@ class StreamModule(pl.LightningModule):
         """Prepare the method (after quantization, on the run's device). Default: nothing."""
 
     def adapt_step(self, images: Tensor) -> Tensor:
-        """Return the logits the method predicts for ``images`` (adapting on them if it adapts)."""
-        raise NotImplementedError
+        """Return the logits the method predicts for ``images`` (adapting on them if it adapts).
+
+        Default: call the adapter that :meth:`setup_method` built as ``self.adapter``.
+        """
+        adapter = getattr(self, "adapter", None)
+        if adapter is None:
+            raise RuntimeError(f"{type(self).__name__} has no adapter: setup_method must build self.adapter")
+        return adapter(images)
+
+    def _reduce(self, stats: Tensor) -> Tensor:
+        """Sum a statistics vector over processes (identity on one process); the adapters' ``reduce_fn``."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return stats
+        return trainer.strategy.reduce(stats.clone(), reduce_op="sum")
 
     def forward_passes(self) -> int:
         """Network forward passes spent so far (for cost reports)."""
@@ -373,22 +387,6 @@ class ZOAModule(StreamModule):
         self.adapter.collect_source_statistics(
             _to_device(datamodule.source_dataloader(), self.adapter), max_batches=self.source_batches
         )
-
-    @override
-    def get_network(self) -> nn.Module:
-        """The network (inside the adapter once it is built)."""
-        return self.adapter.model if self.adapter is not None else self.net
-
-    def _reduce(self, stats: Tensor) -> Tensor:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return stats
-        return trainer.strategy.reduce(stats.clone(), reduce_op="sum")
-
-    @override
-    def adapt_step(self, images: Tensor) -> Tensor:
-        assert self.adapter is not None, "ZOAModule.setup_method has not run"
-        return self.adapter(images)
 
     @override
     def forward_passes(self) -> int:
