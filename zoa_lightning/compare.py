@@ -16,8 +16,10 @@ import argparse
 import csv
 import json
 import logging
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,10 @@ def compare(
     out: Path,
     extra: list[str] | None = None,
     method_dir: Path = _METHOD_DIR,
+    *,
+    resume: bool = False,
+    jobs: int = 1,
+    log_to_files: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every method on the stream of ``configs`` and write the comparison into ``out``.
 
@@ -66,39 +72,70 @@ def compare(
         out: output folder; each method runs with ``default_root_dir = out/<method>``.
         extra: further ``zoa test`` arguments applied to every method.
         method_dir: where the method configs live.
+        resume: reuse a method's ``results.json`` already under ``out/<method>`` instead of running it again (the
+            caller vouches that it came from the same configs).
+        jobs: methods run at once; with more than one, each process gets ``cpu_count // jobs`` threads.
+        log_to_files: send each run's output to ``out/<method>/log.txt`` instead of the terminal (always so when
+            ``jobs > 1``).
 
     Returns:
-        One summary dict per method (from its ``results.json``).
+        One summary dict per method (from its ``results.json``), in the order of ``methods``.
 
     Raises:
         FileNotFoundError: for an unknown method or config.
-        RuntimeError: if a method's run fails (its command is in the message).
+        RuntimeError: if a method's run fails (its command and log are in the message).
+        ValueError: for ``jobs < 1``.
     """
     for config in configs:
         if not Path(config).is_file():
             raise FileNotFoundError(f"config file not found: {config}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     overlays = [_method_config(m, method_dir) for m in methods]
     out.mkdir(parents=True, exist_ok=True)
-    summaries, rows_by_method = [], {}
-    for method, overlay in zip(methods, overlays, strict=True):
+    log_to_files = log_to_files or jobs > 1
+    env = dict(os.environ)
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+
+    def run(method: str, overlay: Path) -> None:
         run_dir = out / method
+        if resume and _results_file(run_dir) is not None:
+            log.info("reusing %s", _results_file(run_dir))
+            return
         command = [sys.executable, "-m", "cli", "test", *(a for c in configs for a in ("-c", c)), "-c", str(overlay)]
         command += ["--trainer.default_root_dir", str(run_dir), *(extra or [])]
         log.info("running %s: %s", method, " ".join(command))
-        Console().print(f"[bold]zoa compare[/bold]: {method}")
-        result = subprocess.run(command, check=False)
+        Console(stderr=log_to_files).print(f"[bold]zoa compare[/bold]: {method}")
+        if log_to_files:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with (run_dir / "log.txt").open("w") as handle:
+                result = subprocess.run(command, check=False, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        else:
+            result = subprocess.run(command, check=False, env=env)
         if result.returncode != 0:
-            raise RuntimeError(f"method {method!r} failed (exit {result.returncode}): {' '.join(command)}")
-        # ResultsCallback writes into <default_root_dir>/<method_name>/ (ablations share the name "zoa").
-        found = sorted(run_dir.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise RuntimeError(f"method {method!r} wrote no results.json under {run_dir} (is ResultsCallback on?)")
-        data = json.loads(found[-1].read_text())
-        summary = {**data["summary"], "method": method}
-        summaries.append(summary)
-        rows_by_method[f"{method}"] = data["domains"]
+            where = f" (log: {run_dir / 'log.txt'})" if log_to_files else ""
+            raise RuntimeError(f"method {method!r} failed (exit {result.returncode}){where}: {' '.join(command)}")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(run, m, o) for m, o in zip(methods, overlays, strict=True)]:
+            future.result()
+    summaries, rows_by_method = [], {}
+    for method in methods:
+        found = _results_file(out / method)
+        if found is None:
+            raise RuntimeError(f"method {method!r} wrote no results.json under {out / method} (is ResultsCallback on?)")
+        data = json.loads(found.read_text())
+        summaries.append({**data["summary"], "method": method})
+        rows_by_method[method] = data["domains"]
     _write(summaries, rows_by_method, out)
     return summaries
+
+
+def _results_file(run_dir: Path) -> Path | None:
+    """The newest ``results.json`` under ``run_dir`` (ResultsCallback writes ``<run_dir>/<method_name>/``)."""
+    found = sorted(run_dir.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
 
 
 def _write(summaries: list[dict[str, Any]], rows_by_method: dict[str, list[dict[str, Any]]], out: Path) -> None:
@@ -138,5 +175,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("-c", "--config", action="append", required=True, help="base config file (repeatable)")
     parser.add_argument("--methods", nargs="+", default=["zoa", "no_adapt"], help="method config names")
     parser.add_argument("--out", default="runs/compare", help="output folder")
+    parser.add_argument("--resume", action="store_true", help="reuse results already under --out")
+    parser.add_argument("--jobs", type=int, default=1, help="methods run at once (threads split between them)")
     args, extra = parser.parse_known_args(argv)
-    compare(args.config, args.methods, Path(args.out), extra)
+    compare(args.config, args.methods, Path(args.out), extra, resume=args.resume, jobs=args.jobs)

@@ -74,6 +74,18 @@ def test_orders_differ_per_round_and_corruption(built: CorruptionStreamDataModul
     assert np.array_equal(r1.images, r2.images)
 
 
+def test_first_round_is_the_one_round_stream(built: CorruptionStreamDataModule) -> None:
+    # benchmarks/accuracy.py reads 1-round results off the first round of a multi-round run: same images, same order.
+    one = _make(built.cache_path.parent, rounds=1)
+    one.setup("test")
+    many = built.test_dataloader()
+    for name, loader in one.test_dataloader().items():
+        assert name.startswith("r1/")
+        for (a, ya), (b, yb) in zip(loader, many[name], strict=True):
+            assert torch.equal(a, b)
+            assert torch.equal(ya, yb)
+
+
 def test_deterministic_across_instances(built: CorruptionStreamDataModule, tmp_path: Path) -> None:
     other = _make(tmp_path, rounds=2)  # separate cache: rebuilt from scratch
     other.prepare_data()

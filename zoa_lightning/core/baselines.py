@@ -325,7 +325,8 @@ def prompt_forward(model: nn.Module, images: Tensor, prompts: Tensor | None = No
         if i + 1 < len(blocks):
             features.append(blocks[i + 1].norm1(x[:, 0]))
     x = model.norm(x)  # type: ignore[operator]
-    head_input = model.forward_head(x, pre_logits=True)  # type: ignore[operator]
+    # A copy: the pooled view would pin the whole (B, N, C) token tensor for as long as the output is kept.
+    head_input = model.forward_head(x, pre_logits=True).clone()  # type: ignore[operator]
     logits = model.head(head_input)  # type: ignore[operator]
     return PromptOutput(torch.cat([*features, head_input], dim=1), head_input, logits)
 

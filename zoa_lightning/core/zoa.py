@@ -254,14 +254,15 @@ class ZOA(nn.Module):
         if self._capture is None:
             return
         if self.layout.kind == "vit":
-            feature = output[:, 0]
+            # A copy, not a view: a view would keep the whole (B, N, C) block output alive until the pass ends.
+            feature = output[:, 0].clone()
         else:
             feature = output.mean((2, 3)) if output.ndim == 4 else output.flatten(1)
         self._capture.taps.append(feature)
 
     def _head_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._capture is not None:
-            self._capture.head_input = args[0].flatten(1)
+            self._capture.head_input = args[0].flatten(1).clone()  # a view would pin the input's storage
 
     def _detector_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         cap = self._capture

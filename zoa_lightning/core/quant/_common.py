@@ -44,6 +44,11 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
+def _records_grad(*tensors: Tensor | float) -> bool:
+    """Whether autograd would record an operation on any of ``tensors`` (then the out-of-place, STE path runs)."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
 def _round(x: Tensor) -> Tensor:
     """Round half to even; gradients pass straight through, so a first-order method (Tent) can adapt the model.
 
@@ -86,6 +91,8 @@ def fake_quant_uniform(x: Tensor, delta: Tensor | float, bits: int) -> Tensor:
         tensor([-1.0000,  0.5000,  0.5000,  1.5000])
     """
     qmax = 2 ** (bits - 1)
+    if not _records_grad(x, delta):  # same values, one temporary instead of four
+        return (x / delta).round_().clamp_(-qmax, qmax - 1).mul_(delta)
     return torch.clamp(_round(x / delta), -qmax, qmax - 1) * delta
 
 
@@ -118,6 +125,10 @@ def fake_quant_post_gelu(x: Tensor, delta_pos: Tensor | float, bits: int) -> Ten
     """
     qmax = 2 ** (bits - 1)
     delta_neg = post_gelu_negative_interval(bits)
+    if not _records_grad(x, delta_pos):
+        # Each value lives on one grid only (the other term is exactly zero), so pick its interval and quantise once.
+        delta = torch.where(x >= 0, _as_tensor(delta_pos, x), delta_neg)
+        return (x / delta).round_().clamp_(-qmax, qmax - 1).mul_(delta)
     pos = torch.clamp(_round(x / delta_pos), 0, qmax - 1) * delta_pos
     neg = torch.clamp(_round(x / delta_neg), -qmax, 0) * delta_neg
     return pos + neg
