@@ -12,7 +12,8 @@ from cli import main, make_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-BASE_CONFIGS = [c for c in CONFIGS if c.parent.name != "methods"]
+BASE_CONFIGS = [c for c in CONFIGS if c.parent.name != "methods" and "trainer" in yaml.safe_load(c.read_text())]
+OVERLAYS = [c for c in CONFIGS if c.parent.name != "methods" and c not in BASE_CONFIGS]  # e.g. demo_tuned.yaml
 METHOD_CONFIGS = [c for c in CONFIGS if c.parent.name == "methods"]
 IMAGENET_ARGS = ["--data.init_args.root", "/nonexistent/imagenet-c"]
 
@@ -37,6 +38,20 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -
     assert isinstance(resolved["seed_everything"], int)
     callbacks = [c["class_path"] for c in resolved["trainer"]["callbacks"]]
     assert "lightning.pytorch.callbacks.RichProgressBar" in callbacks
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_overlays_override_the_demo(overlay: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    resolved = _print_config(["-c", str(ROOT / "configs/demo.yaml"), "-c", str(overlay)], capsys)
+    for key, value in yaml.safe_load(overlay.read_text())["model"]["init_args"].items():
+        assert resolved["model"]["init_args"][key] == value
+    with_foa = ["-c", str(ROOT / "configs/demo.yaml"), "-c", str(overlay), "-c", str(ROOT / "configs/methods/foa.yaml")]
+    assert resolved["model"]["class_path"] == "zoa_lightning.ZOAModule"
+    assert "lr" not in _print_config(with_foa, capsys)["model"]["init_args"]  # dropped with the ZOA arguments
+
+
+def test_there_is_an_overlay() -> None:
+    assert ROOT / "configs" / "demo_tuned.yaml" in OVERLAYS
 
 
 @pytest.mark.parametrize("method", METHOD_CONFIGS, ids=lambda p: p.name)

@@ -1,0 +1,113 @@
+"""The benchmark scripts' measuring and bookkeeping: exact tensor-memory counts, methods built from their configs,
+the cost table's ratios and targets, and the accuracy report's round means and targets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import make_resnet, make_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import accuracy, cost  # noqa: E402
+from benchmarks._measure import SourceData, build_method, peak_step_bytes, resident_bytes, step  # noqa: E402
+
+MB = 2**20
+
+
+def test_peak_step_bytes_counts_the_high_water_mark() -> None:
+    def work() -> torch.Tensor:
+        a = torch.ones(MB // 4)  # 1 MiB
+        b = a * 2  # 2 MiB live
+        del a
+        return b + 1  # 2 MiB live again (a was freed)
+
+    assert 2 * MB <= peak_step_bytes(work) < 2 * MB + 1024  # plus a few bytes of wrapped Python scalars
+    assert peak_step_bytes(lambda: None) == 0
+
+
+def test_resident_bytes_counts_each_storage_once() -> None:
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(256, 256, bias=False)  # 256 KiB
+            self.alias = [self.linear.weight[:10]]  # a view: same storage
+            self.state = {"array": np.zeros(1024, dtype=np.float64)}  # 8 KiB, not a tensor
+
+    assert resident_bytes(Holder()) == 256 * 256 * 4 + 1024 * 8  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("method", "passes"), [("no_adapt", 1), ("t3a", 1), ("tent", 1), ("zoa", 2), ("foa", 28)])
+def test_methods_built_from_their_configs_spend_their_passes(method: str, passes: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    source = SourceData([torch.rand(8, 3, 32, 32, generator=g)])
+    module = build_method(method, make_vit(), 10, source)
+    assert type(module).__name__ in {"NoAdaptModule", "T3AModule", "TentModule", "ZOAModule", "FOAModule"}
+    logits = step(module, torch.rand(8, 3, 32, 32, generator=g))
+    assert logits.shape == (8, 10)
+    assert module.forward_passes() == passes
+
+
+def test_unknown_method_config_names_the_known_ones() -> None:
+    with pytest.raises(FileNotFoundError, match="zoa_shift_only"):
+        build_method("nonsense", make_vit(), 10, SourceData([]))
+
+
+def test_cost_measures_ratios_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(cost.MODELS, "tiny_vit", (make_vit, 32, 10))
+    rows = cost.measure_model("tiny_vit", ("zoa", "tent"), 64, 1, 1, torch.device("cpu"))
+    by_method = {r["method"]: r for r in rows}
+    assert list(by_method) == ["no_adapt", "zoa", "tent"]
+    assert by_method["no_adapt"]["time_ratio"] == 1.0
+    assert by_method["zoa"]["forward_passes_per_batch"] == 2
+    # Tensor bytes are exact, so the memory figures are deterministic: ZOA holds no activations across its two passes
+    # (its transient peak is the plain forward's), Tent keeps them for the backward pass.
+    transient = {m: r["transient_peak_mb"] for m, r in by_method.items()}
+    assert transient["zoa"] < 1.1 * transient["no_adapt"]
+    assert transient["tent"] > 1.5 * transient["no_adapt"]
+    assert by_method["tent"]["memory_ratio"] > by_method["zoa"]["memory_ratio"]
+    checks = cost.check_targets(rows)["tiny_vit"]
+    assert checks["zoa_two_passes"] and checks["tent_memory_ratio_above_zoa"]
+    assert "| tiny_vit | zoa | 64 | 2 |" in cost.markdown(rows)
+
+
+def test_cost_compares_batchnorm_networks_with_norm_adapt_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(cost.MODELS, "tiny_resnet", (make_resnet, 32, 10))
+    rows = cost.measure_model("tiny_resnet", ("norm_adapt", "foa", "zoa"), 8, 1, 1, torch.device("cpu"))
+    assert [r["method"] for r in rows] == ["no_adapt", "norm_adapt", "zoa"]  # FOA needs a ViT: skipped
+    assert all("time_ratio_vs_norm_adapt" in r for r in rows)
+    assert "zoa_time_ratio_vs_norm_adapt_le_2.3" in cost.check_targets(rows)["tiny_resnet"]
+
+
+def _rows(values: list[float], rounds: int) -> list[dict[str, object]]:
+    per_round = len(values) // rounds
+    return [{"round": 1 + i // per_round, "acc1": v} for i, v in enumerate(values)]
+
+
+def test_accuracy_round_means_and_targets() -> None:
+    means = accuracy.summarize(
+        {
+            "zoa": _rows([60, 70, 80, 90], rounds=2),
+            "no_adapt": _rows([55, 60, 55, 60], rounds=2),
+            "zoa_shift_only": _rows([64.5, 65.0, 64.5, 65.0], rounds=2),
+            "foa": _rows([70, 71], rounds=1),  # run for one round only
+        }
+    )
+    assert means["zoa"]["round1_acc1"] == 65
+    assert means["zoa"]["all_rounds_acc1"] == 75
+    assert means["foa"]["all_rounds_acc1"] is None
+    first = accuracy.check_targets(means, "round1_acc1")
+    assert first["over_no_adapt"] == {"margin": 7.5, "required": 5.0, "met": True}
+    assert first["over_foa"]["met"] is False
+    assert first["over_shift_only"]["margin"] == pytest.approx(0.25)
+    assert first["over_shift_only"]["met"] is False
+    every = accuracy.check_targets(means, "all_rounds_acc1")
+    assert "over_foa" not in every  # FOA has no multi-round figure: nothing to compare
+    assert every["over_shift_only"]["met"] is True
