@@ -34,7 +34,6 @@ class ZOACLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
 
-
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``zoa`` console script; ``zoa compare ...`` runs :mod:`zoa_lightning.compare`.
 
