@@ -32,6 +32,30 @@ def test_layer_affine_uses_the_flat_layout_gamma_then_beta() -> None:
     torch.testing.assert_close(torch.cat([w1, b1]), bank.base[6:] + torch.tensor([6.0, 7, 8, 9]))
 
 
+def test_fused_parameters_are_computed_once_per_bank_state() -> None:
+    bank = _bank()
+
+    def expected() -> torch.Tensor:
+        k = bank.num_entries
+        return bank.base + torch.softmax(bank.alpha[:k] * bank.alpha_scale, 0) @ bank.deltas[:k] + bank.theta
+
+    first = bank.fused()
+    assert bank.fused() is first  # nothing changed: reused
+    for change in (
+        lambda: bank.theta.add_(0.5),  # the SPSA perturbation and the update are in place
+        lambda: bank.alpha.sub_(0.2),
+        lambda: bank.store(),  # writes deltas and count
+        lambda: bank.theta.copy_(torch.arange(10.0)),  # a rollback or load_state_dict
+        lambda: setattr(bank, "theta", bank.theta.clone() + 1),  # a replaced tensor (e.g. moved to a device)
+    ):
+        before = bank.fused()
+        change()
+        after = bank.fused()
+        assert after is not before
+        assert torch.equal(after, expected())
+    assert torch.equal(_fused(bank), torch.cat([after[0:6], after[6:10]]))
+
+
 def test_store_keeps_fused_parameters_and_records_the_full_delta() -> None:
     bank = _bank()
     g = torch.Generator().manual_seed(1)

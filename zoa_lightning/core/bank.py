@@ -102,6 +102,8 @@ class KnowledgeBank(nn.Module):
         self.register_buffer("count", torch.ones((), dtype=torch.long, device=base.device))
         self.register_buffer("similarity", torch.zeros(max_entries, max_entries, dtype=dtype, device=base.device))
         self._before_mutation: Callable[[], None] | None = None
+        self._fused: Tensor | None = None
+        self._fused_key: tuple[tuple[int, int, int], ...] | None = None
 
     @property
     def size(self) -> int:
@@ -123,13 +125,27 @@ class KnowledgeBank(nn.Module):
         k = self.num_entries
         return self.mixing_weights() @ self.deltas[:k] + self.theta
 
+    def fused(self) -> Tensor:
+        """Effective flat parameters ``base + softmax(s·alpha) @ deltas[:K] + theta`` of every adapted layer.
+
+        Every fused layer reads its slice of this vector in each forward pass. It is computed once per bank state and
+        reused until ``base``, ``theta``, ``alpha``, ``deltas`` or ``count`` changes (an in-place update bumps the
+        tensor's version counter; a replaced tensor has another identity), so a forward pass costs one mixing product,
+        not one per layer.
+        """
+        state = (self.base, self.theta, self.alpha, self.deltas, self.count)
+        key = tuple((id(t), t.data_ptr(), t._version) for t in state)
+        if self._fused_key != key or self._fused is None:
+            k = self.num_entries  # same order of additions as base + (mix @ deltas) + theta, layer by layer
+            self._fused = self.base + self.mixing_weights() @ self.deltas[:k] + self.theta
+            self._fused_key = key
+        return self._fused
+
     def layer_affine(self, index: int) -> tuple[Tensor, Tensor]:
         """Effective ``(weight, bias)`` of adapted layer ``index``, computed from the current bank state."""
         start, width = self.offsets[index], self.widths[index]
-        k = self.num_entries
-        sl = slice(start, start + 2 * width)
-        fused = self.base[sl] + self.mixing_weights() @ self.deltas[:k, sl] + self.theta[sl]
-        return fused[:width], fused[width:]
+        fused = self.fused()
+        return fused[start : start + width], fused[start + width : start + 2 * width]
 
     def layer_slices(self) -> list[tuple[slice, slice]]:
         """``(gamma_slice, beta_slice)`` of each adapted layer in the flat layout."""
