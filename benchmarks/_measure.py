@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from zoa_lightning.compare import _method_config
 from zoa_lightning.module import StreamModule
 
 __all__ = [
@@ -81,11 +82,7 @@ def build_method(
     Raises:
         FileNotFoundError: for an unknown method.
     """
-    path = method_dir / f"{method}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in method_dir.glob("*.yaml")))
-        raise FileNotFoundError(f"no method config {path}; known methods: {known}")
-    spec = yaml.safe_load(path.read_text())["model"]
+    spec = yaml.safe_load(_method_config(method, method_dir).read_text())["model"]
     module_name, class_name = spec["class_path"].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), class_name)
     args = {**spec.get("init_args", {}), "network": copy.deepcopy(network), "num_classes": num_classes}

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from callbacks.results import plot_accuracy
-from zoa_lightning.compare import compare
+from zoa_lightning.compare import _results_file, compare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ):
                 summaries[s["method"]] = s
             for method in methods:
-                domains[method] = json.loads(next((out / method).glob("*/results.json")).read_text())["domains"]
+                domains[method] = json.loads(_results_file(out / method).read_text())["domains"]  # type: ignore[union-attr]
         ordered = {m: domains[m] for m in args.methods}
         plot_accuracy(ordered, args.out / f"accuracy_w{bits}a{bits}.png", title=f"demo ViT W{bits}A{bits}, severity 5")
         means = summarize(ordered)

@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from zoa_lightning.core.baselines import FOA, T3A, Tent, check_prompt_vit, use_batch_statistics
 from zoa_lightning.core.protocols import StreamDataModule
-from zoa_lightning.module import StreamModule
+from zoa_lightning.module import StreamModule, _check_source_batches, _ImagesOnDevice
 
 __all__ = ["FOAModule", "NormAdaptModule", "T3AModule", "TentModule"]
 
@@ -49,18 +49,6 @@ def _batch_norm_setup(network: nn.Module, method: str, network_name: str, *, war
     else:
         log.info("%s: network %s has no BatchNorm2d layer; the bn_adapt step does nothing", method, network_name)
     return names
-
-
-class _ImagesOnDevice:
-    """Iterate a loader, yielding only its images, moved to ``device``."""
-
-    def __init__(self, loader: Any, device: torch.device) -> None:
-        self.loader, self.device = loader, device
-
-    def __iter__(self) -> Any:
-        for batch in self.loader:
-            images = batch[0] if isinstance(batch, tuple | list) else batch
-            yield images.to(self.device)
 
 
 class NormAdaptModule(StreamModule):
@@ -193,8 +181,6 @@ class FOAModule(StreamModule):
     ) -> None:
         super().__init__(network, weights, num_classes)
         check_prompt_vit(self.net)
-        if source_batches is not None and source_batches < 1:
-            raise ValueError(f"source_batches must be >= 1 or None, got {source_batches}")
         self.options: dict[str, Any] = {
             "num_prompts": num_prompts,
             "popsize": popsize,
@@ -204,7 +190,7 @@ class FOAModule(StreamModule):
             "use_shift": use_shift,
             "seed": seed,
         }
-        self.source_batches = source_batches
+        self.source_batches = _check_source_batches(source_batches)
         self.adapter: FOA | None = None
 
     @override

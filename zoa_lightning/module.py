@@ -366,9 +366,7 @@ class ZOAModule(StreamModule):
             seed_detector_from_source=seed_detector_from_source,
             seed=seed,
         )
-        if source_batches is not None and source_batches < 1:
-            raise ValueError(f"source_batches must be >= 1 or None, got {source_batches}")
-        self.source_batches = source_batches
+        self.source_batches = _check_source_batches(source_batches)
         self.adapter: ZOA | None = None
 
     @override
@@ -385,7 +383,8 @@ class ZOAModule(StreamModule):
         del self.net  # from now on the network lives once, inside the adapter
         self.adapter = ZOA(network, self.config, reduce_fn=self._reduce)
         self.adapter.collect_source_statistics(
-            _to_device(datamodule.source_dataloader(), self.adapter), max_batches=self.source_batches
+            _ImagesOnDevice(datamodule.source_dataloader(), self.adapter.bank.theta.device),
+            max_batches=self.source_batches,
         )
 
     @override
@@ -453,8 +452,8 @@ def _check_sharded_loaders(loaders: Any, world_size: int) -> None:
             )
 
 
-class _DeviceLoader:
-    """Iterate a loader, moving each batch's images to the adapter's device."""
+class _ImagesOnDevice:
+    """Iterate a loader, yielding only each batch's images, moved to ``device`` (for source statistics)."""
 
     def __init__(self, loader: Any, device: torch.device) -> None:
         self.loader, self.device = loader, device
@@ -465,5 +464,8 @@ class _DeviceLoader:
             yield images.to(self.device)
 
 
-def _to_device(loader: Any, adapter: ZOA) -> _DeviceLoader:
-    return _DeviceLoader(loader, adapter.bank.theta.device)
+def _check_source_batches(source_batches: int | None) -> int | None:
+    """Validate a ``source_batches`` argument (``None`` or ``>= 1``) and return it."""
+    if source_batches is not None and source_batches < 1:
+        raise ValueError(f"source_batches must be >= 1 or None, got {source_batches}")
+    return source_batches
