@@ -76,7 +76,7 @@ def compare(
             caller vouches that it came from the same configs).
         jobs: methods run at once; with more than one, each process gets ``cpu_count // jobs`` threads.
         log_to_files: send each run's output to ``out/<method>/log.txt`` instead of the terminal (always so when
-            ``jobs > 1``).
+            ``jobs > 1``); the comparison table then goes to stderr.
 
     Returns:
         One summary dict per method (from its ``results.json``), in the order of ``methods``.
@@ -128,7 +128,7 @@ def compare(
         data = json.loads(found.read_text())
         summaries.append({**data["summary"], "method": method})
         rows_by_method[method] = data["domains"]
-    _write(summaries, rows_by_method, out)
+    _write(summaries, rows_by_method, out, Console(stderr=log_to_files))  # stdout stays free for the caller
     return summaries
 
 
@@ -138,7 +138,9 @@ def _results_file(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _write(summaries: list[dict[str, Any]], rows_by_method: dict[str, list[dict[str, Any]]], out: Path) -> None:
+def _write(
+    summaries: list[dict[str, Any]], rows_by_method: dict[str, list[dict[str, Any]]], out: Path, console: Console
+) -> None:
     with (out / "comparison.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -165,8 +167,8 @@ def _write(summaries: list[dict[str, Any]], rows_by_method: dict[str, list[dict[
             f"{s['seconds_per_batch']:.3f}",
             f"{s['peak_memory_mb']:.0f}",
         )
-    Console().print(table)
-    Console().print(f"wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'comparison.png'}")
+    console.print(table)
+    console.print(f"wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'comparison.png'}")
 
 
 def main(argv: list[str]) -> None:
