@@ -14,8 +14,10 @@ continues where it stopped.
 
 Targets (issue 5) at both bit widths: ZOA mean top-1 ≥ no_adapt + 5, ZOA ≥ FOA, ZOA ≥ zoa_shift_only + 1 points.
 ``docs/tuning.md`` says how ZOA's hyperparameters in ``configs/demo_tuned.yaml`` were chosen. FOA spends 28
-forward passes per batch (about 45 minutes per round on a 2-core CPU): ``--slow-rounds 1`` runs it for one round
-only and leaves its 3-round figure out.
+forward passes per batch. It runs in its own ``zoa compare`` call, into ``<out>/w<b>a<b>-slow/``, with
+``compile_blocks`` on (each transformer block ``torch.compile``-d: about 20 minutes per round on one core of a 2-core
+CPU instead of about 40 eagerly); ``--no-compile`` runs it eagerly, and ``--slow-rounds 1`` for one round only, which
+leaves its 3-round figure out.
 """
 
 from __future__ import annotations
@@ -135,6 +137,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help=f"rounds for the slow methods {', '.join(SLOW_METHODS)} (default: --rounds)",
     )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help=f"run the slow methods ({', '.join(SLOW_METHODS)}) eagerly instead of with compile_blocks",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="method processes at once (threads split between them)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy", help="output folder")
     parser.add_argument("--no-resume", action="store_true", help="rerun methods that already have results")
@@ -144,17 +151,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.chdir(ROOT)  # method configs and `python -m cli` resolve from the repository root
     report: dict[str, Any] = {"rounds": args.rounds, "slow_rounds": slow_rounds, "bits": {}}
     for bits in args.bits:
-        groups: dict[int, list[str]] = {}
+        groups: dict[tuple[bool, int], list[str]] = {}
         for method in args.methods:
-            groups.setdefault(slow_rounds if method in SLOW_METHODS else args.rounds, []).append(method)
+            slow = method in SLOW_METHODS
+            groups.setdefault((slow, slow_rounds if slow else args.rounds), []).append(method)
         summaries, domains = {}, {}
-        for rounds, methods in sorted(groups.items(), reverse=True):
-            out = args.out / (f"w{bits}a{bits}" if rounds == args.rounds else f"w{bits}a{bits}-r{rounds}")
+        for (slow, rounds), methods in sorted(groups.items()):
+            name = f"w{bits}a{bits}" + ("-slow" if slow else "") + ("" if rounds == args.rounds else f"-r{rounds}")
+            out = args.out / name
+            extra = ["--data.init_args.rounds", str(rounds)]
+            if slow and not args.no_compile:
+                extra += ["--model.init_args.compile_blocks", "true"]
             for s in compare(
                 [str(c) for c in BASE_CONFIGS[bits]],
                 methods,
                 out,
-                ["--data.init_args.rounds", str(rounds)],
+                extra,
                 resume=not args.no_resume,
                 jobs=args.jobs,
                 log_to_files=True,

@@ -167,3 +167,19 @@ def test_method_config_composes_with_the_demo(name: str, capsys: pytest.CaptureF
     assert resolved["trainer"]["inference_mode"] is False
     if name.startswith("zoa_"):  # the demo's ZOA settings still apply to the ablations
         assert model["init_args"]["lambda_bp"] == 30.0
+
+
+@pytest.mark.slow
+def test_foa_with_compiled_blocks_matches_eager(cache_dir: Path) -> None:
+    runs = {}
+    for compiled in (False, True):
+        record = _Record()
+        module = FOAModule(network=make_vit(0), popsize=4, source_batches=1, compile_blocks=compiled)
+        make_trainer([record], batches=2).test(module, datamodule=make_stream(cache_dir, batch_size=16))
+        runs[compiled] = (record.logits, module)
+    (eager, eager_module), (compiled, compiled_module) = runs[False], runs[True]
+    assert compiled_module.run_info()["compile_blocks"] is True
+    assert compiled_module.forward_passes() == eager_module.forward_passes() == 5 * len(eager)
+    # Same search and predictions up to float rounding in the fused kernels; the same state-dict keys.
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(eager, compiled, strict=True))
+    assert compiled_module.state_dict().keys() == eager_module.state_dict().keys()

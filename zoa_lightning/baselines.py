@@ -161,6 +161,11 @@ class FOAModule(StreamModule):
         use_shift: apply the back-to-source activation shift to predictions.
         seed: seed of the CMA-ES sampling and the initial prompts.
         source_batches: clean batches used for source statistics (``None``: the whole source loader).
+        compile_blocks: ``torch.compile`` each transformer block in place (``nn.Module.compile``, static shapes)
+            before the stream. The 28 forward passes per batch dominate FOA's cost; on a 2-core CPU the fake-quantised
+            demo ViT's forward runs about 2× faster compiled. The first batch pays the compilation (about 30 s on
+            that CPU), a CPU needs a C++ compiler, and the numbers equal the eager ones up to float rounding (which
+            can move a value across a quantisation step). State-dict keys are unchanged.
     """
 
     method_name = "foa"
@@ -178,9 +183,11 @@ class FOAModule(StreamModule):
         use_shift: bool = True,
         seed: int = 2020,
         source_batches: int | None = None,
+        compile_blocks: bool = False,
     ) -> None:
         super().__init__(network, weights, num_classes)
         check_prompt_vit(self.net)
+        self.compile_blocks = compile_blocks
         self.options: dict[str, Any] = {
             "num_prompts": num_prompts,
             "popsize": popsize,
@@ -198,6 +205,9 @@ class FOAModule(StreamModule):
         network = self.net
         del self.net  # from now on the network lives once, inside the adapter
         self.adapter = FOA(network, **self.options, reduce_fn=self._reduce)
+        if self.compile_blocks:
+            for block in network.blocks:  # type: ignore[union-attr]
+                block.compile(dynamic=False)
         device = self.adapter.src_mean.device
         self.adapter.collect_source_statistics(
             _ImagesOnDevice(datamodule.source_dataloader(), device), max_batches=self.source_batches
@@ -209,7 +219,12 @@ class FOAModule(StreamModule):
 
     @override
     def run_info(self) -> dict[str, Any]:
-        return {**super().run_info(), "popsize": self.options["popsize"], "num_prompts": self.options["num_prompts"]}
+        return {
+            **super().run_info(),
+            "popsize": self.options["popsize"],
+            "num_prompts": self.options["num_prompts"],
+            "compile_blocks": self.compile_blocks,
+        }
 
 
 class TentModule(StreamModule):
