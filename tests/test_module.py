@@ -102,3 +102,31 @@ def test_bank_callback_reports_stores(cache_dir: Path, tmp_path: Path) -> None:
     assert stores, "the corruption changes should be detected"
     assert all(e["domain_index"] >= 1 for e in stores)
     assert bank.state_dict()["history"] == bank.history
+
+
+def test_adapt_norms_restricts_the_adapted_layers(cache_dir: Path) -> None:
+    from zoa_lightning.core.bank import FusedLayerNorm
+
+    module = _zoa(adapt_norms=["blocks.2.norm2", "blocks.1.norm1"])  # any order; kept in network order
+    _trainer(batches=1).test(module, datamodule=_data(cache_dir))
+    assert module.adapter is not None
+    assert module.adapter.layout.norms == ("blocks.1.norm1", "blocks.2.norm2")
+    fused = [n for n, m in module.adapter.model.named_modules() if isinstance(m, FusedLayerNorm)]
+    assert fused == ["blocks.1.norm1", "blocks.2.norm2"]
+    width = module.adapter.model.embed_dim
+    assert module.run_info()["adapted_values"] == module.adapter.bank.size == 4 * width
+    assert all(r["forward_passes"] == 2 for r in module.stream_results())
+
+
+@pytest.mark.parametrize(
+    ("names", "match"),
+    [
+        (["blocks.1.norm1", "blocks.9.norm1"], r"\['blocks\.9\.norm1'\], which .* does not have"),
+        (["blocks.1.norm1", "blocks.1.norm1"], "each once"),
+        ([], "at least one"),
+        (["blocks.1.attn"], "adapts affine LayerNorm"),
+    ],
+)
+def test_adapt_norms_rejects_bad_names(names: list[str], match: str, cache_dir: Path) -> None:
+    with pytest.raises(ValueError, match=match):
+        _trainer(batches=1).test(_zoa(adapt_norms=names), datamodule=_data(cache_dir))

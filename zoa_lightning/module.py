@@ -20,6 +20,7 @@ domain rows count the samples of all processes. See ``docs/distributed.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from zoa_lightning.core import ZOA, ZOAConfig
+from zoa_lightning.core.layout import resolve_layout
 from zoa_lightning.core.protocols import StreamDataModule, missing_members
 from zoa_lightning.networks import build_network
 from zoa_lightning.stream import is_last_batch_of_domain
@@ -308,6 +310,10 @@ class ZOAModule(StreamModule):
         seed_detector_from_source: override whether CNN source statistics seed the detector.
         seed: seed of ZOA's own perturbation generator.
         source_batches: clean batches used for source statistics (``None``: the whole source loader).
+        adapt_norms: qualified names of the normalization layers to adapt (``blocks.4.norm2``, ``layer2.0.bn1``, ...),
+            replacing the spec's choice for the model kind (:func:`~zoa_lightning.core.layout.resolve_layout`); any
+            order, kept in network order. Fewer adapted values make the one-sample SPSA estimate less noisy. ``None``:
+            the spec's layers.
     """
 
     method_name = "zoa"
@@ -340,8 +346,12 @@ class ZOAModule(StreamModule):
         seed_detector_from_source: bool | None = None,
         seed: int = 2020,
         source_batches: int | None = None,
+        adapt_norms: list[str] | None = None,
     ) -> None:
         super().__init__(network, weights, num_classes)
+        if adapt_norms is not None and (not adapt_norms or len(set(adapt_norms)) != len(adapt_norms)):
+            raise ValueError(f"adapt_norms must name at least one layer, each once; got {adapt_norms}")
+        self.adapt_norms = None if adapt_norms is None else list(adapt_norms)
         self.config = ZOAConfig(
             lr=lr,
             lr_alpha=lr_alpha,
@@ -380,8 +390,18 @@ class ZOAModule(StreamModule):
                 "Run BatchNorm networks with `trainer.devices: 1` (LayerNorm networks such as ViTs run exactly on N)"
             )
         network = self.net
+        layout = resolve_layout(network)
+        if self.adapt_norms is not None:
+            order = {name: i for i, (name, _) in enumerate(network.named_modules())}
+            unknown = [n for n in self.adapt_norms if n not in order]
+            if unknown:
+                raise ValueError(
+                    f"adapt_norms names {unknown}, which {self.network_name} does not have; adaptable layers are "
+                    f"{list(layout.norms)} by default (see print(model) for every module name)"
+                )
+            layout = dataclasses.replace(layout, norms=tuple(sorted(self.adapt_norms, key=order.__getitem__)))
         del self.net  # from now on the network lives once, inside the adapter
-        self.adapter = ZOA(network, self.config, reduce_fn=self._reduce)
+        self.adapter = ZOA(network, self.config, layout=layout, reduce_fn=self._reduce)
         self.adapter.collect_source_statistics(
             _ImagesOnDevice(datamodule.source_dataloader(), self.adapter.bank.theta.device),
             max_batches=self.source_batches,
@@ -410,6 +430,7 @@ class ZOAModule(StreamModule):
         info = super().run_info()
         if self.adapter is not None:
             info.update(
+                adapted_values=self.adapter.bank.size,
                 knowledge_entries=self.adapter.bank.num_entries - 1,
                 stores=self.adapter.counter("stores"),
                 evictions=self.adapter.counter("evictions"),
