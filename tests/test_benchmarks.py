@@ -3,6 +3,7 @@ the cost table's ratios and targets, and the accuracy report's round means and t
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -112,3 +113,31 @@ def test_accuracy_round_means_and_targets() -> None:
     every = accuracy.check_targets(means, "all_rounds_acc1")
     assert "over_foa" not in every  # FOA has no multi-round figure: nothing to compare
     assert every["over_shift_only"]["met"] is True
+
+
+@pytest.mark.parametrize("no_compile", [False, True])
+def test_accuracy_runs_slow_methods_in_their_own_compiled_compare(
+    no_compile: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def fake_compare(configs: list[str], methods: list[str], out: Path, extra: list[str], **kwargs: object) -> list:
+        calls.append((out.name, methods, extra))
+        for method in methods:
+            (out / method / method).mkdir(parents=True, exist_ok=True)  # as ResultsCallback lays them out
+            rows = _rows([60.0, 61.0, 62.0, 63.0], rounds=2)
+            (out / method / method / "results.json").write_text(json.dumps({"domains": rows}))
+        summary = {"forward_passes_per_batch": 2.0, "seconds_per_batch": 0.1, "peak_memory_mb": 1.0}
+        return [{**summary, "method": m} for m in methods]
+
+    monkeypatch.setattr(accuracy, "compare", fake_compare)
+    monkeypatch.setattr(accuracy, "plot_accuracy", lambda *args, **kwargs: None)
+    argv = ["--bits", "8", "--methods", "zoa", "foa", "--rounds", "2", "--out", str(tmp_path), "--json"]
+    report = accuracy.main(argv + (["--no-compile"] if no_compile else []))
+    compiled = [] if no_compile else ["--model.init_args.compile_blocks", "true"]
+    assert calls == [
+        ("w8a8", ["zoa"], ["--data.init_args.rounds", "2"]),
+        ("w8a8-slow", ["foa"], ["--data.init_args.rounds", "2", *compiled]),
+    ]
+    assert set(report["bits"]["W8A8"]["means"]) == {"zoa", "foa"}
+    assert (tmp_path / "accuracy.json").is_file()
