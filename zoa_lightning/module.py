@@ -303,6 +303,8 @@ class ZOAModule(StreamModule):
         detector_min_batch: smallest batch that tests for / updates the domain detector.
         use_bank: store knowledge on detected shifts.
         use_shift: apply the back-to-source activation shift to predictions.
+        loss_on_shifted: evaluate the loss on the activation-shifted features and logits (an extension; see
+            :class:`~zoa_lightning.core.config.ZOAConfig`).
         mode: ``reference`` (the authors' behaviour) or ``corrected`` (the evident intent).
         resnet_shift: override the CNN shift-vector switch (``scalar``/``vector``).
         compact_similarity: override the similarity-matrix compaction switch.
@@ -339,6 +341,7 @@ class ZOAModule(StreamModule):
         detector_min_batch: int = 64,
         use_bank: bool = True,
         use_shift: bool = True,
+        loss_on_shifted: bool = False,
         mode: Literal["reference", "corrected"] = "reference",
         resnet_shift: Literal["scalar", "vector"] | None = None,
         compact_similarity: bool | None = None,
@@ -369,6 +372,7 @@ class ZOAModule(StreamModule):
             detector_min_batch=detector_min_batch,
             use_bank=use_bank,
             use_shift=use_shift,
+            loss_on_shifted=loss_on_shifted,
             mode=mode,
             resnet_shift=resnet_shift,
             compact_similarity=compact_similarity,

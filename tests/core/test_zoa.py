@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -91,6 +92,32 @@ def test_prediction_pass_uses_pre_update_parameters_and_the_activation_shift(dig
     handle.remove()
     shift = adapter.src_mean[-adapter._tap_dims[-1] :] - adapter.hist
     torch.testing.assert_close(adapter(second), clone.model.head(captured["x"] + shift))
+
+
+def test_loss_on_shifted_changes_only_the_loss(digits: torch.Tensor) -> None:
+    """The extension scores the shifted model: same predictions and shift EMA, a loss on head(final + shift)."""
+    plain, shifted = _adapter("vit", digits), _adapter("vit", digits, loss_on_shifted=True)
+    batches = [digits[:B], corrupt_noise(digits[B : 2 * B]), corrupt_noise(digits[2 * B : 3 * B], seed=1)]
+    # Batch 1 has no shift yet: the two adapters take the same step.
+    torch.testing.assert_close(shifted(batches[0]), plain(batches[0]), rtol=0, atol=0)
+    assert torch.equal(shifted.bank.theta, plain.bank.theta)
+    # Batch 2 predicts with the same parameters and shift, then the losses (and steps) differ.
+    torch.testing.assert_close(shifted(batches[1]), plain(batches[1]))
+    assert not torch.equal(shifted.bank.theta, plain.bank.theta)
+    torch.testing.assert_close(shifted.hist, plain.hist)  # the EMA still tracks the unshifted feature
+    assert shifted.counter("forward_passes") == plain.counter("forward_passes") == 4
+    # The loss of a pass is the spec's loss with the final feature shifted and the entropy of the shifted logits.
+    shift = shifted.shift_vector()
+    assert shift is not None
+    with torch.no_grad():
+        logits, cap, loss, _ = shifted._pass(batches[2], 0, shift)
+        reference = copy.deepcopy(shifted)
+        reference.config = dataclasses.replace(reference.config, loss_on_shifted=False)
+        _, raw_cap, _, _ = reference._pass(batches[2], 0, shift)
+        torch.testing.assert_close(cap.head_input, raw_cap.head_input + shift)
+        torch.testing.assert_close(logits, reference._head(raw_cap.head_input + shift))
+        expected, _ = reference._loss(cap, logits)
+    torch.testing.assert_close(loss, expected)
 
 
 def test_source_statistics_and_loss_match_the_spec_features(digits: torch.Tensor) -> None:

@@ -39,6 +39,10 @@ class ZOAConfig:
         shift_momentum: weight of the old running mean in the activation-shift EMA (0.9).
         use_bank: store knowledge on detected shifts (``False`` gives the ``zoa_no_bank`` ablation).
         use_shift: apply FOA's back-to-source activation shift to predictions (``False``: ``zoa_no_shift``).
+        loss_on_shifted: an extension, not in the reference: evaluate the loss of both passes on the activation-shifted
+            final feature and its logits, i.e. on the model that makes the predictions (its mean term then measures
+            what the shift leaves, and the entropy is that of the shifted predictions). Costs one more call of the
+            classifier head per batch, no forward pass. No effect while there is no shift.
         mode: ``"reference"`` or ``"corrected"``; the default of the four switches below.
         resnet_shift: CNN shift vector: ``"scalar"`` (reference: the last element of the source mean) or
             ``"vector"`` (corrected: the final feature's source mean). Vision transformers always use the vector.
@@ -71,6 +75,7 @@ class ZOAConfig:
     shift_momentum: float = 0.9
     use_bank: bool = True
     use_shift: bool = True
+    loss_on_shifted: bool = False
     mode: Literal["reference", "corrected"] = "reference"
     resnet_shift: Literal["scalar", "vector"] | None = None
     compact_similarity: bool | None = None

@@ -356,14 +356,25 @@ class ZOA(nn.Module):
         self.events.append(event)
 
     # ------------------------------------------------------------------ passes and loss (spec §2)
-    def _pass(self, images: Tensor, pass_index: int) -> tuple[Tensor, _Capture, Tensor, Tensor]:
-        """One forward of the network; returns ``(logits, capture, loss, final-feature batch mean)``."""
+    def _pass(
+        self, images: Tensor, pass_index: int, shift: Tensor | None = None
+    ) -> tuple[Tensor, _Capture, Tensor, Tensor]:
+        """One forward of the network; returns ``(logits, capture, loss, final-feature batch mean)``.
+
+        With ``config.loss_on_shifted`` and a ``shift``, the loss reads the shifted final feature and the head's logits
+        of it, which are then the returned logits; the batch mean stays that of the unshifted feature (spec §4).
+        """
         self._capture = _Capture("adapt", pass_index)
         try:
             logits = self.model(images)
             cap = self._capture
         finally:
             self._capture = None
+        if shift is not None and self.config.loss_on_shifted:
+            cap.head_input = cap.head_input + shift  # type: ignore[operator]
+            logits = self._head(cap.head_input)
+            loss, shifted_mean = self._loss(cap, logits)
+            return logits, cap, loss, shifted_mean - shift  # the shift is the same for every image
         loss, final_mean = self._loss(cap, logits)
         return logits, cap, loss, final_mean
 
@@ -523,8 +534,10 @@ class ZOA(nn.Module):
     def _adapt(self, images: Tensor) -> Tensor:
         cfg, bank = self.config, self.bank
         shift = self.shift_vector()
-        logits, cap, loss0, final_mean = self._pass(images, 0)
-        prediction = self._head(cap.head_input + shift) if shift is not None else logits  # type: ignore[operator]
+        logits, cap, loss0, final_mean = self._pass(images, 0, shift)
+        # With loss_on_shifted the pass already returned the shifted features' logits.
+        shifted = shift is not None and not cfg.loss_on_shifted
+        prediction = self._head(cap.head_input + shift) if shifted else logits  # type: ignore[operator]
         if not bool(torch.isfinite(loss0)) or not bool(torch.isfinite(prediction).all()):
             raise _NonFinite("unperturbed loss", prediction)
         if cap.detected:
@@ -539,11 +552,11 @@ class ZOA(nn.Module):
                 u_theta = segmented_uniform(size, self.generator, theta0.dtype).to(device)
                 bank.alpha[:k] = alpha0 + cfg.spsa_c_alpha * u_alpha
                 bank.theta.copy_(theta0 + cfg.spsa_c * u_theta)
-                loss_plus = self._pass(images, 1)[2]
+                loss_plus = self._pass(images, 1, shift)[2]
                 bank.alpha[:k] = alpha0
                 bank.theta.copy_(theta0)
                 if reference is None:
-                    reference = self._pass(images, 1)[2]
+                    reference = self._pass(images, 1, shift)[2]
                 if not bool(torch.isfinite(loss_plus)) or not bool(torch.isfinite(reference)):
                     raise _NonFinite("perturbed loss", prediction)
                 grad_alpha += spsa_estimate(loss_plus, reference, u_alpha, cfg.spsa_c_alpha)
