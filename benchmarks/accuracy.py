@@ -15,8 +15,8 @@ continues where it stopped.
 Targets (issue 5) at both bit widths: ZOA mean top-1 ≥ no_adapt + 5, ZOA ≥ FOA, ZOA ≥ zoa_shift_only + 1 points.
 ``docs/tuning.md`` says how ZOA's hyperparameters in ``configs/demo_tuned.yaml`` were chosen. FOA spends 28
 forward passes per batch. It runs in its own ``zoa compare`` call, into ``<out>/w<b>a<b>-slow/``, with
-``compile_blocks`` on (each transformer block ``torch.compile``-d: about 20 minutes per round on one core of a 2-core
-CPU instead of about 40 eagerly); ``--no-compile`` runs it eagerly, and ``--slow-rounds 1`` for one round only, which
+``compile_blocks`` on (each transformer block ``torch.compile``-d: about 30 minutes per round on one core of a 2-core
+CPU instead of about 50 eagerly); ``--no-compile`` runs it eagerly, and ``--slow-rounds 1`` for one round only, which
 leaves its 3-round figure out.
 """
 
