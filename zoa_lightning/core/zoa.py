@@ -99,6 +99,11 @@ class _Capture:
     detected: bool = False
 
 
+def _loss_features(cap: _Capture) -> Tensor:
+    """The loss features ``F`` of one pass, ``(B, F)``: the taps in network order, then the head input (spec §2)."""
+    return torch.cat([*cap.taps, cap.head_input], 1)  # type: ignore[list-item]
+
+
 class ZOA(nn.Module):
     """Zeroth-order test-time adaptation of a (quantized) classifier's normalization layers.
 
@@ -381,8 +386,7 @@ class ZOA(nn.Module):
     def _loss(self, cap: _Capture, logits: Tensor) -> tuple[Tensor, Tensor]:
         # One moments call over all loss features (B, F) instead of one per tap: same per-column values, far fewer
         # small operations per pass. The reduced vector is [sums (F), sums of squares (F), entropy sum, count].
-        feats = torch.cat([*cap.taps, cap.head_input], 1)  # type: ignore[list-item]
-        s1, s2 = _moments(feats, (0,))
+        s1, s2 = _moments(_loss_features(cap), (0,))
         entropy = softmax_entropy(logits.float()).sum().double()
         stats = self._all_reduce(torch.cat([s1, s2, entropy.view(1), entropy.new_tensor([logits.shape[0]])]))
         total, n = s1.numel(), stats[-1]
@@ -456,19 +460,15 @@ class ZOA(nn.Module):
                     cap = self._capture
                 finally:
                     self._capture = None
-                sums = [s for f in [*cap.taps, cap.head_input] for s in _moments(f, (0,))]  # type: ignore[arg-type]
-                vec = torch.cat([*sums, sums[0].new_tensor([images.shape[0]])])
+                s1, s2 = _moments(_loss_features(cap), (0,))
+                vec = torch.cat([s1, s2, s1.new_tensor([images.shape[0]])])
                 acc = vec if acc is None else acc + vec
         if acc is None:
             raise ValueError("collect_source_statistics got an empty loader: pass clean source images")
         acc = self._all_reduce(acc)
-        n, offset, means, stds = acc[-1], 0, [], []
-        for dim in self._tap_dims:
-            mean, var = _finish(n, acc[offset : offset + dim], acc[offset + dim : offset + 2 * dim])
-            offset += 2 * dim
-            means.append(mean)
-            stds.append(var.sqrt())
-        self.set_source_statistics(torch.cat(means), torch.cat(stds))
+        total = self.src_mean.numel()
+        mean, var = _finish(acc[-1], acc[:total], acc[total : 2 * total])
+        self.set_source_statistics(mean, var.sqrt())
 
     def set_source_statistics(self, mean: Tensor, std: Tensor) -> None:
         """Install precomputed source statistics (concatenated over the loss taps, network order)."""
@@ -540,8 +540,8 @@ class ZOA(nn.Module):
         shift = self.shift_vector()
         logits, cap, loss0, final_mean = self._pass(images, 0, shift)
         # With loss_on_shifted the pass already returned the shifted features' logits.
-        shifted = shift is not None and not cfg.loss_on_shifted
-        prediction = self._head(cap.head_input + shift) if shifted else logits  # type: ignore[operator]
+        shift_here = shift is not None and not cfg.loss_on_shifted
+        prediction = self._head(cap.head_input + shift) if shift_here else logits  # type: ignore[operator]
         if not bool(torch.isfinite(loss0)) or not bool(torch.isfinite(prediction).all()):
             raise _NonFinite("unperturbed loss", prediction)
         if cap.detected:
