@@ -355,3 +355,20 @@ def test_no_shift_and_no_bank_ablations(digits: torch.Tensor) -> None:
     assert adapter.bank.num_entries == 1
     assert adapter.counter("stores") == 0
     assert [e["event"] for e in adapter.events] == ["shift"]
+
+
+@pytest.mark.parametrize("mode", ["reference", "corrected"])
+def test_vit_detector_statistics_are_those_of_the_patch_tokens(digits: torch.Tensor, mode: str) -> None:
+    # Regression: the count used to include the class token, so the mean came out 16/17 of the patch-token mean here.
+    adapter = _adapter("vit", digits, mode=mode, detector_passes=1)
+    tokens: list[torch.Tensor] = []
+    handle = _stem(adapter).register_forward_hook(lambda _m, _a, out: tokens.append(out.detach().clone()))
+    batch = digits[512 : 512 + B]
+    adapter(batch)
+    handle.remove()
+    patches = tokens[0][:, adapter.layout.num_prefix_tokens :].double()
+    var, mean = torch.var_mean(patches, dim=(0, 1), correction=1)
+    torch.testing.assert_close(adapter.det_mean.double(), mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(adapter.det_var.double(), var, atol=1e-6, rtol=1e-5)
+    # The divergence of the same statistics against themselves is zero; against the class-token-diluted ones it is not.
+    assert adapter.shift_divergence(mean.float(), var.float()) == pytest.approx(0.0, abs=1e-5)

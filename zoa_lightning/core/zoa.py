@@ -304,7 +304,8 @@ class ZOA(nn.Module):
     def _detector_statistics(self, output: Tensor) -> tuple[Tensor, Tensor, int]:
         """Per-channel mean and unbiased variance of the detector tensor, and the (global) image count."""
         if self.layout.kind == "vit":
-            s1, s2 = _channel_moments(output[:, self.layout.num_prefix_tokens :], (0, 1))
+            output = output[:, self.layout.num_prefix_tokens :]  # patch tokens only, for the sums and the count
+            s1, s2 = _channel_moments(output, (0, 1))
         else:
             s1, s2 = _channel_moments(output, (0, 2, 3))
         c = s1.numel()
