@@ -23,11 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models.resnet import BasicBlock, ResNet, make_blocks
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "DEMO_MEAN",
     "DEMO_MODEL_NAMES",
+    "DEMO_NUM_CLASSES",
     "DEMO_STD",
     "build_demo_cnn",
     "build_demo_model",
@@ -42,13 +43,15 @@ DEMO_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 """Per-channel normalisation standard deviation of the demo models."""
 DEMO_IMAGE_SIZE = 32
 """Input side length in pixels of both demo models."""
+DEMO_NUM_CLASSES = 10
+"""Class count of the demo models (the ten MNIST digits), and of the shipped weights."""
 DEMO_CNN_CHANNELS: tuple[int, int, int, int] = (16, 32, 64, 128)
 """Output widths of ``layer1`` .. ``layer4`` of ``demo_cnn``; the stem has ``DEMO_CNN_CHANNELS[0]`` channels."""
 
 _WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-def build_demo_vit(num_classes: int = 10, drop_path_rate: float = 0.0) -> VisionTransformer:
+def build_demo_vit(num_classes: int = DEMO_NUM_CLASSES, drop_path_rate: float = 0.0) -> VisionTransformer:
     """Build the demo vision transformer, randomly initialised.
 
     Args:
@@ -73,7 +76,7 @@ def build_demo_vit(num_classes: int = 10, drop_path_rate: float = 0.0) -> Vision
     )
 
 
-def build_demo_cnn(num_classes: int = 10) -> ResNet:
+def build_demo_cnn(num_classes: int = DEMO_NUM_CLASSES) -> ResNet:
     """Build the demo ResNet, randomly initialised.
 
     timm's plain ResNet stem is a 7×7 stride-2 convolution of fixed width 64 followed by a stride-2 max-pool, which
@@ -116,7 +119,7 @@ DEMO_MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 """Names accepted by :func:`build_demo_model` and :func:`load_demo_model`."""
 
 
-def build_demo_model(name: str, num_classes: int = 10) -> nn.Module:
+def build_demo_model(name: str, num_classes: int = DEMO_NUM_CLASSES) -> nn.Module:
     """Build a demo architecture by name, randomly initialised.
 
     Args:
@@ -146,7 +149,7 @@ def default_weights_path(name: str) -> Path:
     return _WEIGHTS_DIR / f"{name}.safetensors"
 
 
-def load_demo_model(name: str, weights: str | Path | None = None) -> nn.Module:
+def load_demo_model(name: str, weights: str | Path | None = None, num_classes: int | None = None) -> nn.Module:
     """Build demo model ``name`` and load its trained weights.
 
     Args:
@@ -154,16 +157,19 @@ def load_demo_model(name: str, weights: str | Path | None = None) -> nn.Module:
         weights: a ``safetensors`` file holding the model's full state dict; defaults to the shipped file
             (:func:`default_weights_path`). Floating-point tensors stored in lower precision are up-cast to
             ``float32``.
+        num_classes: the class count the caller needs (e.g. the data's); ``None`` accepts the 10 of the demo models.
+            Checked against the classifier in the file before anything else runs, so a data set with another class
+            count fails here rather than after quantization calibration.
 
     Returns:
         The model with its weights, in eval mode, in ``float32`` on the CPU.
 
     Raises:
-        ValueError: for an unknown name, or if the file is unreadable or its keys or shapes do not match the
-            architecture (the message names the file).
+        ValueError: for an unknown name, or if the file is unreadable, its classifier has another class count than
+            ``num_classes``, or its keys or shapes do not match the architecture (the message names the file).
         FileNotFoundError: if the weights file does not exist (the message names it and the command creating it).
     """
-    model = build_demo_model(name)
+    model = build_demo_model(name, DEMO_NUM_CLASSES if num_classes is None else num_classes)
     path = Path(weights) if weights is not None else default_weights_path(name)
     if not path.is_file():
         out = "" if path.parent == _WEIGHTS_DIR else f" --out {path.parent}"
@@ -176,6 +182,7 @@ def load_demo_model(name: str, weights: str | Path | None = None) -> nn.Module:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as error:
         raise ValueError(f"cannot read weights file {path} as safetensors: {error}") from error
+    _check_demo_classes(name, path, state, num_classes)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -196,3 +203,22 @@ def load_demo_model(name: str, weights: str | Path | None = None) -> nn.Module:
     state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+_CLASSIFIERS = {"demo_vit": "head", "demo_cnn": "fc"}
+
+
+def _check_demo_classes(name: str, path: Path, state: dict[str, Tensor], num_classes: int | None) -> None:
+    """Raise if the classifier in ``state`` (read from ``path``) does not have ``num_classes`` outputs."""
+    key = f"{_CLASSIFIERS[name]}.weight"
+    if num_classes is None or key not in state or state[key].shape[0] == num_classes:
+        return
+    shape = tuple(state[key].shape)
+    raise ValueError(
+        f"weights file {path} holds a {shape[0]}-class {name} (classifier {key} of shape {shape}), but "
+        f"num_classes={num_classes} is requested (the `zoa` CLI links it from the data's class count; classifier "
+        f"shape {(num_classes, *shape[1:])}). Pass {name} weights with a "
+        f"{num_classes}-class classifier (--model.init_args.weights; the demo architectures take any class count) or "
+        "another network (--model.init_args.network: a timm name or torchvision:<name>); the shipped demo weights, "
+        "like those `python -m zoa_lightning.demo.train` writes, classify the 10 MNIST digits"
+    )
