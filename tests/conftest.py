@@ -51,7 +51,7 @@ def digits() -> torch.Tensor:
     from datamodules.mnist import load_mnist_split
 
     _, _, images, _ = load_mnist_split(32)
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255
     return (x - 0.5) / 0.5
 
 

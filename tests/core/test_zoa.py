@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import MODEL_FACTORIES, corrupt_noise, make_resnet, make_vit
 from zoa_lightning.core import ZOA, ZOAConfig
-from zoa_lightning.core.zoa import softmax_entropy
+from zoa_lightning.core.zoa import AdaptationDiverged, softmax_entropy
 
 B = 64
 
@@ -270,7 +270,7 @@ def test_rollback_restores_a_store_made_in_the_same_batch(digits: torch.Tensor) 
         ((B, 1, 32, 32), "3-channel"),
         ((B, 3, 28, 28), "multiple of 8"),
         ((3, 32, 32), "B, 3, H, W"),
-        ((1, 3, 32, 32), "at least 2 images"),
+        ((0, 3, 32, 32), "empty batch"),
     ],
 )
 def test_wrong_input_shape_names_the_expected_one(shape: tuple[int, ...], message: str, digits: torch.Tensor) -> None:
@@ -372,3 +372,97 @@ def test_vit_detector_statistics_are_those_of_the_patch_tokens(digits: torch.Ten
     torch.testing.assert_close(adapter.det_var.double(), var, atol=1e-6, rtol=1e-5)
     # The divergence of the same statistics against themselves is zero; against the class-token-diluted ones it is not.
     assert adapter.shift_divergence(mean.float(), var.float()) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_runaway_learning_rate_is_rolled_back_then_stops_the_run(digits: torch.Tensor) -> None:
+    # Regression: at lr 1000 the first update was kept (epsilons ~1e23), every later batch was rolled back, the
+    # predictions were NaN and nothing said so.
+    adapter = _adapter("vit", digits, lr=1000.0, max_consecutive_skips=3)
+    theta0 = adapter.bank.theta.clone()
+    batches = [digits[512 + 64 * i : 576 + 64 * i] for i in range(3)]
+    for batch in batches[:2]:
+        with pytest.warns(RuntimeWarning, match="max_abs_epsilon"):
+            logits = adapter(batch)
+        assert torch.isfinite(logits).all()
+    assert torch.equal(adapter.bank.theta, theta0)
+    assert adapter.skipped_batches == 2
+    assert adapter.counter("forward_passes") == 4  # the passes of rolled-back batches still count
+    with pytest.warns(RuntimeWarning), pytest.raises(AdaptationDiverged, match=r"3 batches in a row.*lr=1000"):
+        adapter(batches[2])
+
+
+def test_a_successful_batch_resets_the_consecutive_skip_count(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits, max_consecutive_skips=2)
+    good = dataclasses.replace(adapter.config)
+    for i in range(3):
+        adapter.config = dataclasses.replace(good, spsa_c=1e38)
+        with pytest.warns(RuntimeWarning, match="rolled back"):
+            adapter(digits[512 + 64 * i : 576 + 64 * i])
+        adapter.config = good
+        adapter(digits[512 + 64 * i : 576 + 64 * i])
+        assert adapter.counter("consecutive_skips") == 0
+    assert adapter.skipped_batches == 3
+
+
+def test_non_finite_pass_a_prediction_falls_back_to_the_unadapted_network(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    reference = ZOA(make_vit(0), ZOAConfig())
+    expected = reference.model(digits[600 : 600 + B])
+    adapter.bank.theta[0] = float("inf")  # a corrupted state: every prediction of the adapted network is NaN
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        logits = adapter(digits[600 : 600 + B])
+    torch.testing.assert_close(logits, expected)
+    assert adapter.counter("forward_passes") == 2  # pass A, then the unadapted network
+
+
+def test_a_single_image_batch_is_predicted_without_adapting(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    adapter(digits[512 : 512 + B])
+    state = copy.deepcopy(adapter.adaptation_state_dict())
+    with pytest.warns(RuntimeWarning, match="batch of one image"):
+        logits = adapter(digits[700:701])
+    assert logits.shape == (1, 10)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, adapter.predict(digits[700:701]))
+    after = adapter.adaptation_state_dict()
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and key != "counters":
+            assert torch.equal(value, after[key]), key
+    assert adapter.counter("unadapted_batches") == 1
+    assert adapter.counter("batches") == 2
+    assert adapter.counter("forward_passes") == 3
+
+
+def test_a_single_image_a_batchnorm_network_cannot_normalise_is_refused_clearly(digits: torch.Tensor) -> None:
+    adapter = _adapter("resnet", digits)  # test_resnet's last stage is 1×1 at 32 px
+    with pytest.warns(RuntimeWarning, match="batch of one image"), pytest.raises(ValueError, match="at least 2 images"):
+        adapter(digits[700:701])
+
+
+def test_small_batches_warn_once_that_the_bank_is_off(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for i in range(3):
+            adapter(digits[512 + 16 * i : 528 + 16 * i])
+    messages = [str(w.message) for w in record]
+    assert sum("detector_min_batch=64" in m for m in messages) == 1, messages
+
+
+def test_a_short_last_batch_after_full_ones_does_not_warn(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    adapter(digits[512 : 512 + B])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter(digits[600:616])
+
+
+def test_checkpoints_with_the_six_old_counters_still_load(digits: torch.Tensor) -> None:
+    adapter = _adapter("vit", digits)
+    adapter(digits[512 : 512 + B])
+    state = adapter.state_dict()
+    state["counters"] = state["counters"][:6].clone()
+    restored = ZOA(make_vit(0), ZOAConfig(lr=0.005, spsa_c=0.05))
+    restored.load_state_dict(state)
+    assert restored.counter("batches") == 1
+    assert restored.counter("unadapted_batches") == 0

@@ -18,8 +18,9 @@ slice. :class:`FusedLayerNorm` and :class:`FusedBatchNorm2d` compute them at eve
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,7 @@ class KnowledgeBank(nn.Module):
         self._before_mutation: Callable[[], None] | None = None
         self._fused: Tensor | None = None
         self._fused_key: tuple[tuple[int, int, int], ...] | None = None
+        self._use_base = False
 
     @property
     def size(self) -> int:
@@ -133,6 +135,8 @@ class KnowledgeBank(nn.Module):
         tensor's version counter; a replaced tensor has another identity), so a forward pass costs one mixing product,
         not one per layer.
         """
+        if self._use_base:
+            return self.base
         state = (self.base, self.theta, self.alpha, self.deltas, self.count)
         key = tuple((id(t), t.data_ptr(), t._version) for t in state)
         if self._fused_key != key or self._fused is None:
@@ -140,6 +144,15 @@ class KnowledgeBank(nn.Module):
             self._fused = self.base + self.mixing_weights() @ self.deltas[:k] + self.theta
             self._fused_key = key
         return self._fused
+
+    @contextlib.contextmanager
+    def pretrained(self) -> Iterator[None]:
+        """Within the block every fused layer uses the pretrained parameters ``base`` alone (no knowledge, no ε)."""
+        self._use_base = True
+        try:
+            yield
+        finally:
+            self._use_base = False
 
     def layer_affine(self, index: int) -> tuple[Tensor, Tensor]:
         """Effective ``(weight, bias)`` of adapted layer ``index``, computed from the current bank state."""

@@ -53,6 +53,12 @@ class ZOAConfig:
         seed_detector_from_source: run the detector during CNN source-statistics collection, seeding it with clean
             statistics (reference ResNet behaviour; never for vision transformers).
         seed: seed of the engine's own perturbation generator (and of the initial logit ``α₀ ~ N(0, 1)``).
+        max_abs_epsilon: update guard (not in the reference, which has none): a step that would move any epsilon
+            beyond ``±max_abs_epsilon`` is rolled back like a non-finite one and counted as skipped. Normal runs stay
+            far inside (the largest |ε| of the whole demo stream is below 0.01); a runaway learning rate hits it at its
+            first step instead of driving the epsilons to ~1e23. ``None`` disables the guard.
+        max_consecutive_skips: stop with :class:`~zoa_lightning.core.zoa.AdaptationDiverged` after this many batches
+            in a row were rolled back (a run that can no longer adapt must not exit looking fine). ``None``: never.
     """
 
     lr: float = 0.005
@@ -82,6 +88,8 @@ class ZOAConfig:
     detector_passes: Literal[1, 2] | None = None
     seed_detector_from_source: bool | None = None
     seed: int = 2020
+    max_abs_epsilon: float | None = 10.0
+    max_consecutive_skips: int | None = 10
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -108,6 +116,14 @@ class ZOAConfig:
                 f"resnet_shift must be 'scalar' or 'vector', got {self.resnet_shift!r}",
             ),
             (self.detector_passes in (None, 1, 2), f"detector_passes must be 1 or 2, got {self.detector_passes!r}"),
+            (
+                self.max_abs_epsilon is None or self.max_abs_epsilon > 0,
+                f"max_abs_epsilon must be > 0 or None, got {self.max_abs_epsilon}",
+            ),
+            (
+                self.max_consecutive_skips is None or self.max_consecutive_skips >= 1,
+                f"max_consecutive_skips must be >= 1 or None, got {self.max_consecutive_skips}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

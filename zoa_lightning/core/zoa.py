@@ -12,9 +12,14 @@ N processes adapt as one on their concatenated batch. The engine counts what it 
 (:attr:`ZOA.reduced_elements`, :attr:`ZOA.last_batch_reduced_bytes`, ...): the communication volume per batch under DDP.
 
 Failure policy: an input that is not a finite ``(B, C, H, W)`` image batch of the expected size raises ``ValueError``
-before anything changes. If a loss, the gradient estimate or an updated value turns out non-finite, the whole batch is
-rolled back (every piece of adaptation state, the generator included, is as before the batch), the skip is counted in
-:attr:`ZOA.skipped_batches` and reported with a ``RuntimeWarning``, and pass A's prediction is still returned.
+before anything changes. If a loss, the gradient estimate or an updated value turns out non-finite, or the update would
+move an epsilon beyond ``config.max_abs_epsilon``, the whole batch is rolled back (every piece of adaptation state, the
+generator included, is as before the batch; the forward passes that ran stay counted), the skip is counted in
+:attr:`ZOA.skipped_batches` and reported with a ``RuntimeWarning``, and pass A's prediction is still returned; if that
+prediction is itself not finite, the unadapted network's is returned instead (one more forward pass), so the engine
+never hands out NaN logits. After ``config.max_consecutive_skips`` rolled-back batches in a row the engine raises
+:class:`AdaptationDiverged`. A batch of a single image cannot give batch statistics: it is predicted with the current
+parameters (one pass) and not adapted on, counted in ``unadapted_batches`` and reported once with a warning.
 """
 
 from __future__ import annotations
@@ -33,14 +38,28 @@ from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.layout import ModelLayout, resolve_layout
 from zoa_lightning.core.spsa import adamw_first_step_, segmented_uniform, sgd_step_, spsa_estimate
 
-__all__ = ["ZOA", "ReduceFn", "softmax_entropy"]
+__all__ = ["ZOA", "AdaptationDiverged", "ReduceFn", "softmax_entropy"]
 
 log = logging.getLogger(__name__)
 
 ReduceFn = Callable[[Tensor], Tensor]
 """Sums a float64 statistics vector over processes (identity on one process)."""
 
-_COUNTERS = ("batches", "forward_passes", "skipped_batches", "stores", "evictions", "perturbed_detections")
+_COUNTERS = (
+    "batches",
+    "forward_passes",
+    "skipped_batches",
+    "stores",
+    "evictions",
+    "perturbed_detections",
+    "unadapted_batches",
+    "consecutive_skips",
+)
+_V1_COUNTERS = 6  # checkpoints written before unadapted_batches/consecutive_skips existed hold the first six
+
+
+class AdaptationDiverged(RuntimeError):
+    """ZOA rolled back ``config.max_consecutive_skips`` batches in a row: the run can no longer adapt."""
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
@@ -81,7 +100,9 @@ def _post_norm(norm: nn.Module) -> nn.Module | None:
     return None
 
 
-class _NonFinite(Exception):
+class _Rollback(Exception):
+    """Raised inside a batch to roll it back; ``what`` says why, ``prediction`` is pass A's logits if computed."""
+
     def __init__(self, what: str, prediction: Tensor | None) -> None:
         super().__init__(what)
         self.what = what
@@ -170,6 +191,8 @@ class ZOA(nn.Module):
         self.model = model
         self.bank = self._fuse_norms()
         self._capture: _Capture | None = None
+        self._warned: set[str] = set()  # one-time warnings already given by this instance
+        self._full_batch_seen = False  # a batch large enough for the detector has been seen
         self._det_cache: tuple[Tensor, Tensor, int] | None = None
         self._handles = self._register_hooks()
         self.input_size = input_size or self._infer_input_size()
@@ -289,7 +312,7 @@ class ZOA(nn.Module):
         if cap.mode == "source" and not self.config.seed_detector_from_source:
             return
         if cap.mode == "adapt":
-            self.counters[1] += 1
+            self._add_counter("forward_passes")
             if cap.pass_index > 0 and self.config.detector_passes == 1:
                 return
         if cap.mode == "adapt" and cap.pass_index > 0 and self._det_cache is not None:
@@ -330,15 +353,26 @@ class ZOA(nn.Module):
     def _detect(self, mean: Tensor, var: Tensor, images: int, pass_index: int) -> bool:
         cfg = self.config
         if images < cfg.detector_min_batch:
+            if not self._full_batch_seen and "min_batch" not in self._warned:
+                self._warned.add("min_batch")
+                warnings.warn(
+                    f"ZOA's domain detector ignores batches of fewer than detector_min_batch={cfg.detector_min_batch} "
+                    f"images and this stream's batches have {images}: no domain shift will be detected and the "
+                    "knowledge bank stores nothing. Use larger batches or lower detector_min_batch "
+                    "(ZOAModule / --model.init_args.detector_min_batch)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return False
+        self._full_batch_seen = True
         shift = bool(self.det_ready) and self.shift_divergence(mean, var) > cfg.domain_t
         if shift:
             if pass_index == 0:
                 self._on_shift()
             else:
-                self.counters[5] += 1
+                self._add_counter("perturbed_detections")
                 log.warning("domain shift detected in a perturbed pass: not stored (spec §5.7)")
-                self.events.append({"event": "perturbed_detection", "batch": int(self.counters[0])})
+                self.events.append({"event": "perturbed_detection", "batch": self.counter("batches")})
             self.det_ready.fill_(False)
         if bool(self.det_ready):
             m = cfg.detector_momentum
@@ -351,12 +385,12 @@ class ZOA(nn.Module):
         return shift
 
     def _on_shift(self) -> None:
-        event: dict[str, Any] = {"event": "shift", "batch": int(self.counters[0])}
+        event: dict[str, Any] = {"event": "shift", "batch": self.counter("batches")}
         if self.config.use_bank:
             record = self.bank.store()
-            self.counters[3] += 1
+            self._add_counter("stores")
             if record["evicted"]:
-                self.counters[4] += 1
+                self._add_counter("evictions")
             event.update(record)
             log.info("domain shift at batch %d: stored knowledge entry (%s)", event["batch"], record)
         self.events.append(event)
@@ -431,8 +465,8 @@ class ZOA(nn.Module):
                     f"this ViT expects images of shape (B, {c}, H, W) with H a multiple of {ph} and W of {pw} "
                     f"(e.g. ({c}, {h}, {w})), got {tuple(images.shape)}"
                 )
-        if images.shape[0] < 2:
-            raise ValueError(f"ZOA needs at least 2 images per batch for its batch statistics, got {images.shape[0]}")
+        if images.shape[0] < 1:
+            raise ValueError(f"ZOA got an empty batch of shape {tuple(images.shape)}")
         if not bool(torch.isfinite(images).all()):
             bad = int((~torch.isfinite(images)).sum())
             raise ValueError(f"the input batch contains {bad} NaN/Inf values; nothing was adapted on it")
@@ -499,30 +533,42 @@ class ZOA(nn.Module):
         return self.model.get_submodule(self.layout.head)(features)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Predict ``images`` with the current parameters, then adapt on them. Returns the prediction's logits."""
+        """Predict ``images`` with the current parameters, then adapt on them. Returns the prediction's logits.
+
+        Raises:
+            ValueError: for a malformed or non-finite batch (nothing changes).
+            RuntimeError: without source statistics.
+            AdaptationDiverged: when ``config.max_consecutive_skips`` batches in a row had to be rolled back.
+        """
         self._check_input(images)
         if not bool(self.src_ready):
             raise RuntimeError("ZOA has no source statistics: call collect_source_statistics(clean_loader) first")
+        if images.shape[0] < 2:
+            return self._predict_single(images)
         snapshot = self._begin()
         self._det_cache = None
+        reason = ""
         sent = (self.reduce_calls, self.reduced_elements, self.reduced_bytes)
         try:
             with torch.no_grad():
                 prediction = self._adapt(images)
-        except _NonFinite as failure:
+            self._set_counter("consecutive_skips", 0)
+        except _Rollback as failure:
+            passes = self.counter("forward_passes")
             self._rollback(snapshot)
-            self.counters[2] += 1
+            self._set_counter("forward_passes", passes)  # the passes ran: count them even though nothing is kept
+            self._add_counter("skipped_batches")
+            self._add_counter("consecutive_skips")
+            reason = failure.what
             warnings.warn(
-                f"ZOA skipped batch {int(self.counters[0])}: the {failure.what} is not finite; "
-                f"all adaptation state was rolled back ({self.skipped_batches} skipped so far)",
+                f"ZOA skipped batch {self.counter('batches')}: the {failure.what}; all adaptation state was rolled "
+                f"back ({self.skipped_batches} skipped so far, {self.counter('consecutive_skips')} in a row)",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            prediction = (
-                failure.prediction
-                if failure.prediction is not None
-                else torch.full((images.shape[0], self.num_classes), float("nan"), device=images.device)
-            )
+            prediction = failure.prediction
+            if prediction is None or not bool(torch.isfinite(prediction).all()):
+                prediction = self._unadapted_logits(images)
         except BaseException:
             self._rollback(snapshot)
             raise
@@ -533,8 +579,49 @@ class ZOA(nn.Module):
             self.last_batch_reduce_calls = self.reduce_calls - sent[0]
             self.last_batch_reduced_elements = self.reduced_elements - sent[1]
             self.last_batch_reduced_bytes = self.reduced_bytes - sent[2]
-        self.counters[0] += 1
+        self._add_counter("batches")
+        limit = self.config.max_consecutive_skips
+        if limit is not None and self.counter("consecutive_skips") >= limit:
+            raise AdaptationDiverged(
+                f"ZOA rolled back {self.counter('consecutive_skips')} batches in a row (the last one because the "
+                f"{reason}): adaptation has diverged and every further batch would be rolled back too. Lower "
+                f"the learning rate (lr={self.config.lr}) or the perturbation scale (spsa_c={self.config.spsa_c}); "
+                f"max_consecutive_skips={limit} sets this limit (None turns it off)"
+            )
         return prediction
+
+    def _predict_single(self, images: Tensor) -> Tensor:
+        """A one-image batch: predict with the current parameters and shift (one pass), adapt on nothing."""
+        if "single" not in self._warned:
+            self._warned.add("single")
+            warnings.warn(
+                "ZOA got a batch of one image: its loss and domain detector need batch statistics, so such batches "
+                "are predicted with the current parameters and not adapted on (counted in unadapted_batches); use a "
+                "batch size whose last batch has at least 2 images",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        try:
+            logits = self.predict(images)
+        except ValueError as error:  # torch's batch_norm refuses one value per channel (a 1×1 map of one image)
+            raise ValueError(
+                f"this network cannot predict a batch of one image: ZOA normalises its BatchNorm layers with batch "
+                f"statistics and one of them sees a single value per channel ({error}). Use a batch size whose last "
+                "batch has at least 2 images"
+            ) from error
+        self._add_counter("forward_passes")
+        if not bool(torch.isfinite(logits).all()):
+            logits = self._unadapted_logits(images)
+        self._add_counter("unadapted_batches")
+        self._add_counter("batches")
+        return logits
+
+    def _unadapted_logits(self, images: Tensor) -> Tensor:
+        """Logits of the network with its pretrained norm parameters and no shift (one counted forward pass)."""
+        with torch.no_grad(), self.bank.pretrained():
+            logits = self.model(images)
+        self._add_counter("forward_passes")
+        return logits
 
     def _adapt(self, images: Tensor) -> Tensor:
         cfg, bank = self.config, self.bank
@@ -544,7 +631,7 @@ class ZOA(nn.Module):
         shift_here = shift is not None and not cfg.loss_on_shifted
         prediction = self._head(cap.head_input + shift) if shift_here else logits  # type: ignore[operator]
         if not bool(torch.isfinite(loss0)) or not bool(torch.isfinite(prediction).all()):
-            raise _NonFinite("unperturbed loss", prediction)
+            raise _Rollback("unperturbed loss is not finite", prediction)
         if cap.detected:
             self.hist_ready.fill_(False)
         k, size, device = bank.num_entries, bank.size, bank.theta.device
@@ -563,13 +650,13 @@ class ZOA(nn.Module):
                 if reference is None:
                     reference = self._pass(images, 1, shift)[2]
                 if not bool(torch.isfinite(loss_plus)) or not bool(torch.isfinite(reference)):
-                    raise _NonFinite("perturbed loss", prediction)
+                    raise _Rollback("perturbed loss is not finite", prediction)
                 grad_alpha += spsa_estimate(loss_plus, reference, u_alpha, cfg.spsa_c_alpha)
                 grad_theta += spsa_estimate(loss_plus, reference, u_theta, cfg.spsa_c)
             grad_alpha /= cfg.sp_avg
             grad_theta /= cfg.sp_avg
             if not bool(torch.isfinite(grad_theta).all()) or not bool(torch.isfinite(grad_alpha).all()):
-                raise _NonFinite("gradient estimate", prediction)
+                raise _Rollback("gradient estimate is not finite", prediction)
             sgd_step_(
                 bank.theta,
                 grad_theta,
@@ -584,7 +671,12 @@ class ZOA(nn.Module):
             if k > 1:
                 adamw_first_step_(bank.alpha[:k], grad_alpha, lr=cfg.lr_alpha, weight_decay=cfg.weight_decay_alpha)
             if not bool(torch.isfinite(bank.theta).all()) or not bool(torch.isfinite(bank.alpha[:k]).all()):
-                raise _NonFinite("updated parameter", prediction)
+                raise _Rollback("updated parameter is not finite", prediction)
+            bound = cfg.max_abs_epsilon
+            if bound is not None and bool((bank.theta.abs() > bound).any()):
+                largest = float(bank.theta.abs().max())
+                what = f"update would move an epsilon to |{largest:.3g}| > max_abs_epsilon={bound}"
+                raise _Rollback(what, prediction)
         if bool(self.hist_ready):
             m = cfg.shift_momentum
             self.hist.mul_(m).add_(final_mean, alpha=1 - m)
@@ -648,6 +740,19 @@ class ZOA(nn.Module):
     def counter(self, name: str) -> int:
         """Value of a run counter (``batches``, ``forward_passes``, ``skipped_batches``, ``stores``, ...)."""
         return int(self.counters[_COUNTERS.index(name)])
+
+    def _add_counter(self, name: str, n: int = 1) -> None:
+        self.counters[_COUNTERS.index(name)] += n
+
+    def _set_counter(self, name: str, value: int) -> None:
+        self.counters[_COUNTERS.index(name)] = value
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        counters = state_dict.get(prefix + "counters")
+        if isinstance(counters, Tensor) and counters.numel() == _V1_COUNTERS < len(_COUNTERS):
+            # A checkpoint from before unadapted_batches/consecutive_skips: those start at zero.
+            state_dict[prefix + "counters"] = torch.cat([counters, counters.new_zeros(len(_COUNTERS) - _V1_COUNTERS)])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def skipped_batches(self) -> int:
