@@ -93,3 +93,11 @@ def test_config_resolves_reference_and_corrected_switches() -> None:
     assert ZOAConfig(mode="corrected", detector_passes=2).resolved("vit").detector_passes == 2
     with pytest.raises(ValueError, match="spsa_c"):
         ZOAConfig(spsa_c=0)
+
+
+def test_deep_stem_detector_reads_the_first_stem_convolution() -> None:
+    model = timm.create_model("test_resnet", num_classes=10)  # conv1 is conv-BN-act-conv-BN-act-conv
+    assert isinstance(model.conv1, nn.Sequential)
+    assert resolve_layout(model).detector == "conv1.0"
+    with torch.device("meta"):
+        assert resolve_layout(timm.create_model("resnet50d")).detector == "conv1.0"

@@ -466,3 +466,18 @@ def test_checkpoints_with_the_six_old_counters_still_load(digits: torch.Tensor) 
     restored.load_state_dict(state)
     assert restored.counter("batches") == 1
     assert restored.counter("unadapted_batches") == 0
+
+
+def test_deep_stem_resnet_detects_a_strong_shift(digits: torch.Tensor) -> None:
+    # Regression: the detector read the deep stem's normalised output, whose divergence stayed ~1e-4 across a shift.
+    import timm
+
+    from tests.conftest import _randomize_norms
+
+    torch.manual_seed(0)
+    net = _randomize_norms(timm.create_model("test_resnet", num_classes=10)).eval()
+    adapter = ZOA(net, ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, mode="corrected"))
+    adapter.collect_source_statistics(digits[:512].split(B))
+    for batch in _stream(digits, clean=3, shifted=2):
+        adapter(batch)
+    assert adapter.counter("stores") >= 1

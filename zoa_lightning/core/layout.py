@@ -21,7 +21,8 @@ Generalised layer-selection rules (the specification fixes them for ViT-B/16 and
   BatchNorm of each block's residual branch except its last one (``bn1``/``bn2`` of a bottleneck, ``bn1`` of a basic
   block), skipping the first block of the first stage entirely; downsample BNs and the stem BN stay frozen. For
   ResNet-50 this is the paper's 24 layers. Loss taps: the pooled outputs of every stage but the last, plus the head
-  input (the pooled last stage). Detector: the stem convolution output before ``bn1``.
+  input (the pooled last stage). Detector: the stem convolution output before ``bn1``; for a deep stem (a
+  ``conv1`` sequence, timm ``resnet50d``) the output of its first convolution, before the stem's own BatchNorms.
 * **EfficientNet family** (timm ``EfficientNet``; stages ``blocks[0..n-1]``): the same rule over its stages, each
   block's last BatchNorm (the projection BN) excluded. Detector: ``conv_stem`` output.
 """
@@ -160,11 +161,28 @@ def _stage_layout(model: nn.Module, stages: list[tuple[str, nn.Module]], detecto
     return ModelLayout(kind="cnn", norms=tuple(norms), detector=detector, taps=taps, head=head, batch_norms=batch_norms)
 
 
+def _stem_conv(model: nn.Module, stem: str) -> str:
+    """The first convolution of the stem ``stem``: the stem itself, or its first ``Conv2d`` if it is a sequence.
+
+    A deep stem (timm ``stem_type="deep"``, e.g. ``resnet50d``, ``test_resnet``) is conv-BN-act-conv-BN-act-conv;
+    its output is already normalised by the stem's own BatchNorms (batch statistics under ZOA), so a corruption barely
+    moves its statistics and the detector would never fire. Its first convolution's output is the spec's detector
+    tensor: the raw stem convolution output, before any normalisation.
+    """
+    module = model.get_submodule(stem)
+    if isinstance(module, nn.Conv2d):
+        return stem
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Conv2d):
+            return f"{stem}.{name}"
+    raise ValueError(f"the stem {stem!r} of {type(model).__name__} has no Conv2d for the domain-shift detector to read")
+
+
 def _resnet_layout(model: nn.Module) -> ModelLayout:
     stages = [(f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 10) if hasattr(model, f"layer{i}")]
-    return _stage_layout(model, stages, detector="conv1", head="fc")
+    return _stage_layout(model, stages, detector=_stem_conv(model, "conv1"), head="fc")
 
 
 def _efficientnet_layout(model: nn.Module) -> ModelLayout:
     stages = [(f"blocks.{i}", stage) for i, stage in enumerate(model.blocks)]  # type: ignore[arg-type]
-    return _stage_layout(model, stages, detector="conv_stem", head="classifier")
+    return _stage_layout(model, stages, detector=_stem_conv(model, "conv_stem"), head="classifier")
