@@ -14,10 +14,12 @@ quantizer settings and the calibration images; a later run with the same key loa
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -31,10 +33,14 @@ from typing_extensions import override
 
 from zoa_lightning.core.layout import resolve_layout
 from zoa_lightning.core.protocols import QuantizableModule, missing_members
+from zoa_lightning.core.quant import MQBENCH_BITS, PTQ4VIT_BITS
 
-__all__ = ["QuantizationCallback", "default_quant_cache_dir"]
+__all__ = ["SUPPORTED_BITS", "QuantizationCallback", "default_quant_cache_dir"]
 
 log = logging.getLogger(__name__)
+
+#: Bit widths (inclusive range) each quantizer supports, for weights and activations alike.
+SUPPORTED_BITS: dict[str, tuple[int, int]] = {"ptq4vit": PTQ4VIT_BITS, "mqbench": MQBENCH_BITS}
 
 
 def default_quant_cache_dir() -> Path:
@@ -47,8 +53,11 @@ class QuantizationCallback(Callback):
     """Post-training quantization of the module's network before ``trainer.test``.
 
     Args:
-        bits: weight bit width (8 for W8A8, 6 for W6A6, 4 for W4A4, ...).
-        act_bits: activation bit width; ``None`` means ``bits`` (for MQBench, W2 pairs with A4 as in the paper).
+        bits: weight bit width (8 for W8A8, 6 for W6A6, 4 for W4A4, ...): 2 to 16 for ``ptq4vit``, 2 to 8 for
+            ``mqbench`` (:data:`SUPPORTED_BITS`). With ``method="auto"`` a width only one quantizer supports (9 to 16)
+            is checked again once the network's kind is known, before calibration.
+        act_bits: activation bit width, same ranges; ``None`` means ``bits`` (for MQBench, W2 pairs with A4 as in the
+            paper).
         calib_images: number of clean calibration images taken from the data module.
         method: ``"auto"`` (PTQ4ViT for vision transformers, MQBench for CNNs), ``"ptq4vit"`` or ``"mqbench"``.
         criterion: PTQ4ViT interval-search criterion, ``"mse"`` or ``"hessian"`` (spec §7.1).
@@ -60,7 +69,8 @@ class QuantizationCallback(Callback):
         cache_dir: where calibrated models are cached (default: see module docstring).
 
     Raises:
-        ValueError: for an unknown ``method``/``criterion``/``observer`` or a non-positive count.
+        ValueError: for an unknown ``method``/``criterion``/``observer``, a bit width outside what the quantizer
+            supports (the message lists the ranges), or a non-positive count.
     """
 
     def __init__(
@@ -83,8 +93,10 @@ class QuantizationCallback(Callback):
             raise ValueError(f"criterion must be 'mse' or 'hessian', got {criterion!r}")
         if observer not in ("mse", "minmax"):
             raise ValueError(f"observer must be 'mse' or 'minmax', got {observer!r}")
+        _check_bit_width("bits", bits, method)
+        if act_bits is not None:
+            _check_bit_width("act_bits", act_bits, method)
         for name, value in (
-            ("bits", bits),
             ("calib_images", calib_images),
             ("search_rounds", search_rounds),
             ("num_candidates", num_candidates),
@@ -150,15 +162,27 @@ class QuantizationCallback(Callback):
         return "ptq4vit" if resolve_layout(network).kind == "vit" else "mqbench"
 
     def quantize(self, network: nn.Module, images: Tensor) -> tuple[nn.Module, bool]:
-        """Quantize ``network`` with ``images``, through the cache. Returns ``(quantized, loaded_from_cache)``."""
+        """Quantize ``network`` with ``images``, through the cache. Returns ``(quantized, loaded_from_cache)``.
+
+        A cache file that cannot be read or does not fit the network is reported in a warning naming it, then the
+        network is calibrated afresh and the file overwritten.
+
+        Raises:
+            ValueError: if the bit widths are outside the range of the quantizer chosen for ``network``.
+        """
         method = self._method(network)
         act_bits = self.act_bits if self.act_bits is not None else self._default_act_bits()
+        _check_bit_width("bits", self.bits, method, network)
+        _check_bit_width("act_bits", act_bits, method, network)
         path = self.cache_dir / f"{self._cache_key(network, images, method, act_bits)}.pt"
         if self.cache and path.is_file():
             try:
                 return self._load(network, path, method, act_bits), True
-            except (RuntimeError, KeyError, ValueError, OSError) as error:
-                log.warning("calibration cache %s is unusable (%s); recalibrating", path, error)
+            except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as error:
+                reason = str(error) if len(str(error)) <= 300 else f"{str(error)[:300]} ..."
+                log.warning(
+                    "calibration cache file %s does not fit (%s); recalibrating and overwriting it", path, reason
+                )
         quantized = self._calibrate(network, images, method, act_bits)
         if self.cache:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,8 +214,12 @@ class QuantizationCallback(Callback):
         from zoa_lightning.core.quant import prepare_cnn_quantization, prepare_vit_quantization
 
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
         if method == "ptq4vit":
-            model = prepare_vit_quantization(network, self.bits, act_bits)
+            # prepare_vit_quantization rewrites its argument in place: prepare a copy, so that the float network is
+            # still there to calibrate if the file does not fit (prepare_cnn_quantization copies by itself)
+            model = prepare_vit_quantization(copy.deepcopy(network), self.bits, act_bits)
         else:
             model = prepare_cnn_quantization(network, self.bits, act_bits, observer=self.observer)
         model.load_state_dict(state)
@@ -216,3 +244,30 @@ class QuantizationCallback(Callback):
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
         digest.update(images.detach().cpu().contiguous().numpy().tobytes())
         return f"{method}-w{self.bits}a{act_bits}-{digest.hexdigest()[:20]}"
+
+
+def _check_bit_width(name: str, value: int, method: str, network: nn.Module | None = None) -> None:
+    """Raise if ``value`` is not a bit width the quantizer(s) of ``method`` support (``"auto"``: either).
+
+    Args:
+        name: the argument checked, ``"bits"`` or ``"act_bits"``.
+        value: its value.
+        method: ``"ptq4vit"``, ``"mqbench"`` or ``"auto"``.
+        network: the network ``method`` was resolved for, named in the message.
+
+    Raises:
+        ValueError: listing the supported ranges.
+    """
+    ranges = {m: r for m, r in SUPPORTED_BITS.items() if method in ("auto", m)}
+    if (
+        not isinstance(value, bool)
+        and isinstance(value, int)
+        and any(low <= value <= high for low, high in ranges.values())
+    ):
+        return
+    supported = ", ".join(f"{low} to {high} for {m}" for m, (low, high) in ranges.items())
+    target = "" if network is None else f" (method {method} for {type(network).__name__})"
+    raise ValueError(
+        f"QuantizationCallback {name}={value!r} is not a supported bit width{target}: the quantizers support "
+        f"{supported}; set `{name}` in the callback's init_args within that range"
+    )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from callbacks import QuantizationCallback
 from tests.conftest import make_resnet, make_stream, make_trainer, make_vit
@@ -57,3 +61,90 @@ def test_protocol_and_argument_errors() -> None:
 
     with pytest.raises(TypeError, match="set_network"):
         QuantizationCallback().setup(pl.Trainer(logger=False), pl.LightningModule(), "test")
+
+
+def _unfit_state(kind: str, quantized: nn.Module, make: Callable[[int], nn.Module]) -> dict[str, torch.Tensor]:
+    if kind == "truncated":  # the first half of the right state dict
+        state = quantized.state_dict()
+        return dict(list(state.items())[: len(state) // 2])
+    return make(0).state_dict()  # another model's: the float network's
+
+
+@pytest.mark.parametrize(
+    ("make", "options", "kind"),
+    [
+        (make_vit, {"num_candidates": 4, "search_rounds": 1}, "truncated"),
+        (make_vit, {"num_candidates": 4, "search_rounds": 1}, "other_model"),
+        (make_resnet, {"observer": "minmax"}, "truncated"),
+    ],
+    ids=["vit-truncated", "vit-other_model", "resnet-truncated"],
+)
+def test_unfit_cache_file_is_recalibrated_with_a_warning(
+    make: Callable[[int], nn.Module],
+    options: dict[str, Any],
+    kind: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # before the fix the ViT path prepared the network in place while trying the file, so recalibrating it then
+    # failed with "model is already quantised"
+    images = torch.linspace(-1, 1, 8 * 3 * 32 * 32).reshape(8, 3, 32, 32)
+    callback = QuantizationCallback(bits=8, calib_images=8, cache_dir=str(tmp_path), **options)
+    first, hit = callback.quantize(make(0), images)
+    assert hit is False
+    (path,) = tmp_path.glob("*.pt")
+    torch.save(_unfit_state(kind, first, make), path)
+
+    with caplog.at_level("WARNING", logger="callbacks.quantization"):
+        again, hit = callback.quantize(make(0), images)
+    assert hit is False
+    assert any(str(path) in r.getMessage() and "recalibrating" in r.getMessage() for r in caplog.records)
+    probe = torch.linspace(1, -1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(probe), first(probe))
+    assert callback.quantize(make(0), images)[1] is True  # the file was overwritten with a fitting one
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"bits": 1},
+            "bits=1 is not a supported bit width: the quantizers support 2 to 16 for ptq4vit, 2 to 8 for mqbench",
+        ),
+        ({"bits": 17}, "bits=17 is not a supported bit width"),
+        (
+            {"bits": 9, "method": "mqbench"},
+            "bits=9 is not a supported bit width: the quantizers support 2 to 8 for mqbench;",
+        ),
+        (
+            {"bits": 17, "method": "ptq4vit"},
+            "bits=17 is not a supported bit width: the quantizers support 2 to 16 for ptq4vit;",
+        ),
+        ({"act_bits": 0}, "act_bits=0 is not a supported bit width"),
+        ({"act_bits": 1, "method": "ptq4vit"}, "act_bits=1 is not a supported bit width"),
+        ({"act_bits": 10, "method": "mqbench"}, "act_bits=10 is not a supported bit width"),
+        ({"bits": True}, "bits=True is not a supported bit width"),
+    ],
+)
+def test_bit_widths_outside_the_quantizers_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"QuantizationCallback {message}")):
+        QuantizationCallback(**options)
+
+
+def test_bit_widths_at_the_limits_are_accepted() -> None:
+    for low, high, method in ((2, 16, "ptq4vit"), (2, 8, "mqbench"), (2, 16, "auto")):
+        QuantizationCallback(bits=low, act_bits=high, method=method)  # type: ignore[arg-type]
+        QuantizationCallback(bits=high, act_bits=low, method=method)  # type: ignore[arg-type]
+
+
+def test_auto_method_checks_the_bit_width_of_the_chosen_quantizer(tmp_path: Path) -> None:
+    # 12 bits is fine for a ViT, so "auto" accepts it until the network turns out to be a CNN (MQBench: 2..8)
+    callback = QuantizationCallback(bits=12, cache_dir=str(tmp_path))
+    message = (
+        "QuantizationCallback bits=12 is not a supported bit width (method mqbench for ResNet): the quantizers support "
+        "2 to 8 for mqbench"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        callback.quantize(make_resnet(0), torch.zeros(2, 3, 32, 32))
+    assert not list(tmp_path.iterdir())

@@ -4,7 +4,8 @@ Every MQBench call lives in :mod:`zoa_lightning.core.quant.cnn`, so the dependen
 Norm layers stay float modules at their original names, so the ZOA engine can adapt them.
 """
 
-from zoa_lightning.core.quant.cnn import default_activation_bits, prepare_cnn_quantization, quantize_cnn
+from zoa_lightning.core.quant._common import PTQ4VIT_BITS
+from zoa_lightning.core.quant.cnn import MQBENCH_BITS, default_activation_bits, prepare_cnn_quantization, quantize_cnn
 from zoa_lightning.core.quant.vit import (
     calibrate_vit_quantization,
     prepare_vit_quantization,
@@ -15,6 +16,8 @@ from zoa_lightning.core.quant.vit import (
 )
 
 __all__ = [
+    "MQBENCH_BITS",
+    "PTQ4VIT_BITS",
     "calibrate_vit_quantization",
     "default_activation_bits",
     "prepare_cnn_quantization",

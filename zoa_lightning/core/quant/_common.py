@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "GELU_NEGATIVE_RANGE",
+    "PTQ4VIT_BITS",
     "fake_quant_post_gelu",
     "fake_quant_post_softmax",
     "fake_quant_uniform",
@@ -27,6 +28,11 @@ __all__ = [
     "softmax_split_candidates",
     "validate_bits",
 ]
+
+#: Bit widths (inclusive range) of the PTQ4ViT-style quantisers, weights and activations alike. At 1 bit the
+#: post-softmax twin-range quantiser has no grid step (``q = 2**(b-1) - 1 = 0``: it divides by zero) and the post-GELU
+#: one no positive level, so 2 is the least; 16 is the cap :func:`validate_bits` enforces.
+PTQ4VIT_BITS: tuple[int, int] = (2, 16)
 
 #: Magnitude of GELU's minimum (about -0.17): the fixed range of the negative grid of the post-GELU quantiser.
 GELU_NEGATIVE_RANGE: float = 0.16997124254703522
@@ -68,10 +74,11 @@ def validate_bits(bits: int, what: str) -> int:
         ``bits`` unchanged.
 
     Raises:
-        ValueError: if ``bits`` is not an integer in ``[2, 16]``.
+        ValueError: if ``bits`` is not an integer in :data:`PTQ4VIT_BITS` (``[2, 16]``).
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-        raise ValueError(f"{what} must be an integer in [2, 16], got {bits!r}")
+    low, high = PTQ4VIT_BITS
+    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
+        raise ValueError(f"{what} must be an integer in [{low}, {high}], got {bits!r}")
     return bits
 
 

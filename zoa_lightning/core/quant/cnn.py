@@ -35,11 +35,22 @@ from torch import Tensor, fx, nn
 
 from zoa_lightning.core.layout import ModelLayout, resolve_layout
 
-__all__ = ["ADAROUND_MAX_BITS", "CNNObserver", "default_activation_bits", "prepare_cnn_quantization", "quantize_cnn"]
+__all__ = [
+    "ADAROUND_MAX_BITS",
+    "MQBENCH_BITS",
+    "CNNObserver",
+    "default_activation_bits",
+    "prepare_cnn_quantization",
+    "quantize_cnn",
+]
 
 log = logging.getLogger(__name__)
 
 CNNObserver = Literal["mse", "minmax"]
+
+#: Bit widths (inclusive range) this module quantizes weights and activations with: the settings of spec §7.2 (8, 6, 4
+#: and W2A4) and those in between. The first conv, the classifier and their inputs stay at 8 bits whatever is asked.
+MQBENCH_BITS: tuple[int, int] = (2, 8)
 
 #: Weight bit widths at or below this use MQBench's AdaRound quantizer and reconstruction (spec §7.2).
 ADAROUND_MAX_BITS = 4
@@ -383,9 +394,10 @@ def _check_not_inference_mode(caller: str) -> None:
 
 
 def _check_bits(w_bits: int, a_bits: int) -> None:
+    low, high = MQBENCH_BITS
     for label, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise ValueError(f"{label} must be an integer in 2..8, got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
+            raise ValueError(f"{label} must be an integer in {low}..{high}, got {bits!r}")
 
 
 def _check_images(images: Tensor, label: str) -> None:
