@@ -72,7 +72,7 @@ class DomainBankCallback(Callback):
         """Where the stream checkpoint is written, or ``None`` if saving is off."""
         if not self.save:
             return None
-        folder = self.dirpath or str(Path(trainer.default_root_dir) / getattr(pl_module, "method_name", "run"))
+        folder = self.dirpath or str(Path(trainer.default_root_dir) / getattr(pl_module, "run_name", "run"))
         return Path(folder) / self.filename
 
     @override
@@ -104,7 +104,7 @@ class DomainBankCallback(Callback):
     def _end_domain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         weights = pl_module.mixing_weights()  # type: ignore[attr-defined]
         if self.log_mixing_weights and weights is not None and weights.numel() > 0:
-            entropy = float(-(weights * weights.clamp_min(1e-12).log()).sum())
+            entropy = max(0.0, float(-(weights * weights.clamp_min(1e-12).log()).sum()))  # no "-0.000"
             rank_zero_info(
                 f"knowledge bank: {weights.numel() - 1} stored entries, largest mixing weight "
                 f"{float(weights.max()):.3f}, mixing entropy {entropy:.3f}"

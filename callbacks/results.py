@@ -7,12 +7,15 @@
 """
 
 import csv
+import io
 import itertools
 import json
 import logging
 import math
+import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +40,7 @@ ROW_COLUMNS: tuple[str, ...] = (
     "n",
     "batches",
     "forward_passes",
+    "skipped_batches",
     "seconds",
 )
 #: Run-constant columns appended to every CSV row, so CSVs of several runs can be concatenated.
@@ -51,14 +55,22 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "batches",
     "forward_passes",
     "forward_passes_per_batch",
+    "skipped_batches",
     "seconds",
     "seconds_per_batch",
     "peak_memory_mb",
     "memory_kind",
 )
 
-_INT_COLUMNS = frozenset({"index", "round", "n", "batches", "forward_passes"})
+_INT_COLUMNS = frozenset({"index", "round", "n", "batches", "forward_passes", "skipped_batches"})
 _FLOAT_COLUMNS = frozenset({"acc1", "acc5", "seconds"})
+#: Columns that rows written before they existed lack, with the value such a row means.
+_DEFAULTS: dict[str, Any] = {"skipped_batches": 0}
+#: Decimals kept in result files: accuracies are counts over at most millions of images (1e-4 % resolves one in a
+#: million), seconds to the microsecond. Float32 metric noise (89.60000276565552) is cut off.
+_DECIMALS = {"acc1": 4, "acc5": 4, "seconds": 6, "mean_acc1": 4, "mean_acc5": 4, "seconds_per_batch": 6}
+#: Result files a run writes; a fresh run replaces all of them, so no file of an older run is left looking current.
+RESULT_FILES: tuple[str, ...] = ("results.json", "results.csv", "accuracy.png")
 _MEASURED_KEYS = frozenset({"seconds", "peak_memory_mb", "memory_kind"})
 _PROTOCOL_METHODS: tuple[str, ...] = ("stream_results", "run_info")
 
@@ -88,6 +100,7 @@ def _plain(value: Any) -> Any:
 
 def _normalise_row(row: Mapping[str, Any], position: int) -> dict[str, Any]:
     """Check that a domain row has every column and cast it to plain ints, floats and strings."""
+    row = {**_DEFAULTS, **row}
     missing = [key for key in ROW_COLUMNS if key not in row]
     if missing:
         raise ValueError(f"Domain row {position} ({row.get('domain', '?')!r}) lacks the keys {missing}.")
@@ -145,6 +158,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -> dic
         batches=batches,
         forward_passes=forward_passes,
         forward_passes_per_batch=forward_passes / batches if batches else None,
+        skipped_batches=sum(row["skipped_batches"] for row in table),
         seconds=seconds,
         seconds_per_batch=seconds / batches if batches else None,
         peak_memory_mb=_plain(info.get("peak_memory_mb")),
@@ -261,24 +275,62 @@ def write_results(
     Raises:
         ValueError: As for :func:`summarize`.
     """
-    summary = summarize(rows, info)
-    table = [_normalise_row(row, i) for i, row in enumerate(rows)]
+    summary = _rounded(summarize(rows, info))
+    table = [_rounded(_normalise_row(row, i)) for i, row in enumerate(rows)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{prefix}results.json", "csv": out / f"{prefix}results.csv"}
-
-    with paths["json"].open("w", encoding="utf-8") as f:
-        json.dump({"summary": summary, "domains": table}, f, indent=2, default=str)
-        f.write("\n")
-    with paths["csv"].open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*ROW_COLUMNS, *RUN_COLUMNS], extrasaction="ignore")
-        writer.writeheader()
-        run = {key: summary[key] for key in RUN_COLUMNS}
-        writer.writerows({**row, **run} for row in table)
+    _atomic_text(paths["json"], json.dumps({"summary": summary, "domains": table}, indent=2, default=str) + "\n")
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=[*ROW_COLUMNS, *RUN_COLUMNS], extrasaction="ignore")
+    writer.writeheader()
+    run = {key: summary[key] for key in RUN_COLUMNS}
+    writer.writerows({**row, **run} for row in table)
+    _atomic_text(paths["csv"], buffer.getvalue())
+    plot_path = out / f"{prefix}accuracy.png"
     if plot:
         title = f"{summary['method']} · {summary['model']} · {summary['bits']}"
-        paths["plot"] = plot_accuracy({summary["method"]: table}, out / f"{prefix}accuracy.png", title)
+        tmp = plot_path.with_name(f".{plot_path.name}.{os.getpid()}.tmp.png")
+        try:
+            plot_accuracy({summary["method"]: table}, tmp, title)
+            os.replace(tmp, plot_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        paths["plot"] = plot_path
+    else:
+        plot_path.unlink(missing_ok=True)  # an older run's plot must not pass for this run's
     return paths
+
+
+def _rounded(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its float columns cut to the decimals of :data:`_DECIMALS`."""
+    return {
+        key: round(value, _DECIMALS[key]) if key in _DECIMALS and isinstance(value, float) else value
+        for key, value in record.items()
+    }
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (never half-written)."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_results(out_dir: str | Path, prefix: str = "") -> list[Path]:
+    """Delete the result files of an earlier run in ``out_dir`` (see :data:`RESULT_FILES`); returns what it removed."""
+    removed = []
+    for name in RESULT_FILES:
+        path = Path(out_dir) / f"{prefix}{name}"
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _observed(pl_module: "pl.LightningModule") -> StreamResults:
@@ -379,6 +431,14 @@ class ResultsCallback(Callback):
         if self._cuda_device is not None:
             torch.cuda.reset_peak_memory_stats(self._cuda_device)
         self._started_at = time.perf_counter()
+        if trainer.is_global_zero and trainer.ckpt_path is None:
+            # A fresh run replaces an earlier run's files at its end; until then none of them may pass for this run's.
+            removed = remove_stale_results(self._out_dir(trainer, info), self.filename_prefix)
+            if removed:
+                rank_zero_info(f"{type(self).__name__}: removed an earlier run's {', '.join(str(p) for p in removed)}")
+
+    def _out_dir(self, trainer: "pl.Trainer", info: Mapping[str, Any]) -> Path:
+        return self.out_dir or Path(trainer.default_root_dir) / str(info["method"])
 
     @override
     def on_test_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -393,10 +453,15 @@ class ResultsCallback(Callback):
             return
         info = dict(module.run_info())
         info.update(seconds=self._elapsed, **self._peak_memory())
-        out_dir = self.out_dir or Path(trainer.default_root_dir) / str(info["method"])
-        paths = write_results(rows, info, out_dir, plot=self.plot, prefix=self.filename_prefix)
+        paths = write_results(rows, info, self._out_dir(trainer, info), plot=self.plot, prefix=self.filename_prefix)
         if self.table:
             self._print_table(rows, info)
+        skipped = sum(_normalise_row(row, i)["skipped_batches"] for i, row in enumerate(rows))
+        if skipped:
+            rank_zero_warn(
+                f"{info['method']} rolled back its adaptation on {skipped} batch(es) of this stream (column "
+                "skipped_batches of the results): those batches were predicted but not adapted on"
+            )
         rank_zero_info(f"{type(self).__name__}: wrote {', '.join(str(p) for p in paths.values())}")
 
     @override
@@ -420,18 +485,22 @@ class ResultsCallback(Callback):
         from rich.table import Table
 
         table_rows = [_normalise_row(row, i) for i, row in enumerate(rows)]
+        skipped = sum(row["skipped_batches"] for row in table_rows)
         table = Table(title=f"{info['method']} · {info['model']} · {info['bits']}")
         table.add_column("domain")
-        for name in ("acc1", "acc5", "n"):
-            table.add_column(name, justify="right")
+        columns = ("acc1", "acc5", "n", "skipped") if skipped else ("acc1", "acc5", "n")
+        for name in columns:
+            table.add_column(name, justify="right", style="bold red" if name == "skipped" else None)
         for i, row in enumerate(table_rows):
-            last = i == len(table_rows) - 1
-            table.add_row(row["domain"], f"{row['acc1']:.2f}", f"{row['acc5']:.2f}", str(row["n"]), end_section=last)
-        table.add_row(
+            cells = [row["domain"], f"{row['acc1']:.2f}", f"{row['acc5']:.2f}", str(row["n"])]
+            table.add_row(*cells, *([str(row["skipped_batches"])] if skipped else []), end_section=i == len(rows) - 1)
+        total = [
             "mean",
             f"{_mean([row['acc1'] for row in table_rows]):.2f}",
             f"{_mean([row['acc5'] for row in table_rows]):.2f}",
             str(sum(row["n"] for row in table_rows)),
-            style="bold",
-        )
+        ]
+        table.add_row(*total, *([str(skipped)] if skipped else []), style="bold")
+        if skipped:
+            table.caption = f"{skipped} batch(es) rolled back: predicted, not adapted on (see skipped_batches)"
         Console().print(table)

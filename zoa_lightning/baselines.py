@@ -62,6 +62,7 @@ class NormAdaptModule(StreamModule):
         network: see :class:`~zoa_lightning.module.StreamModule`.
         weights: see :class:`~zoa_lightning.module.StreamModule`.
         num_classes: see :class:`~zoa_lightning.module.StreamModule`.
+        name: see :class:`~zoa_lightning.module.StreamModule`.
     """
 
     method_name = "norm_adapt"
@@ -96,6 +97,7 @@ class T3AModule(StreamModule):
         weights: see :class:`~zoa_lightning.module.StreamModule`.
         num_classes: see :class:`~zoa_lightning.module.StreamModule`.
         filter_k: supports kept per pseudo-class (20).
+        name: see :class:`~zoa_lightning.module.StreamModule`.
     """
 
     method_name = "t3a"
@@ -106,8 +108,9 @@ class T3AModule(StreamModule):
         weights: str | None = None,
         num_classes: int = 10,
         filter_k: int = 20,
+        name: str | None = None,
     ) -> None:
-        super().__init__(network, weights, num_classes)
+        super().__init__(network, weights, num_classes, name)
         if isinstance(filter_k, bool) or not isinstance(filter_k, int) or filter_k < 1:
             raise ValueError(f"filter_k must be an integer >= 1, got {filter_k!r}")
         self.filter_k = filter_k
@@ -166,6 +169,7 @@ class FOAModule(StreamModule):
             demo ViT's forward runs about 2× faster compiled. The first batch pays the compilation (about 30 s on
             that CPU), a CPU needs a C++ compiler, and the numbers equal the eager ones up to float rounding (which
             can move a value across a quantisation step). State-dict keys are unchanged.
+        name: see :class:`~zoa_lightning.module.StreamModule`.
     """
 
     method_name = "foa"
@@ -184,8 +188,9 @@ class FOAModule(StreamModule):
         seed: int = 2020,
         source_batches: int | None = None,
         compile_blocks: bool = False,
+        name: str | None = None,
     ) -> None:
-        super().__init__(network, weights, num_classes)
+        super().__init__(network, weights, num_classes, name)
         check_prompt_vit(self.net)
         self.compile_blocks = compile_blocks
         self.options: dict[str, Any] = {
@@ -248,6 +253,7 @@ class TentModule(StreamModule):
         num_classes: see :class:`~zoa_lightning.module.StreamModule`.
         lr: SGD learning rate (0.001: FOA's Tent setting for ViT-B, batch 64; Tent's ResNet-50 one is 0.00025).
         momentum: SGD momentum (0.9).
+        name: see :class:`~zoa_lightning.module.StreamModule`.
     """
 
     method_name = "tent"
@@ -259,8 +265,9 @@ class TentModule(StreamModule):
         num_classes: int = 10,
         lr: float = 0.001,
         momentum: float = 0.9,
+        name: str | None = None,
     ) -> None:
-        super().__init__(network, weights, num_classes)
+        super().__init__(network, weights, num_classes, name)
         if lr < 0 or momentum < 0:
             raise ValueError(f"lr and momentum must be >= 0, got lr={lr}, momentum={momentum}")
         self.lr, self.momentum = lr, momentum
@@ -292,6 +299,5 @@ class TentModule(StreamModule):
             info.update(
                 backward_passes=self.adapter.backward_passes,
                 zero_gradient_steps=self.adapter.zero_gradient_steps,
-                skipped_batches=self.adapter.skipped_batches,
             )
         return info

@@ -104,7 +104,8 @@ def compare(
             log.info("reusing %s", _results_file(run_dir))
             return
         command = [sys.executable, "-m", "cli", "test", *(a for c in configs for a in ("-c", c)), "-c", str(overlay)]
-        command += ["--trainer.default_root_dir", str(run_dir), *(extra or [])]
+        # The method config's name labels the run everywhere (its table, folder and CSV rows), ablations included.
+        command += ["--model.init_args.name", method, "--trainer.default_root_dir", str(run_dir), *(extra or [])]
         log.info("running %s: %s", method, " ".join(command))
         Console(stderr=log_to_files).print(f"[bold]zoa compare[/bold]: {method}")
         if log_to_files:
@@ -133,7 +134,7 @@ def compare(
 
 
 def _results_file(run_dir: Path) -> Path | None:
-    """The newest ``results.json`` under ``run_dir`` (ResultsCallback writes ``<run_dir>/<method_name>/``)."""
+    """The newest ``results.json`` under ``run_dir`` (ResultsCallback writes ``<run_dir>/<run name>/``)."""
     found = sorted(run_dir.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 

@@ -39,6 +39,7 @@ def _row(index: int, rnd: int, corruption: str, acc1: float, acc5: float, n: int
         "n": n,
         "batches": n // 50,
         "forward_passes": 3 * (n // 50),
+        "skipped_batches": 0,
         "seconds": 0.5,
     }
 
@@ -93,8 +94,8 @@ def test_writes_json_csv_png_and_table(tmp_path: Path, capsys: pytest.CaptureFix
 
     data = json.loads((out / "results.json").read_text())
     summary = data["summary"]
-    assert list(summary)[:14] == ["method", "model", "bits", "mean_acc1", "mean_acc5", "domains", "samples",
-                                  "batches", "forward_passes", "forward_passes_per_batch", "seconds",
+    assert list(summary)[:15] == ["method", "model", "bits", "mean_acc1", "mean_acc5", "domains", "samples",
+                                  "batches", "forward_passes", "forward_passes_per_batch", "skipped_batches", "seconds",
                                   "seconds_per_batch", "peak_memory_mb", "memory_kind"]  # fmt: skip
     assert (summary["method"], summary["model"], summary["bits"], summary["seed"]) == ("zoa", "test_vit", "W8A8", 7)
     assert summary["mean_acc1"] == pytest.approx(55.0)
@@ -103,7 +104,7 @@ def test_writes_json_csv_png_and_table(tmp_path: Path, capsys: pytest.CaptureFix
     assert summary["forward_passes_per_batch"] == pytest.approx(3.0)
     # Wall time is the callback's own measurement, not the rows' sum (2 s).
     assert 0 < summary["seconds"] < 2.0
-    assert summary["seconds_per_batch"] == pytest.approx(summary["seconds"] / 16)
+    assert summary["seconds_per_batch"] == pytest.approx(summary["seconds"] / 16, abs=1e-6)
     assert summary["memory_kind"] == "cpu_max_rss"
     assert summary["peak_memory_mb"] > 1
     assert data["domains"] == ROWS
@@ -192,12 +193,12 @@ def test_resume_from_checkpoint_accumulates_seconds(tmp_path: Path) -> None:
     model = StreamModel()
     trainer.test(model)
     first = json.loads((out / "results.json").read_text())["summary"]["seconds"]
-    assert cb.state_dict()["elapsed_seconds"] == pytest.approx(first)
+    assert cb.state_dict()["elapsed_seconds"] == pytest.approx(first, abs=1e-6)  # the file keeps microseconds
 
     ckpt_path = tmp_path / "stream.ckpt"
     trainer.save_checkpoint(ckpt_path)
     ckpt = torch.load(ckpt_path, weights_only=True)
-    assert ckpt["callbacks"][cb.state_key] == {"elapsed_seconds": pytest.approx(first)}
+    assert ckpt["callbacks"][cb.state_key] == {"elapsed_seconds": pytest.approx(first, abs=1e-6)}
     ckpt["callbacks"][cb.state_key]["elapsed_seconds"] = 1000.0
     torch.save(ckpt, ckpt_path)
 
@@ -264,3 +265,47 @@ def test_init_validation_and_cli_arguments() -> None:
     assert isinstance(cb, ResultsCallback)
     assert (cb.out_dir, cb.filename_prefix, cb.plot, cb.table) == (Path("runs/x"), "zoa_", False, True)
     assert math.isfinite(cb.elapsed_seconds)
+
+
+def test_result_files_round_float_noise(tmp_path: Path) -> None:
+    # Regression: the CSV carried float32 noise such as 89.60000276565552.
+    rows = [{**ROWS[0], "acc1": 89.60000276565552, "acc5": 99.90000128746033, "seconds": 1.23456789}]
+    paths = write_results(rows, INFO, tmp_path, plot=False)
+    text = paths["csv"].read_text()
+    assert "89.6," in text and "99.9," in text and "1.234568," in text
+    assert "89.60000276565552" not in text
+    assert json.loads(paths["json"].read_text())["domains"][0]["acc1"] == 89.6
+
+
+def test_rows_written_before_skipped_batches_existed_still_load(tmp_path: Path) -> None:
+    old = [{k: v for k, v in row.items() if k != "skipped_batches"} for row in ROWS]
+    assert summarize(old, INFO)["skipped_batches"] == 0
+    plot_accuracy({"zoa": old}, tmp_path / "old.png")
+
+
+def test_files_are_replaced_atomically_and_a_fresh_run_removes_an_older_runs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_results(ROWS, INFO, out)  # an older run: json, csv and png
+    cb = ResultsCallback(out_dir=out, plot=False, table=False)
+
+    class Failing(StreamModel):
+        def test_step(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("crashed before the first domain finished")
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        _trainer(tmp_path, cb).test(Failing())
+    assert not any(out.iterdir()), "an older run's results must not pass for this run's"
+    _trainer(tmp_path, ResultsCallback(out_dir=out, plot=False, table=False)).test(StreamModel())
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]  # no temporary files left
+
+
+def test_rolled_back_batches_show_in_the_table_and_the_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [{**row, "skipped_batches": 2 if i == 1 else 0} for i, row in enumerate(ROWS)]
+    with pytest.warns(UserWarning, match="rolled back its adaptation on 2 batch"):
+        _trainer(tmp_path, ResultsCallback(out_dir=tmp_path / "o")).test(StreamModel(rows))
+    printed = capsys.readouterr().out
+    assert "skipped" in printed
+    assert "2 batch(es) rolled back" in printed
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["summary"]["skipped_batches"] == 2
