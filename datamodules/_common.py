@@ -76,16 +76,41 @@ def stream_order(seed: int, round_index: int, corruption: str, size: int) -> np.
     return rng.permutation(size)
 
 
-def source_order(seed: int, size: int, limit: int | None) -> np.ndarray:
+def source_order(seed: int, size: int, limit: int | None, where: str = "") -> np.ndarray:
     """Return the shuffled order of the clean source images, truncated to ``limit`` images.
 
+    Args:
+        seed: the data module's seed.
+        size: number of clean source images available.
+        limit: the data module's ``num_source_images`` (``None``: all of them).
+        where: where the images come from, for the error message (e.g. ``"the training part of dataset 'x'"``).
+
     Raises:
-        ValueError: if ``limit`` exceeds ``size``.
+        ValueError: if ``limit`` exceeds ``size``; the message names the option and how to set it.
     """
-    if limit is not None and limit > size:
-        raise ValueError(f"num_source_images={limit} but only {size} clean source images are available; lower it")
+    check_source_count(limit, size, where)
     order = np.random.default_rng([int(seed), _SOURCE_STREAM_TAG]).permutation(size)
     return order if limit is None else order[:limit]
+
+
+def check_source_count(limit: int | None, size: int, where: str = "") -> None:
+    """Raise if ``num_source_images=limit`` asks for more than the ``size`` clean source images available.
+
+    Args:
+        limit: the data module's ``num_source_images`` (``None``: all of them).
+        size: number of clean source images available.
+        where: where the images come from, for the error message (e.g. ``"the training part of dataset 'x'"``).
+
+    Raises:
+        ValueError: naming the option as a user sets it and the number of images available.
+    """
+    if limit is not None and limit > size:
+        source = f" ({where})" if where else ""
+        raise ValueError(
+            f"num_source_images={limit}, but only {size} clean source images are available{source}. Set "
+            f"`--data.init_args.num_source_images {size}` (or `null` to use all of them), or the same "
+            "`num_source_images:` under `data: init_args:` in the config"
+        )
 
 
 def calibration_order(size: int, n: int) -> np.ndarray:
@@ -319,6 +344,9 @@ class FileDataset(Dataset):
         samples: ``(path, label)`` pairs.
         order: indices into ``samples``; item ``i`` is sample ``order[i]``. ``None`` for the natural order.
         transform: maps a PIL RGB image to a ``3×H×W`` float tensor.
+        min_size: if set, remember every item whose image is narrower or lower than this many pixels (a centre crop
+            of that size zero-pads it); :meth:`undersized_paths` lists them. The marks live in shared memory, so
+            items read by ``DataLoader`` worker processes count too.
     """
 
     def __init__(
@@ -326,17 +354,28 @@ class FileDataset(Dataset):
         samples: Sequence[tuple[str, int]],
         order: np.ndarray | None,
         transform: Callable[[Image.Image], Tensor],
+        min_size: int | None = None,
     ) -> None:
         self.samples = samples
         self.order = np.arange(len(samples)) if order is None else np.asarray(order)
         self.transform = transform
+        self.min_size = min_size
+        self._undersized = torch.zeros(len(self.order) if min_size else 0, dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, index: int) -> Batch:
         path, label = self.samples[int(self.order[index])]
-        return self.transform(read_rgb(path)), torch.tensor(label, dtype=torch.int64)
+        image = read_rgb(path)
+        if self.min_size is not None and min(image.size) < self.min_size:
+            self._undersized[index] = 1
+        return self.transform(image), torch.tensor(label, dtype=torch.int64)
+
+    def undersized_paths(self) -> list[str]:
+        """Files read so far that were smaller than ``min_size`` on a side (empty if ``min_size`` is unset)."""
+        positions = torch.nonzero(self._undersized).flatten().tolist()
+        return [self.samples[int(self.order[i])][0] for i in positions]
 
 
 def is_image_file(name: str) -> bool:
@@ -395,12 +434,13 @@ def index_image_folder(root: Path, classes: Sequence[str], what: str, layout: st
 class StreamWindow:
     """Mixin: which part of the domain stream ``test_dataloader`` serves (``start_domain`` up to ``stop_domain``).
 
-    A stream interrupted after ``k`` domains resumes with ``start_domain = k`` (a resumed ``trainer.test`` sets it from
-    the checkpoint); ``stop_domain`` runs only a prefix of the stream.
+    A stream interrupted after ``k`` domains resumes with ``start_domain = k`` (a resumed ``trainer.test`` calls
+    :meth:`resume_from` with the checkpoint's position); ``stop_domain`` runs only a prefix of the stream.
     """
 
     start_domain: int = 0
     stop_domain: int | None = None
+    _resumed_from: int | None = None
 
     @property
     def domains(self) -> tuple[str, ...]:  # pragma: no cover - provided by the data module
@@ -415,9 +455,33 @@ class StreamWindow:
         """
         total = len(self.domains)
         stop = total if self.stop_domain is None else self.stop_domain
+        if self.start_domain == self._resumed_from and self.start_domain >= stop:
+            return ()  # a resumed run whose checkpoint already finished the window: nothing left to serve
         if not 0 <= self.start_domain < stop <= total:
             raise ValueError(
                 f"start_domain={self.start_domain} and stop_domain={self.stop_domain} select no domains of a "
                 f"{total}-domain stream; need 0 <= start_domain < stop_domain <= {total}"
             )
         return self.domains[self.start_domain : stop]
+
+    def resume_from(self, next_domain: int) -> tuple[str, ...]:
+        """Serve the stream from domain ``next_domain`` on (a resumed run); return the domains left to serve.
+
+        A checkpoint that already finished the window (``next_domain`` at or past ``stop_domain`` or the end of the
+        stream) leaves nothing to serve: :attr:`active_domains` is then empty and ``trainer.test`` runs no batch,
+        instead of raising as an empty window set by hand does.
+
+        Args:
+            next_domain: the first domain the checkpoint's run did not finish.
+
+        Returns:
+            The domains ``test_dataloader`` will serve (empty if the window is finished).
+
+        Raises:
+            ValueError: if ``next_domain`` is negative or beyond the end of the stream.
+        """
+        total = len(self.domains)
+        if not 0 <= next_domain <= total:
+            raise ValueError(f"cannot resume a {total}-domain stream at domain {next_domain}: need 0..{total}")
+        self.start_domain = self._resumed_from = int(next_domain)
+        return self.active_domains

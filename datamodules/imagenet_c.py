@@ -17,7 +17,8 @@ Label spaces (``label_space``):
 
 Transforms (spec §6.2; sizes shown for ``image_size=224`` and scaled with it otherwise):
 
-* ImageNet-C: CenterCrop 224, ToTensor, normalization.
+* ImageNet-C: CenterCrop 224, ToTensor, normalization (an image smaller than the crop is zero-padded; the data
+  module warns once with the number of such files).
 * Clean val: Resize 256 (bilinear, shorter side), CenterCrop 224, ToTensor, normalization.
 * Calibration: ``norm="vit"``: Resize 248 (bicubic), CenterCrop 224, 0.5/0.5 (timm's eval transform for ViT-B/16);
   ``norm="imagenet"``: Resize 256 (bilinear), CenterCrop 224, ImageNet statistics.
@@ -28,15 +29,19 @@ Transforms (spec §6.2; sizes shown for ``image_size=224`` and scaled with it ot
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
@@ -207,6 +212,9 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         self._effective_label_space: str | None = None
         self._test_samples: dict[str, _Samples] = {}
         self._clean_samples: dict[Path, _Samples] = {}
+        self._test_datasets: list[FileDataset] = []
+        self._padding_warned = False
+        self._files_hash: str | None = None
 
     # ------------------------------------------------------------------ public surface
 
@@ -313,10 +321,67 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             round_index, corruption = split_domain(domain)
             samples = self._corruption_samples(corruption)
             order = stream_order(self.seed, round_index, corruption, len(samples))
-            loaders[domain] = make_loader(
-                FileDataset(samples, order, transform), self.batch_size, self.num_workers, trainer=self.trainer
-            )
+            dataset = FileDataset(samples, order, transform, min_size=self.image_size)
+            self._test_datasets.append(dataset)
+            loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
         return loaders
+
+    def teardown(self, stage: str) -> None:
+        """Warn (once per data module) if test images smaller than the crop were read: they were zero-padded.
+
+        The ImageNet-C transform centre-crops without resizing (spec §6.2), and a crop larger than the image pads it
+        with black. Every test image read is checked; under DDP each process counts the images it read.
+
+        Args:
+            stage: the Lightning stage.
+        """
+        datasets, self._test_datasets = self._test_datasets, []
+        undersized = sorted({path for dataset in datasets for path in dataset.undersized_paths()})
+        if not undersized or self._padding_warned:
+            return
+        self._padding_warned = True
+        with Image.open(undersized[0]) as image:
+            width, height = image.size
+        share = " (the images this process read)" if self.trainer is not None and self.trainer.world_size > 1 else ""
+        rank_zero_warn(
+            f"{len(undersized)} test image file(s) under {self.root}{share} are smaller than the "
+            f"{self.image_size}-pixel centre crop and were zero-padded to it (e.g. {undersized[0]}, {width}×{height}): "
+            "the model saw black borders and the accuracy is not comparable. Use images of at least "
+            f"{self.image_size} pixels per side (ImageNet-C's are 224×224) or set image_size to their size"
+        )
+
+    def stream_fingerprint(self) -> dict[str, Any]:
+        """What identifies the test stream: equal fingerprints mean the same images in the same order and batches.
+
+        Plain values, stored in stream checkpoints so a resumed run can refuse a different stream. The image files are
+        identified by a hash of their paths relative to ``root`` and their labels (not their bytes, which would mean
+        reading the whole data set), so a moved ``root`` still matches. ``num_workers``, ``start_domain``,
+        ``stop_domain`` and the clean folders do not change the stream and are left out.
+
+        Returns:
+            ``data_module``, ``test_images``, ``corruptions``, ``severity``, ``rounds``, ``seed``, ``image_size``,
+            ``batch_size``, ``norm`` and ``label_space`` (the effective one).
+        """
+        if self._files_hash is None:
+            digest = hashlib.sha256()
+            count = 0
+            for corruption in self.corruptions:
+                for path, label in self._corruption_samples(corruption):
+                    digest.update(f"{Path(path).relative_to(self.root).as_posix()}\t{label}\n".encode())
+                    count += 1
+            self._files_hash = f"{count} files, sha256 {digest.hexdigest()[:16]}"
+        return {
+            "data_module": type(self).__name__,
+            "test_images": self._files_hash,
+            "corruptions": list(self.corruptions),
+            "severity": self.severity,
+            "rounds": self.rounds,
+            "seed": self.seed,
+            "image_size": self.image_size,
+            "batch_size": self.batch_size,
+            "norm": self.norm,
+            "label_space": self.effective_label_space,
+        }
 
     def source_dataloader(self) -> DataLoader:
         """Clean validation images for source statistics, in a seeded order, ``shuffle=False``.
@@ -327,7 +392,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         if self.source_root is None:
             raise ValueError("source_dataloader needs clean ImageNet validation images: set source_root=<ImageNet val>")
         samples = self._folder_samples(self.source_root, "source_root folder", _CLEAN_LAYOUT)
-        order = source_order(self.seed, len(samples), self.num_source_images)
+        order = source_order(self.seed, len(samples), self.num_source_images, f"in source_root {self.source_root}")
         transform = self._transform(resize=(VAL_CROP_PCT, T.InterpolationMode.BILINEAR))
         return make_loader(
             FileDataset(samples, order, transform), self.batch_size, self.num_workers, trainer=self.trainer

@@ -26,13 +26,14 @@ import re
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -45,6 +46,7 @@ from datamodules._common import (
     check_normalization,
     check_optional_count,
     check_positive,
+    check_source_count,
     class_folders,
     domain_names,
     index_image_folder,
@@ -170,6 +172,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         self._num_classes: int | None = None
         self._corrupted: dict[str, np.ndarray] = {}
         self._fingerprint: str | None = None
+        self._stream_hash: str | None = None
 
     # ------------------------------------------------------------------ public surface
 
@@ -197,7 +200,12 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         return root / self._dataset_tag()
 
     def prepare_data(self) -> None:
-        """Load the clean set and build every missing or damaged cache file of the stream's corruptions."""
+        """Load the clean set and build every missing or damaged cache file of the stream's corruptions.
+
+        Raises:
+            ValueError: if ``num_source_images`` exceeds the training part (checked before anything is built).
+        """
+        self._check_source_count()
         self._load_or_build()
 
     def setup(self, stage: str | None = None) -> None:
@@ -212,12 +220,13 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
 
         Raises:
             ValueError: under DDP, for a test stage, if ``trainer.use_distributed_sampler`` is on or ``batch_size``
-                is smaller than twice the number of processes.
+                is smaller than twice the number of processes; if ``num_source_images`` exceeds the training part
+                (before any cache file is built).
         """
         num_shards = stream_shards(self.trainer)[0] if stage in (None, "test", "predict") else 1
         if num_shards > 1:
             check_global_batch(self.batch_size, num_shards)
-        self._clean_split()
+        self._check_source_count()
         if stage in (None, "test", "predict"):
             self._load_or_build()
 
@@ -247,6 +256,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             ValueError: if ``num_source_images`` exceeds the training part.
         """
         train_x, train_y, _, _ = self._clean_split()
+        self._check_source_count()
         order = source_order(self.seed, len(train_y), self.num_source_images)
         dataset = ArrayDataset(train_x, train_y, order, self._mean, self._std)
         return make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
@@ -280,6 +290,47 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         """Clean test part, in its natural order."""
         _, _, test_x, test_y = self._clean_split()
         return make_loader(ArrayDataset(test_x, test_y, None, self._mean, self._std), self.batch_size, self.num_workers)
+
+    def clean_split(self) -> _Split:
+        """Return the clean split: ``(train_images, train_labels, test_images, test_labels)``.
+
+        Images are read-only ``uint8`` arrays ``(N, image_size, image_size, 3)``, labels ``int64`` arrays ``(N,)``:
+        the training part feeds source-model training, source statistics and calibration, the test part is
+        corrupted into the stream (the split is described under ``dataset``). Loaded on first use.
+        """
+        return self._clean_split()
+
+    def stream_fingerprint(self) -> dict[str, Any]:
+        """What identifies the test stream: equal fingerprints mean the same images in the same order and batches.
+
+        Plain values, stored in stream checkpoints so a resumed run can refuse a different stream. The clean test
+        part is identified by a hash of its pixels and labels, so a folder data set that changed (or moved to
+        another folder with the same images) is recognised by content. ``num_workers``, ``cache_dir``,
+        ``num_source_images``, ``augment``, ``start_domain`` and ``stop_domain`` do not change the stream and are left
+        out.
+
+        Returns:
+            ``data_module``, ``dataset`` (``"mnist"`` or ``"folder"``), ``test_images``, ``corruptions``, ``severity``,
+            ``rounds``, ``seed``, ``image_size``, ``batch_size``, ``mean`` and ``std``.
+        """
+        if self._stream_hash is None:
+            _, _, test_x, test_y = self._clean_split()
+            digest = hashlib.sha256(np.ascontiguousarray(test_x).data)
+            digest.update(np.ascontiguousarray(test_y).data)
+            self._stream_hash = f"{len(test_y)} images, sha256 {digest.hexdigest()[:16]}"
+        return {
+            "data_module": type(self).__name__,
+            "dataset": "mnist" if self.is_mnist else "folder",
+            "test_images": self._stream_hash,
+            "corruptions": list(self.corruptions),
+            "severity": self.severity,
+            "rounds": self.rounds,
+            "seed": self.seed,
+            "image_size": self.image_size,
+            "batch_size": self.batch_size,
+            "mean": [round(float(v), 6) for v in self._mean.flatten()],
+            "std": [round(float(v), 6) for v in self._std.flatten()],
+        }
 
     # ------------------------------------------------------------------ clean data
 
@@ -318,6 +369,11 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             array.setflags(write=False)
         log.info("dataset folder %s: %d training and %d test images", root, len(train), len(test))
         return split
+
+    def _check_source_count(self) -> None:
+        _, train_y, _, _ = self._clean_split()
+        name = "the embedded MNIST" if self.is_mnist else f"dataset folder {self.dataset}"
+        check_source_count(self.num_source_images, len(train_y), f"the training part of {name}")
 
     def _dataset_tag(self) -> str:
         if self.is_mnist:
@@ -385,15 +441,17 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         _, _, test_x, _ = self._clean_split()
         self.cache_path.mkdir(parents=True, exist_ok=True)
         workers = min(len(missing), os.cpu_count() or 1)
-        with _Progress(len(missing) * len(test_x)) as advance:
+        with _Progress(len(missing), len(test_x)) as progress:
+            progress.note(
+                f"building the corruption cache for {len(missing)} corruption(s) of {len(test_x)} images in "
+                f"{self.cache_path} ({workers} process(es)); this takes a few minutes once, later runs read the files"
+            )
             if workers == 1:
                 for corruption in missing:
                     start = time.perf_counter()
-                    self._save_corrupted(
-                        corruption,
-                        corrupt_images(test_x, corruption, self.severity, self.seed, progress=advance),
-                        start,
-                    )
+                    array = corrupt_images(test_x, corruption, self.severity, self.seed, progress=progress.advance)
+                    self._save_corrupted(corruption, array, start)
+                    progress.done(corruption)
             else:
                 # One process per core: the corruptions are independent and CPU-bound (numpy/OpenCV/scipy).
                 context = multiprocessing.get_context("spawn")
@@ -404,7 +462,8 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
                     }
                     for future in as_completed(futures):
                         self._save_corrupted(futures[future], future.result(), start)
-                        advance(len(test_x))
+                        progress.advance(len(test_x))
+                        progress.done(futures[future])
         for corruption in missing:
             array = self._read_cache(self._cache_file(corruption))
             if array is None:
@@ -454,30 +513,56 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 
 
 class _Progress:
-    """Context manager yielding an ``advance(n)`` callable; shows a rich bar when stderr is a terminal."""
+    """Context manager reporting the cache build: a rich bar on a terminal, else visible log lines.
 
-    def __init__(self, total: int) -> None:
+    On a terminal (stderr) it shows a rich progress bar and prints notes above it; otherwise (a pipe, a log file, CI)
+    notes go through ``rank_zero_info``, which the ``zoa`` command shows, so a long first build is never silent.
+
+    Args:
+        corruptions: number of corruptions to build.
+        images: images per corruption.
+    """
+
+    def __init__(self, corruptions: int, images: int) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         console = Console(stderr=True)
+        self.interactive = console.is_terminal
+        self.corruptions = corruptions
+        self.finished = 0
+        self._start = time.perf_counter()
         self._bar = Progress(
             TextColumn("corrupting test images"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             console=console,
-            disable=not console.is_terminal,
+            disable=not self.interactive,
             transient=True,
         )
-        self._task = self._bar.add_task("corrupt", total=total)
+        self._task = self._bar.add_task("corrupt", total=corruptions * images)
 
-    def __enter__(self) -> Callable[[int], None]:
+    def __enter__(self) -> _Progress:
         self._bar.start()
-        return self._advance
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._bar.stop()
 
-    def _advance(self, n: int) -> None:
+    def advance(self, n: int) -> None:
+        """Count ``n`` more corrupted images (moves the bar)."""
         self._bar.advance(self._task, n)
+
+    def done(self, corruption: str) -> None:
+        """Report that ``corruption`` is built and cached."""
+        self.finished += 1
+        elapsed = time.perf_counter() - self._start
+        self.note(f"corruption cache: {corruption} done ({self.finished}/{self.corruptions}, {elapsed:.0f} s elapsed)")
+
+    def note(self, message: str) -> None:
+        """Show ``message``: above the bar on a terminal, else as a ``rank_zero_info`` line."""
+        if self.interactive:
+            self._bar.console.print(message, highlight=False)
+        else:
+            rank_zero_info(message)

@@ -1,5 +1,6 @@
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,47 @@ def test_unreadable_image_names_the_file(tree: Path, tmp_path: Path) -> None:
     assert len(next(iter(loaders["r1/gaussian_noise"]))[1]) == 4
     with pytest.raises(OSError, match=f"cannot decode image file '{re.escape(str(bad))}'"):
         list(loaders["r1/fog"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_images_smaller_than_the_crop_are_reported_once(tree: Path, tmp_path: Path, num_workers: int) -> None:
+    root = tmp_path / "c"
+    shutil.copytree(tree / "c", root)
+    shutil.rmtree(root / "fog")
+    _write_class_tree(root / "fog" / "5", 24)  # 4 images of 24 px, read in both rounds, padded to the 32-px crop
+    dm = _make(tree, root=str(root), num_workers=num_workers)
+    dm.setup("test")
+    for loader in dm.test_dataloader().values():
+        list(loader)
+    message = rf"4 test image file\(s\) under {re.escape(str(root))} are smaller than the 32-pixel centre crop"
+    with pytest.warns(UserWarning, match=message) as record:
+        dm.teardown("test")
+    assert "24×24" in str(record[0].message)
+    for loader in dm.test_dataloader().values():
+        list(loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.teardown("test")  # once per data module: no second warning
+
+
+def test_images_as_large_as_the_crop_are_not_reported(tree: Path, recwarn: pytest.WarningsRecorder) -> None:
+    dm = _make(tree, rounds=1)
+    dm.setup("test")
+    for loader in dm.test_dataloader().values():
+        list(loader)
+    dm.teardown("test")
+    assert not [w for w in recwarn if "centre crop" in str(w.message)]
+
+
+def test_stream_fingerprint_identifies_files_not_their_folder(tree: Path, tmp_path: Path) -> None:
+    dm = _make(tree)
+    dm.setup("test")
+    fingerprint = dm.stream_fingerprint()
+    assert fingerprint["test_images"].startswith("8 files, sha256 ")
+    assert fingerprint["label_space"] == "imagenet"
+    moved = tmp_path / "moved"
+    shutil.copytree(tree / "c", moved)
+    assert _make(tree, root=str(moved)).stream_fingerprint() == fingerprint
+    (moved / "fog" / "5" / WNIDS[0] / "chelsea.JPEG").rename(moved / "fog" / "5" / WNIDS[0] / "other.JPEG")
+    assert _make(tree, root=str(moved)).stream_fingerprint()["test_images"] != fingerprint["test_images"]
+    assert _make(tree, norm="imagenet").stream_fingerprint()["norm"] == "imagenet"

@@ -208,3 +208,68 @@ def test_signature_parses_for_lightning_cli() -> None:
     assert tuple(cfg.data.mean) == (0.1, 0.2, 0.3)
     assert cfg.data.severity == 5
     assert "corruption severity, 1 to 5" in parser.format_help()
+
+
+def _tiny_folder(root: Path, classes: int = 2, per_class: int = 5, size: int = 20) -> Path:
+    rng = np.random.default_rng(1)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _lightning_lines() -> tuple[logging.Handler, list[str]]:
+    """A handler on the `lightning.pytorch` logger, whose lines the `zoa` command shows."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    return Collect(level=logging.INFO), lines
+
+
+def test_cache_build_is_reported_in_lines_the_cli_shows(tmp_path: Path) -> None:
+    root = _tiny_folder(tmp_path / "folder")
+    dm = CorruptionStreamDataModule(dataset=str(root), corruptions=["contrast"], cache_dir=str(tmp_path / "c"))
+    handler, lines = _lightning_lines()
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(handler)
+    try:
+        dm.prepare_data()  # stderr is not a terminal under pytest: no bar, so lines
+        dm.prepare_data()  # cached: silent
+    finally:
+        logger.removeHandler(handler)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("building the corruption cache for 1 corruption(s) of 2 images in ")
+    assert str(dm.cache_path) in lines[0]
+    assert "few minutes once" in lines[0]
+    assert lines[1].startswith("corruption cache: contrast done (1/1, ")
+
+
+def test_cache_build_on_a_terminal_prints_above_the_bar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich treats stderr as a terminal
+    messages: list[str] = []
+    monkeypatch.setattr(stream_module, "rank_zero_info", messages.append)
+    root = _tiny_folder(tmp_path / "folder")
+    CorruptionStreamDataModule(dataset=str(root), corruptions=["contrast"], cache_dir=str(tmp_path / "c")).setup()
+    err = capsys.readouterr().err
+    assert "building the corruption cache" in err
+    assert "contrast done (1/1" in err
+    assert messages == []
+
+
+def test_too_many_source_images_says_how_to_set_the_option(tmp_path: Path) -> None:
+    root = _tiny_folder(tmp_path / "folder")  # 10 images: 8 training, 2 test
+    dm = CorruptionStreamDataModule(dataset=str(root), num_source_images=2048, cache_dir=str(tmp_path / "c"))
+    message = r"num_source_images=2048, but only 8 clean source images are available \(the training part of dataset"
+    with pytest.raises(ValueError, match=message) as info:
+        dm.prepare_data()
+    assert "--data.init_args.num_source_images 8" in str(info.value)
+    assert "`null` to use all of them" in str(info.value)
+    assert not (tmp_path / "c").exists()  # refused before building anything
+    with pytest.raises(ValueError, match="num_source_images=2048"):
+        dm.setup("test")
