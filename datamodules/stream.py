@@ -68,6 +68,7 @@ CACHE_ENV_VAR = "ZOA_CACHE_DIR"
 FOLDER_TEST_FRACTION = 0.2
 """Share of a folder data set's images that forms the test part (MNIST: 1,000 of 5,000)."""
 
+_POOL_MIN_IMAGES = 256  # fewer test images than this are corrupted in-process, not in a process pool
 _CACHE_VERSION = 1  # bump when the corruption policy changes, so old cache files are not reused
 _FOLDER_LAYOUT = "<root>/<class>/<image>.png|jpg, one sub-folder per class"
 
@@ -440,7 +441,9 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             return
         _, _, test_x, _ = self._clean_split()
         self.cache_path.mkdir(parents=True, exist_ok=True)
-        workers = min(len(missing), os.cpu_count() or 1)
+        # Starting a process pool costs tens of seconds (each worker imports numpy/OpenCV/scipy): not worth it for a
+        # small set, which one process corrupts faster.
+        workers = 1 if len(test_x) < _POOL_MIN_IMAGES else min(len(missing), os.cpu_count() or 1)
         with _Progress(len(missing), len(test_x)) as progress:
             progress.note(
                 f"building the corruption cache for {len(missing)} corruption(s) of {len(test_x)} images in "

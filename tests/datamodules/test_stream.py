@@ -273,3 +273,15 @@ def test_too_many_source_images_says_how_to_set_the_option(tmp_path: Path) -> No
     assert not (tmp_path / "c").exists()  # refused before building anything
     with pytest.raises(ValueError, match="num_source_images=2048"):
         dm.setup("test")
+
+
+def test_small_set_is_corrupted_without_a_process_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pool(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a process pool takes tens of seconds to start; a few images do not need one")
+
+    monkeypatch.setattr(stream_module, "ProcessPoolExecutor", no_pool)
+    monkeypatch.setattr(stream_module.os, "cpu_count", lambda: 4)
+    root = _tiny_folder(tmp_path / "folder")
+    dm = CorruptionStreamDataModule(dataset=str(root), corruptions=CHEAP, cache_dir=str(tmp_path / "c"))
+    dm.setup("test")
+    assert list(dm.test_dataloader()) == ["r1/gaussian_noise", "r1/contrast"]
