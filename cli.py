@@ -9,9 +9,14 @@ returns the CLI object with ``model``, ``datamodule`` and ``trainer`` built but 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
+import traceback
+import warnings
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only; never wait on a model hub
 
@@ -27,34 +32,177 @@ _TEST_DEFAULTS = Path(__file__).resolve().parent / "zoa_lightning" / "test_defau
 
 
 class ZOACLI(LightningCLI):
-    """LightningCLI with the class count linked from the data module to the model."""
+    """LightningCLI with the class count linked from the data module to the model.
+
+    ``test --ckpt_path`` resumes a stream with the model settings stored in the checkpoint: Lightning loads them over
+    the model section of the configs and flags. A command asking for other model settings is refused with an error
+    naming each one, instead of having them silently replaced.
+    """
+
+    _requested_model: dict[str, Any] | None = None
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self._requested_model = _resumed_model_section(self.config)  # before the checkpoint's settings replace it
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        _refuse_replaced_model_settings(self.config, self._requested_model)
+
+
+def _resumed_model_section(config: Any) -> dict[str, Any] | None:
+    """The model section (a plain dict) of a ``<subcommand> --ckpt_path`` command, else ``None``."""
+    subcommand = config.get("subcommand")
+    if not subcommand or not config[subcommand].get("ckpt_path"):
+        return None
+    model = config[subcommand].get("model")
+    return model.as_dict() if hasattr(model, "as_dict") else None
+
+
+def _refuse_replaced_model_settings(config: Any, requested: dict[str, Any] | None) -> None:
+    """Raise if the checkpoint's hyperparameters replaced model settings that the command asked for.
+
+    Args:
+        config: the CLI's config after Lightning applied the checkpoint's hyperparameters.
+        requested: the model section as the configs and flags gave it (:func:`_resumed_model_section`).
+
+    Raises:
+        ValueError: naming every replaced setting with the checkpoint's and the command's value. ``num_classes`` is
+            not compared: it is linked from the data module, and the stream checkpoint checks the data itself.
+    """
+    applied = _resumed_model_section(config)
+    if requested is None or applied is None:
+        return
+    replaced = []
+    class_paths = applied.get("class_path"), requested.get("class_path")
+    if class_paths[0] != class_paths[1]:
+        replaced.append(f"model.class_path: checkpoint {class_paths[0]}, command {class_paths[1]}")
+    wanted, stored = requested.get("init_args") or {}, applied.get("init_args") or {}
+    for key, value in wanted.items():
+        if key != "num_classes" and key in stored and stored[key] != value:
+            replaced.append(f"model.init_args.{key}: checkpoint {stored[key]!r}, command {value!r}")
+    if replaced:
+        path = config[config["subcommand"]]["ckpt_path"]
+        raise ValueError(
+            f"--ckpt_path {path} resumes a stream with the model settings stored in that checkpoint, which Lightning "
+            "loads over the model config, but this command asks for others that would be silently ignored: "
+            + "; ".join(replaced)
+            + ". Resume with the same configs and flags as the run that wrote the checkpoint, or start a fresh run "
+            "without --ckpt_path to use the new settings"
+        )
+
+
+DEBUG_ENV_VAR = "ZOA_DEBUG"
+"""Set to ``1`` to see the full traceback of an error instead of its message alone."""
+
+_NOISE = (
+    "💡 Tip: For seamless cloud logging",  # Lightning's LitLogger advertisement, printed by every Trainer
+    "Seed set to ",  # the seed is in the config (seed_everything) and in the saved config.yaml
+)
+# Lightning 2.6 calls a deprecated torch pytree API on every test run; nothing a user can act on.
+_LEAFSPEC_WARNING = r".*isinstance\(treespec, LeafSpec\).*"
+# Lines of jsonargparse's union-type errors that repeat what the line above says or show its internals.
+_ARGPARSE_NOISE = re.compile(
+    r"Does not validate against any of the Union subtypes|^\s*Subtypes:|^\s*Errors:|Expected a <class 'NoneType'>"
+    r"|^\s*Given value( type)?:|^\s*- Problem with given class_path"
+)
+_PARSER_KEY = re.compile(r'^\s*(?:- )?Parser key "([^"]+)":\s*(.*)$')
+
+
+class _DropNoise(logging.Filter):
+    """Drop the log records listed in :data:`_NOISE`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(noise) for noise in _NOISE)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's per-run advertisement, the seed line and a deprecation warning from its own internals."""
+    loggers = (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",
+    )
+    for name in loggers:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=_LEAFSPEC_WARNING)
+    # A resumed stream that is already finished serves no domain (the module says so); Lightning's remark is noise.
+    warnings.filterwarnings("ignore", message=r"Total length of `OrderedDict` across ranks is zero")
+
+
+def error_message(error: BaseException) -> str:
+    """The user-facing text of an error, on one line where possible.
+
+    jsonargparse nests its messages (``Parser key "model":`` / ``Parser key "lr":`` / the problem) and lists the
+    union types it tried; this keeps the problem, prefixed with the dotted key path (``model.lr: ...``).
+    """
+    text = str(error).strip() or type(error).__name__
+    keys: list[str] = []
+    messages: list[str] = []
+    for line in text.splitlines():
+        match = _PARSER_KEY.match(line)
+        if match:
+            keys.append(match.group(1))
+            line = match.group(2)
+        if line.strip() and not _ARGPARSE_NOISE.search(line):
+            messages.append(line.strip().removeprefix("- "))
+    if not messages:
+        return text
+    message = "\n".join(messages)
+    return f"{'.'.join(keys)}: {message}" if keys else message
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``zoa`` console script; ``zoa compare ...`` runs :mod:`zoa_lightning.compare`.
 
+    An error (a bad config value, a missing file, a diverged run) is printed as its message alone, first and last
+    line, with exit status 2 for arguments and 1 otherwise; ``ZOA_DEBUG=1`` shows the full traceback instead.
+
     Args:
         args: command-line arguments (default ``sys.argv[1:]``).
     """
+    from jsonargparse import ArgumentError
+
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["compare"]:
-        from zoa_lightning.compare import main as compare_main
+    quiet_lightning()
+    debug = os.environ.get(DEBUG_ENV_VAR, "") not in ("", "0")
+    try:
+        if argv[:1] == ["compare"]:
+            from zoa_lightning.compare import main as compare_main
 
-        compare_main(argv[1:])
-        return
-    make_cli(args)
+            compare_main(argv[1:])
+            return
+        make_cli(args, exit_on_error=False)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:
+        if debug:
+            raise
+        usage = isinstance(error, ArgumentError)
+        message = error_message(error)
+        hint = "run `zoa test --help` for every option" if usage else f"set {DEBUG_ENV_VAR}=1 for the traceback"
+        kind = "" if usage or isinstance(error, ValueError | FileNotFoundError) else f"{type(error).__name__}: "
+        sys.stderr.write(f"zoa: error: {kind}{message} ({hint})\n")
+        logging.getLogger(__name__).debug("".join(traceback.format_exception(error)))
+        sys.exit(2 if usage else 1)
 
 
-def make_cli(args: list[str] | None = None, run: bool = True) -> ZOACLI:
+def make_cli(args: list[str] | None = None, run: bool = True, *, exit_on_error: bool = True) -> ZOACLI:
     """Build the CLI; with ``run=False`` only parse and instantiate (then there is no subcommand level).
 
     Args:
         args: command-line arguments (default ``sys.argv[1:]``).
         run: run the subcommand.
+        exit_on_error: print usage and exit on a bad argument (jsonargparse's default); ``False`` raises
+            ``jsonargparse.ArgumentError`` instead (what :func:`main` uses to print the message alone).
 
     Returns:
         The CLI object with ``model``, ``datamodule`` and ``trainer``.
@@ -65,7 +213,10 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> ZOACLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"test": {"default_config_files": [str(_TEST_DEFAULTS)]}},
+        parser_kwargs={
+            "exit_on_error": exit_on_error,
+            "test": {"default_config_files": [str(_TEST_DEFAULTS)], "exit_on_error": exit_on_error},
+        },
         auto_configure_optimizers=False,
         seed_everything_default=2020,
         args=args,

@@ -95,3 +95,46 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_them() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert test in ci, "CI must run the README's test command verbatim"
     assert "pip install --quiet -e '.[dev]'" in ci
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--model.init_args.lr", "abc"], 2, "model.lr: Expected a <class 'float'>. Got value: abc"),
+        (["--model.init_args.spsa_c", "-1"], 1, "spsa_c must be > 0, got -1.0"),
+        (["--data.init_args.dataset", "/nonexistent/folder"], 1, "/nonexistent/folder"),
+    ],
+)
+def test_config_errors_print_the_message_alone(
+    args: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: a bad value drowned in ~100 lines of usage text or a 76-line traceback.
+    monkeypatch.delenv("ZOA_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "-c", str(ROOT / "configs" / "demo.yaml"), *args])
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("zoa: error: ")
+    assert message in err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_zoa_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZOA_DEBUG", "1")
+    with pytest.raises(ValueError, match="spsa_c must be > 0"):
+        main(["test", "-c", str(ROOT / "configs" / "demo.yaml"), "--model.init_args.spsa_c", "-1"])
+
+
+def test_lightning_advertisement_and_seed_lines_are_silenced(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import lightning.pytorch as pl
+
+    from cli import quiet_lightning
+
+    quiet_lightning()
+    with caplog.at_level(logging.INFO):
+        pl.seed_everything(3)
+        pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert not [r for r in caplog.records if "litlogger" in r.getMessage() or "Seed set" in r.getMessage()]

@@ -27,7 +27,8 @@ class _Record(pl.Callback):
 
 
 def _zoa(network: torch.nn.Module | None = None, **kwargs: Any) -> ZOAModule:
-    return ZOAModule(network=network if network is not None else make_vit(0), lr=0.005, spsa_c=0.05, **kwargs)
+    options = {"lr": 0.005, "spsa_c": 0.05, **kwargs}
+    return ZOAModule(network=network if network is not None else make_vit(0), **options)
 
 
 @pytest.mark.parametrize("make", [make_vit, make_resnet])
@@ -130,3 +131,64 @@ def test_adapt_norms_restricts_the_adapted_layers(cache_dir: Path) -> None:
 def test_adapt_norms_rejects_bad_names(names: list[str], match: str, cache_dir: Path) -> None:
     with pytest.raises(ValueError, match=match):
         _trainer(batches=1).test(_zoa(adapt_norms=names), datamodule=_data(cache_dir))
+
+
+def test_a_diverging_run_stops_with_an_error_naming_the_learning_rate(cache_dir: Path) -> None:
+    # Regression: lr 1000 used to drive the epsilons to ~1e23, roll back every later batch, score NaN logits as
+    # class 0 and exit normally.
+    module = _zoa(lr=1000.0, max_consecutive_skips=3)
+    with pytest.warns(RuntimeWarning, match="rolled back"), pytest.raises(RuntimeError, match="lr=1000"):
+        _trainer(batches=2).test(module, datamodule=_data(cache_dir))
+
+
+def test_rolled_back_batches_are_reported_per_domain_and_in_the_results(cache_dir: Path, tmp_path: Path) -> None:
+    from callbacks import ResultsCallback
+
+    module = _zoa(lr=1000.0, max_consecutive_skips=None)
+    trainer = _trainer(callbacks=[ResultsCallback(out_dir=tmp_path)], batches=2)
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        trainer.test(module, datamodule=_data(cache_dir))
+    rows = module.stream_results()
+    assert [r["skipped_batches"] for r in rows] == [2, 2, 2]
+    assert all(r["forward_passes"] == 4 for r in rows)  # the passes of rolled-back batches are counted
+    import json
+
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert summary["skipped_batches"] == 6
+    assert "skipped_batches" in (tmp_path / "results.csv").read_text().splitlines()[0]
+
+
+def test_ablation_configs_label_their_runs_with_their_own_name(cache_dir: Path, tmp_path: Path) -> None:
+    from callbacks import ResultsCallback
+
+    module = _zoa(lr=0.0, lr_alpha=0.0, use_bank=False, name="zoa_shift_only")
+    trainer = _trainer(callbacks=[ResultsCallback(), DomainBankCallback()], batches=1, default_root_dir=tmp_path)
+    trainer.test(module, datamodule=_data(cache_dir))
+    assert module.run_info()["method"] == "zoa_shift_only"
+    assert (tmp_path / "zoa_shift_only" / "results.json").is_file()
+    assert (tmp_path / "zoa_shift_only" / "stream-last.ckpt").is_file()
+    assert {
+        line.split(",")[-3] for line in (tmp_path / "zoa_shift_only" / "results.csv").read_text().splitlines()[1:]
+    } == {"zoa_shift_only"}
+    with pytest.raises(ValueError, match="path separators"):
+        _zoa(name="a/b")
+
+
+def test_a_last_batch_of_one_image_is_predicted_by_a_vit(cache_dir: Path) -> None:
+    # Regression: batch size 333 on the 1,000-image stream crashed after a whole domain (last batch: 1 image).
+    module = _zoa()
+    with pytest.warns(RuntimeWarning, match="batch of one image"):
+        _trainer(batches=4).test(module, datamodule=_data(cache_dir, batch_size=333))
+    rows = module.stream_results()
+    assert [row["n"] for row in rows] == [1000] * 3
+    assert [row["batches"] for row in rows] == [4] * 3
+    assert [row["forward_passes"] for row in rows] == [7] * 3  # 3 batches × 2 passes + 1 for the single image
+    assert module.run_info()["unadapted_batches"] == 3
+
+
+def test_a_last_batch_of_one_image_a_batchnorm_network_cannot_take_is_refused_up_front(cache_dir: Path) -> None:
+    module = _zoa(make_resnet(0))  # test_resnet's last stage is 1×1 at 32 px: one image has no batch statistics
+    record = _Record()
+    with pytest.raises(ValueError, match=r"last batch of r1/gaussian_noise, .* holds a single image"):
+        _trainer(callbacks=[record], batches=4).test(module, datamodule=_data(cache_dir, batch_size=333))
+    assert not record.logits  # refused before the first batch, not after a whole domain

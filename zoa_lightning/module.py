@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
@@ -55,14 +55,23 @@ class StreamModule(pl.LightningModule):
             ``torchvision:<name>``) or, from Python, an ``nn.Module``.
         weights: local weights file for ``network`` (``None``: the shipped demo weights, else random init).
         num_classes: classifier size; the CLI links it to the data module's ``num_classes``.
+        name: the run's method label in tables, result folders and files (``None``: the method's own name, e.g.
+            ``zoa``); the ablation configs set theirs (``zoa_shift_only``, ...).
     """
 
     method_name = "stream"
 
     def __init__(
-        self, network: str | nn.Module = "demo_vit", weights: str | None = None, num_classes: int = 10
+        self,
+        network: str | nn.Module = "demo_vit",
+        weights: str | None = None,
+        num_classes: int = 10,
+        name: str | None = None,
     ) -> None:
         super().__init__()
+        if name is not None and (not name or any(c in name for c in "/\\") or name.strip() != name):
+            raise ValueError(f"name must be a non-empty label without path separators or outer spaces, got {name!r}")
+        self.run_name: str = name or self.method_name
         self.save_hyperparameters(ignore=["network"] if isinstance(network, nn.Module) else None)
         self.network_name = network if isinstance(network, str) else type(network).__name__
         self.net = network if isinstance(network, nn.Module) else build_network(network, weights, num_classes)
@@ -98,7 +107,7 @@ class StreamModule(pl.LightningModule):
 
     def run_info(self) -> dict[str, Any]:
         """Method, model and precision of this run."""
-        return {"method": self.method_name, "model": self.network_name, "bits": self.precision_tag}
+        return {"method": self.run_name, "model": self.network_name, "bits": self.precision_tag}
 
     def pop_adaptation_events(self) -> list[dict[str, Any]]:
         """Adaptation events since the last call (none for a method without a knowledge bank)."""
@@ -132,6 +141,11 @@ class StreamModule(pl.LightningModule):
     def forward_passes(self) -> int:
         """Network forward passes spent so far (for cost reports)."""
         return self._plain_passes
+
+    def skipped_batches(self) -> int:
+        """Batches whose adaptation was rolled back so far (0 for a method that never rolls back)."""
+        adapter = getattr(self, "adapter", None)
+        return int(getattr(adapter, "skipped_batches", 0)) if adapter is not None else 0
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -204,28 +218,107 @@ class StreamModule(pl.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the stream position, the finished domains' results and the run's fingerprint under ``zoa_stream``.
+
+        The fingerprint (:meth:`_stream_fingerprint`) names the stream (the data module's identifying settings) and the
+        method (class and hyperparameters), so that a resumed run can refuse to continue a different one.
+        """
         finished = self._results[-1]["index"] + 1 if self._results else self.start_domain
         checkpoint[_STREAM_KEY] = {
             "next_domain": finished,
             "results": [dict(r) for r in self._results],
             "precision": self.precision_tag,
+            "fingerprint": self._stream_fingerprint(),
         }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume the stream after the checkpoint's finished domains, if this run has the same stream and method.
+
+        Raises:
+            ValueError: if this run's data or method settings differ from those stored in the checkpoint (the message
+                names each difference). A checkpoint without a fingerprint (an older version) only warns.
+        """
         stream = checkpoint.get(_STREAM_KEY)
         if stream is None:
             return
+        self._check_same_stream(stream.get("fingerprint"))
         self._results = [dict(r) for r in stream["results"]]
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "start_domain"):
-            datamodule.start_domain = int(stream["next_domain"])
-            self.start_domain = int(stream["next_domain"])
-            rank_zero_info(f"resuming the stream at domain {self.start_domain} of {len(self.domains)}")
+        if datamodule is None or not hasattr(datamodule, "start_domain"):
+            return
+        next_domain = int(stream["next_domain"])
+        self.start_domain = next_domain
+        resume_from = getattr(datamodule, "resume_from", None)
+        if not callable(resume_from):
+            datamodule.start_domain = next_domain
+        elif not resume_from(next_domain):
+            self._report_finished_stream(next_domain, getattr(datamodule, "stop_domain", None))
+            return
+        rank_zero_info(f"resuming the stream at domain {self.start_domain} of {len(self.domains)}")
+
+    def _stream_fingerprint(self) -> dict[str, Any]:
+        """What a stream checkpoint must match to be resumed: ``{"data": {...}, "method": {...}}``, plain values.
+
+        ``data`` is the data module's ``stream_fingerprint()`` (or, for a data module without one, its class and
+        domains); ``method`` is this module's class name and hyperparameters (``self.hparams``).
+        """
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        data: dict[str, Any] = {}
+        if datamodule is not None:
+            own = getattr(datamodule, "stream_fingerprint", None)
+            if callable(own):
+                data = dict(own())
+            else:
+                data = {"data_module": type(datamodule).__name__, "domains": list(getattr(datamodule, "domains", ()))}
+        method = {"class": type(self).__name__}
+        method.update((k, v) for k, v in self.hparams.items() if not k.startswith("_"))
+        return {"data": _plain_values(data), "method": _plain_values(method)}
+
+    def _check_same_stream(self, stored: dict[str, Any] | None) -> None:
+        """Raise if the checkpoint's fingerprint ``stored`` differs from this run's; warn if there is none."""
+        path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        if stored is None:
+            rank_zero_warn(
+                f"the stream checkpoint {path} has no stream fingerprint (it was written by an older zoa-lightning), "
+                "so this run cannot check that it continues the same stream with the same method settings. If the "
+                "data or model settings differ from that run's, domains are evaluated twice or skipped and the "
+                "results mix two settings; start a fresh run (without ckpt_path) if unsure"
+            )
+            return
+        differences = _fingerprint_differences(stored, self._stream_fingerprint())
+        if differences:
+            raise ValueError(
+                f"cannot resume from {path}: this run differs from the run that wrote it in "
+                + "; ".join(differences)
+                + ". Continuing would evaluate some domains twice, skip others or mix two settings in one result. "
+                "Resume with the same data and model configs (and flags) as that run, or start a fresh run without "
+                "ckpt_path (`--ckpt_path` on the command line)"
+            )
+
+    def _report_finished_stream(self, next_domain: int, stop_domain: int | None) -> None:
+        """Say that a resumed checkpoint has nothing left to run (``trainer.test`` then runs no batch)."""
+        path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        mean = sum(r["acc1"] for r in self._results) / len(self._results) if self._results else float("nan")
+        if stop_domain is not None and next_domain < len(self.domains):
+            rest = f"stop_domain={stop_domain} ends this run there; raise or unset stop_domain to run the rest"
+        else:
+            rest = "start a fresh run (without ckpt_path) to run it again"
+        rank_zero_info(
+            f"the stream in {path} is already finished: {next_domain} of {len(self.domains)} domains ran (mean top-1 "
+            f"{mean:.2f}%). Nothing left to run, so no results are written; {rest}"
+        )
 
     # ------------------------------------------------------------------ bookkeeping
     def _start_domain(self, index: int) -> None:
-        self._current = {"index": index, "batches": 0, "n": 0, "forward_passes": 0, "start": time.perf_counter()}
+        self._current = {
+            "index": index,
+            "batches": 0,
+            "n": 0,
+            "forward_passes": 0,
+            "skipped_at_start": self.skipped_batches(),
+            "start": time.perf_counter(),
+        }
 
     def _finish_domain(self) -> None:
         current, self._current = self._current, None
@@ -248,13 +341,15 @@ class StreamModule(pl.LightningModule):
             "n": samples,
             "batches": current["batches"],
             "forward_passes": current["forward_passes"],
+            "skipped_batches": self.skipped_batches() - current["skipped_at_start"],
             "seconds": time.perf_counter() - current["start"],
         }
         self._results.append(row)
         mean = sum(r["acc1"] for r in self._results) / len(self._results)
+        skipped = f"  [{row['skipped_batches']} batch(es) rolled back]" if row["skipped_batches"] else ""
         rank_zero_info(
             f"{row['domain']}: top-1 {row['acc1']:.2f}%  top-5 {row['acc5']:.2f}%  "
-            f"(running mean top-1 {mean:.2f}% over {len(self._results)} domains)"
+            f"(running mean top-1 {mean:.2f}% over {len(self._results)} domains){skipped}"
         )
 
 
@@ -265,6 +360,7 @@ class NoAdaptModule(StreamModule):
         network: see :class:`StreamModule`.
         weights: see :class:`StreamModule`.
         num_classes: see :class:`StreamModule`.
+        name: see :class:`StreamModule`.
     """
 
     method_name = "no_adapt"
@@ -316,6 +412,11 @@ class ZOAModule(StreamModule):
             replacing the spec's choice for the model kind (:func:`~zoa_lightning.core.layout.resolve_layout`); any
             order, kept in network order. Fewer adapted values make the one-sample SPSA estimate less noisy. ``None``:
             the spec's layers.
+        max_abs_epsilon: update guard: a step that would move an epsilon beyond this magnitude is rolled back and
+            counted as skipped (``None``: no guard; see :class:`~zoa_lightning.core.config.ZOAConfig`).
+        max_consecutive_skips: stop the run with an error after this many rolled-back batches in a row (``None``:
+            never).
+        name: see :class:`StreamModule`.
     """
 
     method_name = "zoa"
@@ -350,8 +451,11 @@ class ZOAModule(StreamModule):
         seed: int = 2020,
         source_batches: int | None = None,
         adapt_norms: list[str] | None = None,
+        max_abs_epsilon: float | None = 10.0,
+        max_consecutive_skips: int | None = 10,
+        name: str | None = None,
     ) -> None:
-        super().__init__(network, weights, num_classes)
+        super().__init__(network, weights, num_classes, name)
         if adapt_norms is not None and (not adapt_norms or len(set(adapt_norms)) != len(adapt_norms)):
             raise ValueError(f"adapt_norms must name at least one layer, each once; got {adapt_norms}")
         self.adapt_norms = None if adapt_norms is None else list(adapt_norms)
@@ -379,6 +483,8 @@ class ZOAModule(StreamModule):
             detector_passes=detector_passes,
             seed_detector_from_source=seed_detector_from_source,
             seed=seed,
+            max_abs_epsilon=max_abs_epsilon,
+            max_consecutive_skips=max_consecutive_skips,
         )
         self.source_batches = _check_source_batches(source_batches)
         self.adapter: ZOA | None = None
@@ -430,6 +536,26 @@ class ZOAModule(StreamModule):
         return None if self.adapter is None else self.adapter.bank.mixing_weights().detach().clone()
 
     @override
+    def on_test_start(self) -> None:
+        """Refuse up front a stream whose last batch has one image this network cannot normalise (see below)."""
+        super().on_test_start()
+        if self.adapter is None or self.trainer.world_size > 1:  # DDP: the data module checks every shard's size
+            return
+        singles = _single_image_batches(self.trainer)
+        if not singles:
+            return
+        datamodule = self.trainer.datamodule
+        probe = datamodule.calibration_images(1).to(self.adapter.bank.theta.device)
+        try:
+            self.adapter.predict(probe)
+        except ValueError as error:
+            raise ValueError(
+                f"the last batch of {', '.join(singles)} holds a single image, and {self.network_name} cannot "
+                f"normalise one image with batch statistics ({error}); choose a batch_size that leaves at least 2 "
+                "images in every domain's last batch"
+            ) from error
+
+    @override
     def run_info(self) -> dict[str, Any]:
         info = super().run_info()
         if self.adapter is not None:
@@ -438,7 +564,7 @@ class ZOAModule(StreamModule):
                 knowledge_entries=self.adapter.bank.num_entries - 1,
                 stores=self.adapter.counter("stores"),
                 evictions=self.adapter.counter("evictions"),
-                skipped_batches=self.adapter.skipped_batches,
+                unadapted_batches=self.adapter.counter("unadapted_batches"),
                 mode=self.config.mode,
                 reduced_bytes_per_batch=self.adapter.last_batch_reduced_bytes,
             )
@@ -477,6 +603,26 @@ def _check_sharded_loaders(loaders: Any, world_size: int) -> None:
             )
 
 
+def _single_image_batches(trainer: pl.Trainer) -> list[str]:
+    """Names of the test loaders whose last batch (within ``limit_test_batches``) holds exactly one image."""
+    loaders = trainer.test_dataloaders
+    items = list(loaders.items()) if isinstance(loaders, dict) else list(enumerate(loaders or []))
+    found = []
+    for position, (name, loader) in enumerate(items):
+        dataset = getattr(loader, "dataset", None)
+        batch_size = getattr(loader, "batch_size", None) or getattr(
+            getattr(loader, "batch_sampler", None), "batch_size", 0
+        )
+        if dataset is None or not hasattr(dataset, "__len__") or not batch_size:
+            continue
+        size = len(dataset)
+        full = -(-size // batch_size)
+        limit = trainer.num_test_batches[position] if position < len(trainer.num_test_batches) else full
+        if size % batch_size == 1 and limit >= full:
+            found.append(str(name))
+    return found
+
+
 class _ImagesOnDevice:
     """Iterate a loader, yielding only each batch's images, moved to ``device`` (for source statistics)."""
 
@@ -487,6 +633,37 @@ class _ImagesOnDevice:
         for batch in self.loader:
             images = batch[0] if isinstance(batch, tuple | list) else batch
             yield images.to(self.device)
+
+
+def _plain_values(value: Any) -> Any:
+    """Return ``value`` with tuples as lists, recursively; anything but plain types becomes its ``repr``."""
+    if isinstance(value, dict):
+        return {str(k): _plain_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_values(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
+
+
+def _fingerprint_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Describe how two stream fingerprints differ, one ``"<section>.<key>: checkpoint X, this run Y"`` per key.
+
+    Every key of the ``data`` sections is compared (a key on one side only is a difference). In the ``method``
+    sections only keys on both sides are, so a hyperparameter added by a newer version does not block a resume.
+    A side without a ``data`` section (no data module) is not compared.
+    """
+    differences = []
+    for section in ("data", "method"):
+        old, new = stored.get(section) or {}, current.get(section) or {}
+        if not old or not new:
+            continue
+        keys = [*old, *(k for k in new if k not in old)] if section == "data" else [k for k in old if k in new]
+        for key in keys:
+            before, after = old.get(key, "<not set>"), new.get(key, "<not set>")
+            if _plain_values(before) != _plain_values(after):
+                differences.append(f"{section}.{key}: checkpoint {before!r}, this run {after!r}")
+    return differences
 
 
 def _check_source_batches(source_batches: int | None) -> int | None:
