@@ -216,10 +216,11 @@ class QuantizationCallback(Callback):
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
+        model: nn.Module
         if method == "ptq4vit":
             # prepare_vit_quantization rewrites its argument in place: prepare a copy, so that the float network is
             # still there to calibrate if the file does not fit (prepare_cnn_quantization copies by itself)
-            model = prepare_vit_quantization(copy.deepcopy(network), self.bits, act_bits)
+            model = prepare_vit_quantization(copy.deepcopy(network), self.bits, act_bits)  # type: ignore[arg-type]
         else:
             model = prepare_cnn_quantization(network, self.bits, act_bits, observer=self.observer)
         model.load_state_dict(state)

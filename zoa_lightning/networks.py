@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -69,7 +70,7 @@ def _timm(name: str, weights: str | None, num_classes: int | None) -> nn.Module:
 
     if not timm.is_model(name):
         raise ValueError(f"unknown network {name!r}: use demo_vit, demo_cnn, a timm model name or torchvision:<name>")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if weights == EFFICIENTNET_LITE0_PACKAGE:
         model = timm.create_model(name, **kwargs)
         model.load_state_dict(_efficientnet_lite0_state(model))
