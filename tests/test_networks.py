@@ -92,6 +92,7 @@ def test_demo_model_with_other_classes_is_refused() -> None:
     )
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         build_network("demo_vit", num_classes=7)
+    assert "`python -m zoa_lightning.demo.train --model demo_vit --dataset <your image folder>`" in str(info.value)
     assert "--model.init_args.weights" in str(info.value)
     assert build_network("demo_vit", num_classes=10).head.out_features == 10
 
@@ -134,3 +135,11 @@ def test_cli_refuses_a_demo_model_for_other_data_before_calibration(
     assert "holds a 10-class demo_vit" in message
     assert "num_classes=7 is requested" in message
     assert calibrations == []
+
+
+def test_missing_shipped_weights_name_the_folder_to_train_into(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # demo.train writes to ./runs/demo-weights by default, so a command without --out would not recreate the file
+    monkeypatch.setattr("zoa_lightning.demo.models._WEIGHTS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        build_network("demo_cnn")
+    assert f"`python -m zoa_lightning.demo.train --model demo_cnn --out {tmp_path}`" in str(info.value)

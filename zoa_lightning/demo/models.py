@@ -172,10 +172,10 @@ def load_demo_model(name: str, weights: str | Path | None = None, num_classes: i
     model = build_demo_model(name, DEMO_NUM_CLASSES if num_classes is None else num_classes)
     path = Path(weights) if weights is not None else default_weights_path(name)
     if not path.is_file():
-        out = "" if path.parent == _WEIGHTS_DIR else f" --out {path.parent}"
+        # the trainer writes to ./runs/demo-weights unless told otherwise, so the folder is always named
         raise FileNotFoundError(
             f"weights file for {name!r} not found: {path}; create it with "
-            f"`python -m zoa_lightning.demo.train --model {name}{out}`"
+            f"`python -m zoa_lightning.demo.train --model {name} --out {path.parent}`"
             + ("" if path.name == f"{name}.safetensors" else f" (which writes {name}.safetensors)")
         )
     try:
@@ -217,8 +217,8 @@ def _check_demo_classes(name: str, path: Path, state: dict[str, Tensor], num_cla
     raise ValueError(
         f"weights file {path} holds a {shape[0]}-class {name} (classifier {key} of shape {shape}), but "
         f"num_classes={num_classes} is requested (the `zoa` CLI links it from the data's class count; classifier "
-        f"shape {(num_classes, *shape[1:])}). Pass {name} weights with a "
-        f"{num_classes}-class classifier (--model.init_args.weights; the demo architectures take any class count) or "
-        "another network (--model.init_args.network: a timm name or torchvision:<name>); the shipped demo weights, "
-        "like those `python -m zoa_lightning.demo.train` writes, classify the 10 MNIST digits"
+        f"shape {(num_classes, *shape[1:])}). Train {name} on your data with `python -m zoa_lightning.demo.train "
+        f"--model {name} --dataset <your image folder>` and pass the file it writes with --model.init_args.weights "
+        f"(any {num_classes}-class {name} weights do), or choose another network (--model.init_args.network: a timm "
+        "name or torchvision:<name>)"
     )
