@@ -5,7 +5,7 @@ real ``vit_base_patch16_224`` / torchvision ``resnet50`` at 224 pixels and 1,000
 ImageNet-C-shaped tree of real photos (scikit-image), with randomly initialised weights saved as the local checkpoint
 file each config expects. Only sizes shrink (and ResNet-50's MQBench observers are min/max instead of MSE); comments
 at each override say why it is there. Measured on the 2-core development machine while other jobs shared it (load
-average 3 to 7): ViT-B/16 W8A8 32 to 160 s, W6A6 108 to 136 s, ResNet-50 W8A8 23 to 26 s, fixtures 4 to 8 s; the
+average 3 to 7): ViT-B/16 W8A8 32 to 160 s, W6A6 108 to 136 s, ResNet-50 W8A8 23 to 40 s, fixtures 4 to 8 s; the
 whole file 171 to 318 s.
 """
 
