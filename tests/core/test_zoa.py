@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import MODEL_FACTORIES, corrupt_noise, make_resnet, make_vit
-from zoa_lightning.core import ZOA, ZOAConfig
-from zoa_lightning.core.zoa import AdaptationDiverged, softmax_entropy
+from zoa_lightning.core import ZOA, AdaptationDiverged, ZOAConfig, softmax_entropy
 
 B = 64
 

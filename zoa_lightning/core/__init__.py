@@ -4,14 +4,17 @@ from zoa_lightning.core.bank import FusedBatchNorm2d, FusedLayerNorm, KnowledgeB
 from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.layout import ModelLayout, resolve_layout
 from zoa_lightning.core.spsa import adamw_first_step_, estimate_gradient, segmented_uniform, sgd_step_, spsa_estimate
-from zoa_lightning.core.zoa import ZOA, softmax_entropy
+from zoa_lightning.core.stats import ReduceFn, softmax_entropy
+from zoa_lightning.core.zoa import ZOA, AdaptationDiverged
 
 __all__ = [
     "ZOA",
+    "AdaptationDiverged",
     "FusedBatchNorm2d",
     "FusedLayerNorm",
     "KnowledgeBank",
     "ModelLayout",
+    "ReduceFn",
     "ZOAConfig",
     "adamw_first_step_",
     "estimate_gradient",

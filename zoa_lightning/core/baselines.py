@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoa_lightning.core.layout import resolve_layout
-from zoa_lightning.core.zoa import ReduceFn, _finish, _moments, softmax_entropy
+from zoa_lightning.core.stats import ReduceFn, finish, moments, softmax_entropy
 
 __all__ = [
     "FOA",
@@ -334,7 +334,7 @@ def prompt_forward(model: nn.Module, images: Tensor, prompts: Tensor | None = No
 # ---------------------------------------------------------------------------------------------------------------- FOA
 def _fitness_statistics(output: PromptOutput) -> Tensor:
     """Sufficient statistics of one candidate: feature sums, sums of squares, entropy sum, image count (float64)."""
-    s1, s2 = _moments(output.features, (0,))
+    s1, s2 = moments(output.features, (0,))
     entropy = softmax_entropy(output.logits.float()).sum().double()
     return torch.cat([s1, s2, entropy.view(1), s1.new_tensor([output.features.shape[0]])])
 
@@ -345,7 +345,7 @@ def _fitness_from_statistics(
     """Fitness and per-dimension batch means of ``(J, 2F + 2)`` candidate statistics; returns ``(J,)``, ``(J, F)``."""
     dim = src_mean.numel()
     n = stats[:, -1:]
-    mean, var = _finish(n, stats[:, :dim], stats[:, dim : 2 * dim])
+    mean, var = finish(n, stats[:, :dim], stats[:, dim : 2 * dim])
     discrepancy = ((var.sqrt() - src_std.double()) ** 2).sum(1) + ((mean - src_mean.double()) ** 2).sum(1)
     fitness = fitness_lambda * discrepancy * n[:, 0] / reference_batch + stats[:, -2]
     return fitness, mean
@@ -527,14 +527,14 @@ class FOA(nn.Module):
                     break
                 images = batch[0] if isinstance(batch, tuple | list) else batch
                 features = prompt_forward(self.model, images.to(self.src_mean.device)).features
-                s1, s2 = _moments(features, (0,))
+                s1, s2 = moments(features, (0,))
                 vec = torch.cat([s1, s2, s1.new_tensor([features.shape[0]])])
                 total = vec if total is None else total + vec
         if total is None:
             raise ValueError("collect_source_statistics got an empty loader: pass clean source images")
         total = self.reduce_fn(total)
         dim = self.src_mean.numel()
-        mean, var = _finish(total[-1], total[:dim], total[dim : 2 * dim])
+        mean, var = finish(total[-1], total[:dim], total[dim : 2 * dim])
         self.src_mean.copy_(mean)
         self.src_std.copy_(var.sqrt())
         self.src_ready.fill_(True)

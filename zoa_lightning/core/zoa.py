@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,13 +37,11 @@ from zoa_lightning.core.bank import FusedBatchNorm2d, FusedLayerNorm, KnowledgeB
 from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.layout import ModelLayout, resolve_layout
 from zoa_lightning.core.spsa import adamw_first_step_, segmented_uniform, sgd_step_, spsa_estimate
+from zoa_lightning.core.stats import ReduceFn, channel_moments, finish, moments, softmax_entropy
 
-__all__ = ["ZOA", "AdaptationDiverged", "ReduceFn", "softmax_entropy"]
+__all__ = ["ZOA", "AdaptationDiverged"]
 
 log = logging.getLogger(__name__)
-
-ReduceFn = Callable[[Tensor], Tensor]
-"""Sums a float64 statistics vector over processes (identity on one process)."""
 
 _COUNTERS = (
     "batches",
@@ -60,36 +58,6 @@ _V1_COUNTERS = 6  # checkpoints written before unadapted_batches/consecutive_ski
 
 class AdaptationDiverged(RuntimeError):
     """ZOA rolled back ``config.max_consecutive_skips`` batches in a row: the run can no longer adapt."""
-
-
-def softmax_entropy(logits: Tensor) -> Tensor:
-    """Per-sample entropy ``-Σ softmax(z) log softmax(z)`` of logits ``(B, classes)``."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
-def _moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Sums and sums of squares over ``dims`` in float64, formed stably from a float32 ``var_mean``."""
-    var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
-    n = x.numel() // mean.numel()
-    mean, var = mean.double(), var.double()
-    return mean * n, (var + mean * mean) * n
-
-
-def _channel_moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Sums and sums of squares over ``dims`` (float32 squares, float64 accumulation), for large reductions.
-
-    ``var_mean`` over several leading dimensions (the detector's tokens or pixels) takes a slow strided path on CPU,
-    3-5 times slower than these two sums; the result agrees with :func:`_moments` to float32 rounding.
-    """
-    x = x.float()
-    return x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)
-
-
-def _finish(n: Tensor, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased variance from a count and the sums ``s1``, ``s2``."""
-    mean = s1 / n
-    var = ((s2 - n * mean * mean) / (n - 1)).clamp_min(0)
-    return mean, var
 
 
 def _post_norm(norm: nn.Module) -> nn.Module | None:
@@ -328,12 +296,12 @@ class ZOA(nn.Module):
         """Per-channel mean and unbiased variance of the detector tensor, and the (global) image count."""
         if self.layout.kind == "vit":
             output = output[:, self.layout.num_prefix_tokens :]  # patch tokens only, for the sums and the count
-            s1, s2 = _channel_moments(output, (0, 1))
+            s1, s2 = channel_moments(output, (0, 1))
         else:
-            s1, s2 = _channel_moments(output, (0, 2, 3))
+            s1, s2 = channel_moments(output, (0, 2, 3))
         c = s1.numel()
         stats = self._all_reduce(torch.cat([s1, s2, s1.new_tensor([output.numel() // c, output.shape[0]])]))
-        mean, var = _finish(stats[2 * c], stats[:c], stats[c : 2 * c])
+        mean, var = finish(stats[2 * c], stats[:c], stats[c : 2 * c])
         return mean.to(self.det_mean.dtype), var.to(self.det_var.dtype), int(stats[2 * c + 1])
 
     def _all_reduce(self, stats: Tensor) -> Tensor:
@@ -421,11 +389,11 @@ class ZOA(nn.Module):
     def _loss(self, cap: _Capture, logits: Tensor) -> tuple[Tensor, Tensor]:
         # One moments call over all loss features (B, F) instead of one per tap: same per-column values, far fewer
         # small operations per pass. The reduced vector is [sums (F), sums of squares (F), entropy sum, count].
-        s1, s2 = _moments(_loss_features(cap), (0,))
+        s1, s2 = moments(_loss_features(cap), (0,))
         entropy = softmax_entropy(logits.float()).sum().double()
         stats = self._all_reduce(torch.cat([s1, s2, entropy.view(1), entropy.new_tensor([logits.shape[0]])]))
         total, n = s1.numel(), stats[-1]
-        mean, var = _finish(n, stats[:total], stats[total : 2 * total])
+        mean, var = finish(n, stats[:total], stats[total : 2 * total])
         std_terms = (var.sqrt() - self.src_std.double()) ** 2
         mean_terms = (mean - self.src_mean.double()) ** 2
         dims = self._tap_dims
@@ -495,14 +463,14 @@ class ZOA(nn.Module):
                     cap = self._capture
                 finally:
                     self._capture = None
-                s1, s2 = _moments(_loss_features(cap), (0,))
+                s1, s2 = moments(_loss_features(cap), (0,))
                 vec = torch.cat([s1, s2, s1.new_tensor([images.shape[0]])])
                 acc = vec if acc is None else acc + vec
         if acc is None:
             raise ValueError("collect_source_statistics got an empty loader: pass clean source images")
         acc = self._all_reduce(acc)
         total = self.src_mean.numel()
-        mean, var = _finish(acc[-1], acc[:total], acc[total : 2 * total])
+        mean, var = finish(acc[-1], acc[:total], acc[total : 2 * total])
         self.set_source_statistics(mean, var.sqrt())
 
     def set_source_statistics(self, mean: Tensor, std: Tensor) -> None:
@@ -753,6 +721,11 @@ class ZOA(nn.Module):
             # A checkpoint from before unadapted_batches/consecutive_skips: those start at zero.
             state_dict[prefix + "counters"] = torch.cat([counters, counters.new_zeros(len(_COUNTERS) - _V1_COUNTERS)])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def forward_passes(self) -> int:
+        """Forward passes of the wrapped network so far (rolled-back batches included)."""
+        return self.counter("forward_passes")
 
     @property
     def skipped_batches(self) -> int:

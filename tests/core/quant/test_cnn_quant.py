@@ -255,7 +255,7 @@ def test_layout_hooks(name: str, images: Tensor) -> None:
     assert layout.head == "fc"
     assert len(layout.taps) == len(plain.taps) == 3
     assert all(tap.endswith("_post_act_fake_quantizer") for tap in layout.taps)
-    assert layout.detector == ("conv1.6" if name == "test_resnet" else "conv1")
+    assert layout.detector == ("conv1.0" if name == "test_resnet" else "conv1")  # a deep stem: its first conv
     modules = dict(quantized.named_modules())
 
     calls: Counter[str] = Counter()
@@ -280,9 +280,13 @@ def test_layout_hooks(name: str, images: Tensor) -> None:
         quantized(images)
     assert all(calls[n] == 1 for n in watched), calls
 
-    # detector: the stem conv output, straight into bn1
-    assert torch.equal(outputs[layout.detector], inputs["bn1"])
-    assert outputs[layout.detector].shape[:2] == (len(images), modules["bn1"].num_features)
+    # detector: the (first) stem conv's raw output, straight into the stem's first BatchNorm
+    first_bn = "conv1.1" if name == "test_resnet" else "bn1"
+    record(first_bn)
+    with torch.no_grad():
+        quantized(images)
+    assert torch.equal(outputs[layout.detector], inputs[first_bn])
+    assert outputs[layout.detector].shape[:2] == (len(images), modules[first_bn].num_features)
     # taps: the quantized stage outputs, i.e. what the next stage reads
     for tap, conv in zip(layout.taps, next_stage_convs, strict=True):
         assert outputs[tap].dim() == 4
