@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from zoa_lightning.compare import compare
+import zoa_lightning.compare as compare_mod
+from cli import main as cli_main
+from zoa_lightning.compare import COMPARE_SETTINGS, compare, main, parse_args, results_file
+from zoa_lightning.methods import method_names
 
 ROOT = Path(__file__).resolve().parents[1]
+METHODS = ROOT / "configs" / "methods"
 
 
 @pytest.mark.slow
@@ -45,3 +51,99 @@ def test_compare_runs_each_method_and_writes_the_report(tmp_path: Path, cache_di
 def test_unknown_method_lists_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no_adapt"):
         compare([str(ROOT / "configs/demo.yaml")], ["nonsense"], tmp_path, method_dir=ROOT / "configs/methods")
+
+
+def test_results_file_is_the_newest_results_json(tmp_path: Path) -> None:
+    assert results_file(tmp_path) is None
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text("{}")
+    os.utime(tmp_path / "old" / "results.json", (1, 1))
+    (tmp_path / "zoa").mkdir()
+    (tmp_path / "zoa" / "results.json").write_text("{}")
+    assert results_file(tmp_path) == tmp_path / "zoa" / "results.json"
+
+
+def test_parse_args_sorts_own_options_from_zoa_test_flags() -> None:
+    settings, print_config = parse_args(
+        ["-c", str(ROOT / "configs/demo.yaml"), "--methods", "zoa", "tent", "--model.init_args.lr", "0.01",
+         "--resume", "--trainer.limit_test_batches=2", "--jobs", "2", "--data.init_args.seed", "-1"]
+    )  # fmt: skip
+    assert not print_config
+    assert settings.test_configs == [str(ROOT / "configs/demo.yaml")]
+    assert settings.methods == ["zoa", "tent"]
+    assert (settings.resume, settings.jobs, settings.out, settings.log_to_files) == (True, 2, "runs/compare", False)
+    assert settings.test_args == [
+        "--model.init_args.lr", "0.01", "--trainer.limit_test_batches=2", "--data.init_args.seed", "-1"
+    ]  # fmt: skip
+
+
+def test_print_config_round_trips_through_a_settings_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    demo = str(ROOT / "configs/demo.yaml")
+    main(["-c", demo, "--methods", "zoa", "--out", "runs/x", "--model.init_args.lr", "0.01", "--print_config"])
+    printed = capsys.readouterr().out
+    saved = yaml.safe_load(printed)
+    assert set(saved) == set(COMPARE_SETTINGS)
+    assert (saved["test_configs"], saved["methods"], saved["out"]) == ([demo], ["zoa"], "runs/x")
+    assert saved["test_args"] == ["--model.init_args.lr", "0.01"]
+    (tmp_path / "compare.yaml").write_text(printed)
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(compare_mod, "compare", lambda *args, **kwargs: calls.append((*args, kwargs)))
+    main(["-c", str(tmp_path / "compare.yaml"), "--jobs", "2", "--data.init_args.rounds", "2"])
+    configs, methods, out, extra, kwargs = calls[0]
+    assert (configs, methods, out) == ([demo], ["zoa"], Path("runs/x"))
+    assert extra == ["--model.init_args.lr", "0.01", "--data.init_args.rounds", "2"]
+    assert kwargs == {"resume": False, "jobs": 2, "log_to_files": False}
+
+
+def test_help_lists_the_options_and_the_known_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["compare", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--config", "--methods", "--out", "--resume", "--jobs", "--print_config", "passed to every"):
+        assert option in text
+    for method in method_names(ROOT / "configs/methods"):
+        assert method in text
+
+
+def test_a_bad_option_value_is_one_line_naming_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-c", str(ROOT / "configs/demo.yaml"), "--jobs", "many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoa compare: error:")
+    assert "jobs" in err
+    assert "zoa compare --help" in err
+    assert err.count("\n") == 1
+
+
+def test_no_config_or_jobs_below_one_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no stream config given"):
+        compare([], ["zoa"], tmp_path)
+    with pytest.raises(ValueError, match="jobs must be >= 1, got 0"):
+        compare([str(ROOT / "configs/demo.yaml")], ["zoa"], tmp_path, jobs=0)
+
+
+def test_a_logger_with_a_folder_moves_into_each_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands: list[list[str]] = []
+
+    def fake_run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(compare_mod.subprocess, "run", fake_run)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"trainer": {"logger": False}}))
+    logged = tmp_path / "logged.yaml"
+    csv_logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs/x"}}
+    logged.write_text(yaml.safe_dump({"trainer": {"logger": csv_logger}}))
+    with pytest.raises(RuntimeError, match="method 'zoa' failed"):
+        compare([str(logged), str(plain)], ["zoa"], tmp_path / "a", method_dir=METHODS)
+    assert "--trainer.logger.init_args.save_dir" not in commands[-1]
+    with pytest.raises(RuntimeError, match="method 'zoa' failed"):
+        compare([str(plain), str(logged)], ["zoa"], tmp_path / "b", method_dir=METHODS)
+    flag = commands[-1].index("--trainer.logger.init_args.save_dir")
+    assert commands[-1][flag + 1] == str(tmp_path / "b" / "zoa")

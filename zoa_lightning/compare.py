@@ -1,64 +1,85 @@
 """``zoa compare``: run several methods on one stream config and report them side by side.
 
-Each method runs as its own ``zoa test`` process (``-c <base configs> -c configs/methods/<method>.yaml``), so its
-peak memory is its own; each writes ``<out>/<method>/results.json`` through ``ResultsCallback``. The comparison then
-writes ``<out>/comparison.md`` (markdown table), ``comparison.csv`` and ``comparison.png`` (per-domain top-1 lines,
-one per method, the mean in each legend label) and prints the table.
+Each method runs as its own ``zoa test`` process (``-c <stream configs> -c configs/methods/<method>.yaml``), so its
+peak memory is its own; each writes ``<out>/<method>/<method>/results.json`` through ``ResultsCallback``. The
+comparison then writes ``<out>/comparison.md`` (markdown table), ``comparison.csv`` and ``comparison.png`` (per-domain
+top-1 lines, one per method, the mean in each legend label) through :func:`zoa_lightning.reporting.write_comparison`
+and prints the table.
 
 Example::
 
     zoa compare -c configs/demo.yaml --methods zoa no_adapt norm_adapt t3a foa tent --out runs/compare
+    zoa compare -c configs/demo.yaml --methods zoa no_adapt --model.init_args.lr 0.001   # flags for every zoa test
+    zoa compare -c configs/demo.yaml --methods zoa no_adapt --print_config > compare.yaml
+    zoa compare -c compare.yaml --jobs 2                                               # the same comparison again
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import yaml
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 from rich.console import Console
-from rich.table import Table
 
-from callbacks.results import plot_accuracy
+from zoa_lightning.methods import method_config, method_names
+from zoa_lightning.reporting import write_comparison
 
-__all__ = ["compare", "main"]
+__all__ = ["COMPARE_SETTINGS", "build_parser", "compare", "main", "parse_args", "results_file"]
 
 log = logging.getLogger(__name__)
 
-_METHOD_DIR = Path("configs") / "methods"
-_COLUMNS = (
-    "method",
-    "mean_acc1",
-    "mean_acc5",
-    "forward_passes_per_batch",
-    "seconds_per_batch",
-    "peak_memory_mb",
-    "bits",
-    "model",
-)
+COMPARE_SETTINGS: tuple[str, ...] = ("test_configs", "methods", "out", "resume", "jobs", "log_to_files", "test_args")
+"""The keys of a ``zoa compare`` settings file (what ``--print_config`` writes and ``-c`` reads back)."""
+
+#: Options of ``zoa compare`` with how many values follow them: 1, 0 (a switch) or "+" (one or more).
+_OPTIONS: dict[str, int | str] = {
+    "-c": 1,
+    "--config": 1,
+    "--test_configs": 1,
+    "--test_configs+": 1,
+    "--methods": "+",
+    "--methods+": "+",
+    "--out": 1,
+    "--jobs": 1,
+    "--resume": 0,
+    "--no_resume": 0,
+    "--log_to_files": 0,
+    "--no_log_to_files": 0,
+    "-h": 0,
+    "--help": 0,
+    "--print_config": 0,
+}
+_CONFIG_OPTIONS = ("-c", "--config")
 
 
-def _method_config(method: str, method_dir: Path) -> Path:
-    path = method_dir / f"{method}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in method_dir.glob("*.yaml"))
-        raise FileNotFoundError(f"no method config {path}; known methods: {', '.join(known)}")
-    return path
+def results_file(run_dir: Path) -> Path | None:
+    """The newest ``results.json`` under ``run_dir`` (``ResultsCallback`` writes ``<run_dir>/<run name>/``).
+
+    Args:
+        run_dir: the folder a method ran in (``<out>/<method>``).
+
+    Returns:
+        The file, or ``None`` if the run wrote none.
+    """
+    found = sorted(run_dir.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
 
 
 def compare(
-    configs: list[str],
-    methods: list[str],
+    configs: Sequence[str],
+    methods: Sequence[str],
     out: Path,
-    extra: list[str] | None = None,
-    method_dir: Path = _METHOD_DIR,
+    extra: Sequence[str] | None = None,
+    method_dir: Path | None = None,
     *,
     resume: bool = False,
     jobs: int = 1,
@@ -67,11 +88,12 @@ def compare(
     """Run every method on the stream of ``configs`` and write the comparison into ``out``.
 
     Args:
-        configs: base config files (data, network, trainer), composed in order.
-        methods: method names; ``configs/methods/<name>.yaml`` must exist.
-        out: output folder; each method runs with ``default_root_dir = out/<method>``.
-        extra: further ``zoa test`` arguments applied to every method.
-        method_dir: where the method configs live.
+        configs: stream config files (data, network, trainer), composed in order as ``zoa test -c`` composes them.
+        methods: method names (:func:`zoa_lightning.methods.method_names`).
+        out: output folder; each method runs with ``default_root_dir = out/<method>``, and a logger of the configs
+            with a ``save_dir`` logs there too.
+        extra: further ``zoa test`` arguments applied to every method (e.g. ``["--model.init_args.lr", "0.01"]``).
+        method_dir: where the method configs live (default :func:`zoa_lightning.methods.default_method_dir`).
         resume: reuse a method's ``results.json`` already under ``out/<method>`` instead of running it again (the
             caller vouches that it came from the same configs).
         jobs: methods run at once; with more than one, each process gets ``cpu_count // jobs`` threads.
@@ -82,30 +104,38 @@ def compare(
         One summary dict per method (from its ``results.json``), in the order of ``methods``.
 
     Raises:
-        FileNotFoundError: for an unknown method or config.
+        FileNotFoundError: for an unknown method or a missing config file.
         RuntimeError: if a method's run fails (its command and log are in the message).
-        ValueError: for ``jobs < 1``.
+        ValueError: for ``jobs < 1`` or no config or method.
     """
+    if not configs:
+        raise ValueError("no stream config given: pass at least one `zoa test` config, e.g. -c configs/demo.yaml")
+    if not methods:
+        raise ValueError("no method given: pass --methods with at least one name, e.g. --methods zoa no_adapt")
     for config in configs:
         if not Path(config).is_file():
             raise FileNotFoundError(f"config file not found: {config}")
     if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
-    overlays = [_method_config(m, method_dir) for m in methods]
+        raise ValueError(f"jobs must be >= 1, got {jobs}; pass --jobs 1 to run the methods one after the other")
+    overlays = [method_config(m, method_dir) for m in methods]
     out.mkdir(parents=True, exist_ok=True)
     log_to_files = log_to_files or jobs > 1
     env = dict(os.environ)
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    logger_dir = _logger_save_dir_flag(configs)
 
     def run(method: str, overlay: Path) -> None:
         run_dir = out / method
-        if resume and _results_file(run_dir) is not None:
-            log.info("reusing %s", _results_file(run_dir))
+        found = results_file(run_dir) if resume else None
+        if found is not None:
+            log.info("reusing %s", found)
             return
         command = [sys.executable, "-m", "cli", "test", *(a for c in configs for a in ("-c", c)), "-c", str(overlay)]
         # The method config's name labels the run everywhere (its table, folder and CSV rows), ablations included.
-        command += ["--model.init_args.name", method, "--trainer.default_root_dir", str(run_dir), *(extra or [])]
+        command += ["--model.init_args.name", method, "--trainer.default_root_dir", str(run_dir)]
+        command += [logger_dir, str(run_dir)] if logger_dir else []
+        command += list(extra or [])
         log.info("running %s: %s", method, " ".join(command))
         Console(stderr=log_to_files).print(f"[bold]zoa compare[/bold]: {method}")
         if log_to_files:
@@ -123,62 +153,187 @@ def compare(
             future.result()
     summaries, rows_by_method = [], {}
     for method in methods:
-        found = _results_file(out / method)
+        found = results_file(out / method)
         if found is None:
             raise RuntimeError(f"method {method!r} wrote no results.json under {out / method} (is ResultsCallback on?)")
         data = json.loads(found.read_text())
         summaries.append({**data["summary"], "method": method})
         rows_by_method[method] = data["domains"]
-    _write(summaries, rows_by_method, out, Console(stderr=log_to_files))  # stdout stays free for the caller
+    write_comparison(summaries, rows_by_method, out, Console(stderr=log_to_files))  # stdout stays free for the caller
     return summaries
 
 
-def _results_file(run_dir: Path) -> Path | None:
-    """The newest ``results.json`` under ``run_dir`` (ResultsCallback writes ``<run_dir>/<run name>/``)."""
-    found = sorted(run_dir.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def _logger_save_dir_flag(configs: Sequence[str]) -> str | None:
+    """The flag that moves the configs' logger into a method's run folder, if the configs set one with a folder.
+
+    The last config that sets ``trainer.logger`` decides, as in ``zoa test``; a logger given as a mapping with
+    ``init_args.save_dir`` (e.g. ``lightning.pytorch.loggers.CSVLogger``) is moved, anything else is left alone.
+    """
+    logger: Any = None
+    for config in configs:
+        data = yaml.safe_load(Path(config).read_text()) or {}
+        trainer = data.get("trainer") if isinstance(data, dict) else None
+        if isinstance(trainer, dict) and "logger" in trainer:
+            logger = trainer["logger"]
+    if isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {}):
+        return "--trainer.logger.init_args.save_dir"
+    return None
 
 
-def _write(
-    summaries: list[dict[str, Any]], rows_by_method: dict[str, list[dict[str, Any]]], out: Path, console: Console
-) -> None:
-    with (out / "comparison.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(summaries)
-    header = "| method | mean top-1 % | mean top-5 % | passes/batch | s/batch | peak MB | bits |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---|"]
-    for s in summaries:
-        lines.append(
-            f"| {s['method']} | {s['mean_acc1']:.2f} | {s['mean_acc5']:.2f} | {s['forward_passes_per_batch']:.1f} | "
-            f"{s['seconds_per_batch']:.3f} | {s['peak_memory_mb']:.0f} | {s['bits']} |"
-        )
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    first = summaries[0]
-    plot_accuracy(rows_by_method, out / "comparison.png", title=f"{first['model']} · {first['bits']}")
-    table = Table(title=f"zoa compare · {first['model']} · {first['bits']}")
-    for column in ("method", "mean top-1 %", "mean top-5 %", "passes/batch", "s/batch", "peak MB"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for s in summaries:
-        table.add_row(
-            s["method"],
-            f"{s['mean_acc1']:.2f}",
-            f"{s['mean_acc5']:.2f}",
-            f"{s['forward_passes_per_batch']:.1f}",
-            f"{s['seconds_per_batch']:.3f}",
-            f"{s['peak_memory_mb']:.0f}",
-        )
-    console.print(table)
-    console.print(f"wrote {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'comparison.png'}")
+# ---------------------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str]) -> None:
-    """Parse ``zoa compare`` arguments and run the comparison."""
-    parser = argparse.ArgumentParser(prog="zoa compare", description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", action="append", required=True, help="base config file (repeatable)")
-    parser.add_argument("--methods", nargs="+", default=["zoa", "no_adapt"], help="method config names")
-    parser.add_argument("--out", default="runs/compare", help="output folder")
-    parser.add_argument("--resume", action="store_true", help="reuse results already under --out")
-    parser.add_argument("--jobs", type=int, default=1, help="methods run at once (threads split between them)")
-    args, extra = parser.parse_known_args(argv)
-    compare(args.config, args.methods, Path(args.out), extra, resume=args.resume, jobs=args.jobs)
+def build_parser() -> ArgumentParser:
+    """The ``zoa compare`` parser: jsonargparse, with ``--help``, ``-c/--config`` and ``--print_config``.
+
+    Returns:
+        The parser of the compare settings (:data:`COMPARE_SETTINGS`); :func:`parse_args` sorts the command line
+        into it and the ``zoa test`` flags passed through.
+    """
+    try:
+        known = f" Known: {', '.join(method_names())}."
+    except FileNotFoundError:
+        known = ""
+    parser = ArgumentParser(
+        prog="zoa compare",
+        description=(
+            "Run several methods on one stream, each as its own `zoa test` process, and write comparison.md, "
+            "comparison.csv and comparison.png into --out. Every argument that is not an option below (e.g. "
+            "`--model.init_args.lr 0.01`, `--data.init_args.rounds 2`) is passed to every `zoa test` run."
+        ),
+        exit_on_error=False,
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        action=ActionConfigFile,
+        help=(
+            "A `zoa test` config of the stream (data, network, trainer), or a compare settings file as "
+            "--print_config writes it. Repeatable; stream configs are composed in order, as `zoa test -c` does."
+        ),
+    )
+    parser.add_argument("--test_configs", type=list[str], default=[], help="The stream configs (what -c collects).")
+    parser.add_argument(
+        "--methods",
+        type=str,
+        nargs="+",
+        default=["zoa", "no_adapt"],
+        help=f"Method names, one config each in configs/methods/.{known}",
+    )
+    parser.add_argument("--out", type=str, default="runs/compare", help="Output folder; one sub-folder per method.")
+    parser.add_argument(
+        "--resume", action=ActionYesNo, default=False, help="Reuse a method's results already under --out."
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="Methods run at once (the CPU threads are split).")
+    parser.add_argument(
+        "--log_to_files",
+        action=ActionYesNo,
+        default=False,
+        help="Write each run's output to <out>/<method>/log.txt (always so with --jobs > 1).",
+    )
+    parser.add_argument(
+        "--test_args",
+        type=list[str],
+        default=[],
+        help="Arguments for every `zoa test` run (the pass-through flags of the command line are appended).",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> tuple[Namespace, bool]:
+    """Parse a ``zoa compare`` command line.
+
+    The options of :func:`build_parser` are parsed by jsonargparse; everything else is a ``zoa test`` argument and is
+    appended to ``test_args``. A ``-c`` file whose keys are compare settings (:data:`COMPARE_SETTINGS`) is read as
+    settings; any other ``-c`` file is a stream config and joins ``test_configs``.
+
+    Args:
+        argv: the arguments after ``zoa compare``.
+
+    Returns:
+        The settings, and whether ``--print_config`` asked to print them instead of running.
+
+    Raises:
+        jsonargparse.ArgumentError: for a bad option value or a settings file with unknown keys.
+    """
+    own: list[str] = []
+    passed: list[str] = []
+    print_config = False
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name, has_value, value = token.partition("=")
+        if name not in _OPTIONS:
+            passed.append(token)
+            i += 1
+            while i < len(argv) and _is_value(argv[i]) and not has_value:
+                passed.append(argv[i])
+                i += 1
+            continue
+        count = _OPTIONS[name]
+        values: list[str] = [value] if has_value else []
+        i += 1
+        if not has_value and count == 1 and i < len(argv):
+            values, i = [argv[i]], i + 1
+        elif not has_value and count == "+":
+            while i < len(argv) and _is_value(argv[i]):
+                values.append(argv[i])
+                i += 1
+        if name == "--print_config":
+            print_config = True
+        elif name in _CONFIG_OPTIONS and values and not _is_settings_file(values[0]):
+            own += ["--test_configs+", values[0]]
+        else:
+            own += [name, *values]
+    settings = build_parser().parse_args(own)
+    settings.test_args = [*settings.test_args, *passed]
+    return settings, print_config
+
+
+def _is_value(token: str) -> bool:
+    """Whether ``token`` is a value rather than an option (negative numbers are values)."""
+    return not token.startswith("-") or token[1:2].isdigit() or token[1:2] == "."
+
+
+def _is_settings_file(path: str) -> bool:
+    """Whether the YAML file at ``path`` holds compare settings (only :data:`COMPARE_SETTINGS` keys)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # a stream config: zoa test reports what is wrong with it
+    return isinstance(data, dict) and bool(data) and set(data) <= set(COMPARE_SETTINGS)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Parse ``zoa compare`` arguments and run the comparison (or print its settings with ``--print_config``).
+
+    A bad option is reported as one line, ``zoa compare: error: ...``, with exit status 2.
+
+    Args:
+        argv: the arguments after ``zoa compare``.
+    """
+    from jsonargparse import ArgumentError
+
+    try:
+        settings, print_config = parse_args(argv)
+    except ArgumentError as error:
+        message = " ".join(str(error).split())
+        sys.stderr.write(f"zoa compare: error: {message} (run `zoa compare --help` for every option)\n")
+        sys.exit(2)
+    if print_config:
+        sys.stdout.write(build_parser().dump(settings))
+        return
+    compare(
+        settings.test_configs,
+        settings.methods,
+        Path(settings.out),
+        settings.test_args,
+        resume=settings.resume,
+        jobs=settings.jobs,
+        log_to_files=settings.log_to_files,
+    )
+
+
+# Deprecated private spellings, kept until the benchmarks import the public names.
+_results_file = results_file
+_method_config = method_config

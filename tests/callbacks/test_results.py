@@ -2,12 +2,10 @@
 
 import csv
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import pytest
 import torch
 from jsonargparse import ArgumentParser
@@ -15,15 +13,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 import callbacks.results as results_mod
-from callbacks.results import (
-    ROW_COLUMNS,
-    RUN_COLUMNS,
-    ResultsCallback,
-    StreamResults,
-    plot_accuracy,
-    summarize,
-    write_results,
-)
+from callbacks.results import ResultsCallback, StreamResults
+from zoa_lightning.reporting import ROW_COLUMNS, RUN_COLUMNS, write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -212,48 +203,6 @@ def test_resume_from_checkpoint_accumulates_seconds(tmp_path: Path) -> None:
     assert json.loads((out / "results.json").read_text())["summary"]["seconds"] < 10.0
 
 
-def test_summarize_unweighted_mean_and_extras(caplog: pytest.LogCaptureFixture) -> None:
-    rows = [dict(r) for r in ROWS]
-    rows[0]["acc1"] = torch.tensor(50.0)
-    with caplog.at_level(logging.WARNING, logger="callbacks.results"):
-        summary = summarize(rows, {**INFO, "domains": 99, "lr": 1e-3})
-    assert summary["mean_acc1"] == pytest.approx(55.0)
-    assert summary["domains"] == 4
-    assert summary["lr"] == 1e-3
-    assert summary["seconds"] == pytest.approx(2.0)  # no measurement given: sum of the rows
-    assert summary["peak_memory_mb"] is None
-    assert "'domains'" in caplog.text
-
-
-def test_write_results_rejects_bad_input(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="No domain rows"):
-        write_results([], INFO, tmp_path)
-    bad = {k: v for k, v in ROWS[0].items() if k != "acc5"}
-    with pytest.raises(ValueError, match=r"lacks the keys \['acc5'\]"):
-        write_results([bad], INFO, tmp_path)
-    with pytest.raises(ValueError, match=r"\['bits'\]"):
-        write_results(ROWS, {"method": "m", "model": "x"}, tmp_path)
-    assert not list(tmp_path.iterdir())
-
-
-def test_plot_accuracy_two_methods(tmp_path: Path) -> None:
-    backend = matplotlib.rcParams["backend"]
-    corruptions = ("gaussian_noise", "shot_noise", "fog")
-    stream = [(i, 1 + i // 3, c) for i, c in enumerate(corruptions * 3)]
-    by_method = {
-        "zoa": [_row(i, r, c, 50.0 + i, 80.0, 100) for i, r, c in stream],
-        "no_adapt": [_row(i, r, c, 40.0, 70.0, 100) for i, r, c in stream[:5]],
-    }
-    path = plot_accuracy(by_method, tmp_path / "cmp.png", "ViT W4A4")
-    assert path == tmp_path / "cmp.png"
-    png = path.read_bytes()
-    assert len(png) > 1000
-    assert png.startswith(PNG_MAGIC)
-    assert matplotlib.rcParams["backend"] == backend
-    with pytest.raises(ValueError, match="No domain rows"):
-        plot_accuracy({"zoa": []}, tmp_path / "empty.png")
-
-
 def test_init_validation_and_cli_arguments() -> None:
     with pytest.raises(ValueError, match="path separator"):
         ResultsCallback(filename_prefix="a/b")
@@ -265,23 +214,6 @@ def test_init_validation_and_cli_arguments() -> None:
     assert isinstance(cb, ResultsCallback)
     assert (cb.out_dir, cb.filename_prefix, cb.plot, cb.table) == (Path("runs/x"), "zoa_", False, True)
     assert math.isfinite(cb.elapsed_seconds)
-
-
-def test_result_files_round_float_noise(tmp_path: Path) -> None:
-    # Regression: the CSV carried float32 noise such as 89.60000276565552.
-    rows = [{**ROWS[0], "acc1": 89.60000276565552, "acc5": 99.90000128746033, "seconds": 1.23456789}]
-    paths = write_results(rows, INFO, tmp_path, plot=False)
-    text = paths["csv"].read_text()
-    for expected in ("89.6,", "99.9,", "1.234568,"):
-        assert expected in text
-    assert "89.60000276565552" not in text
-    assert json.loads(paths["json"].read_text())["domains"][0]["acc1"] == 89.6
-
-
-def test_rows_written_before_skipped_batches_existed_still_load(tmp_path: Path) -> None:
-    old = [{k: v for k, v in row.items() if k != "skipped_batches"} for row in ROWS]
-    assert summarize(old, INFO)["skipped_batches"] == 0
-    plot_accuracy({"zoa": old}, tmp_path / "old.png")
 
 
 def test_files_are_replaced_atomically_and_a_fresh_run_removes_an_older_runs(tmp_path: Path) -> None:
