@@ -132,7 +132,7 @@ class QuantizationCallback(Callback):
                 f"QuantizationCallback needs get_network()/set_network(); {type(pl_module).__name__} lacks "
                 f"{missing_members(pl_module, QuantizableModule)}"
             )
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)  # set by Lightning at run time, unknown to type checkers
         if datamodule is None or not hasattr(datamodule, "calibration_images"):
             raise TypeError("QuantizationCallback needs a data module with calibration_images(n)")
         device = trainer.strategy.root_device
@@ -198,7 +198,7 @@ class QuantizationCallback(Callback):
         with torch.inference_mode(False):
             if method == "ptq4vit":
                 return quantize_vit(
-                    network,
+                    network,  # type: ignore[arg-type]  # quantize_vit refuses anything but a timm ViT itself
                     images,
                     self.bits,
                     act_bits,

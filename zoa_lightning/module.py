@@ -37,8 +37,8 @@ from typing_extensions import override
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.layout import resolve_layout
 from zoa_lightning.core.protocols import StreamDataModule, missing_members
+from zoa_lightning.loop import is_last_batch_of_domain
 from zoa_lightning.networks import build_network
-from zoa_lightning.stream import is_last_batch_of_domain
 
 __all__ = ["NoAdaptModule", "StreamModule", "ZOAModule"]
 

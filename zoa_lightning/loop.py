@@ -1,4 +1,4 @@
-"""Small Lightning helpers shared by the stream modules and callbacks."""
+"""Where the test loop stands: helpers shared by the stream modules and the callbacks (Lightning, not the core)."""
 
 from __future__ import annotations
 
