@@ -1,4 +1,4 @@
-"""Helpers shared by the stream and ImageNet-C data modules: argument checks, stream order, datasets, image files.
+"""Helpers shared by the stream and ImageNet-C data modules: argument checks, stream order, datasets, sharding.
 
 Multi-process runs (DDP): a stream loader built by :func:`make_loader` with ``trainer=...`` shards itself. The
 global batch ``batch_size`` keeps its single-process meaning, so the stream is cut into exactly the same global
@@ -10,10 +10,8 @@ batches as on one process, and every process reads its own contiguous slice of e
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,11 +20,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from zoa_lightning.data.images import read_rgb
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-"""File extensions read as images (case-insensitive); the same set as torchvision's ``ImageFolder``."""
 
 CALIBRATION_SEED = 3
 """NumPy ``RandomState`` seed that picks the quantization-calibration images (spec §6.3 and §7)."""
@@ -37,10 +34,6 @@ MIN_SHARD_SIZE = 2
 _SOURCE_STREAM_TAG = 0x50C  # separates the source-statistics order from the test-stream orders
 
 Batch = tuple[Tensor, Tensor]
-
-
-class UnreadableImageError(OSError):
-    """An image file could not be opened or decoded; the message names the file."""
 
 
 def check_positive(name: str, value: int, minimum: int = 1) -> int:
@@ -229,43 +222,30 @@ def stream_shards(trainer: pl.Trainer | None) -> tuple[int, int]:
     return trainer.world_size, trainer.global_rank
 
 
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    trainer: pl.Trainer | None = None,
-) -> DataLoader:
-    """Build a ``DataLoader`` with ``drop_last=False``; when shuffling, its generator is seeded with ``seed``.
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, trainer: pl.Trainer | None = None) -> DataLoader:
+    """Build a sequential ``DataLoader`` (``shuffle=False``, ``drop_last=False``): the stream is read in order.
 
     Args:
-        dataset: the map-style dataset.
+        dataset: the map-style dataset, already in stream order.
         batch_size: the global batch size (all processes together).
         num_workers: ``DataLoader`` worker processes.
-        shuffle: reshuffle every epoch (seeded); for training loaders only, never sharded.
-        seed: seed of the shuffling generator.
         trainer: the data module's trainer (``self.trainer``, may be ``None``). On several processes the loader
             yields this process's slice of every global batch (:class:`GlobalBatchShardSampler`).
 
     Raises:
-        ValueError: on several processes, for a shuffled loader, a global batch too small to split, or a trainer that
-            would inject Lightning's ``DistributedSampler`` (see :func:`stream_shards`).
+        ValueError: on several processes, for a global batch too small to split or a trainer that would inject
+            Lightning's ``DistributedSampler`` (see :func:`stream_shards`).
     """
     num_shards, rank = stream_shards(trainer)
     if num_shards > 1:
-        if shuffle:
-            raise ValueError("make_loader shards only sequential stream loaders (shuffle=False) over processes")
         sampler = GlobalBatchShardSampler(len(dataset), batch_size, num_shards, rank)  # type: ignore[arg-type]
         return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=False)
-    generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=False,
         num_workers=num_workers,
         drop_last=False,
-        generator=generator,
         persistent_workers=False,
     )
 
@@ -279,8 +259,6 @@ class ArrayDataset(Dataset):
         order: indices into ``images``; item ``i`` is image ``order[i]``. ``None`` for the natural order.
         mean: ``3×1×1`` normalization mean.
         std: ``3×1×1`` normalization standard deviation.
-        max_shift: if positive, each item is shifted by a random offset of up to this many pixels in each
-            direction (zero padding), drawn from torch's global RNG: the light training augmentation.
     """
 
     def __init__(
@@ -290,7 +268,6 @@ class ArrayDataset(Dataset):
         order: np.ndarray | None,
         mean: Tensor,
         std: Tensor,
-        max_shift: int = 0,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -299,7 +276,6 @@ class ArrayDataset(Dataset):
         self.order = np.arange(len(images)) if order is None else np.asarray(order)
         self.mean = mean
         self.std = std
-        self.max_shift = max_shift
 
     def __len__(self) -> int:
         return len(self.order)
@@ -307,34 +283,8 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> Batch:
         source = int(self.order[index])
         image = torch.from_numpy(np.array(self.images[source], dtype=np.uint8)).permute(2, 0, 1)
-        if self.max_shift > 0:
-            image = _random_shift(image, self.max_shift)
         tensor = (image.float().div_(255.0) - self.mean) / self.std
         return tensor, torch.tensor(int(self.labels[source]), dtype=torch.int64)
-
-
-def _random_shift(image: Tensor, max_shift: int) -> Tensor:
-    dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,)))
-    padded = torch.nn.functional.pad(image, (max_shift, max_shift, max_shift, max_shift))
-    height, width = image.shape[1:]
-    top, left = max_shift + dy, max_shift + dx
-    return padded[:, top : top + height, left : left + width]
-
-
-def read_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image file and decode it fully as RGB.
-
-    Raises:
-        UnreadableImageError: if the file cannot be opened or decoded; the message names the file.
-    """
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UnreadableImageError(
-            f"cannot decode image file {os.fspath(path)!r} ({type(err).__name__}: {err}); "
-            "replace or delete the file (files are never skipped silently)"
-        ) from err
 
 
 class FileDataset(Dataset):
@@ -376,59 +326,6 @@ class FileDataset(Dataset):
         """Files read so far that were smaller than ``min_size`` on a side (empty if ``min_size`` is unset)."""
         positions = torch.nonzero(self._undersized).flatten().tolist()
         return [self.samples[int(self.order[i])][0] for i in positions]
-
-
-def is_image_file(name: str) -> bool:
-    """Whether ``name`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive) and is not hidden."""
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def class_folders(root: Path, what: str, layout: str) -> list[str]:
-    """Return the sorted names of the non-hidden sub-folders of ``root``.
-
-    Args:
-        root: folder holding one sub-folder per class.
-        what: words for the error messages, e.g. ``"ImageNet-C severity folder"``.
-        layout: the expected layout, quoted in error messages.
-
-    Raises:
-        FileNotFoundError: if ``root`` is missing, not a folder, or has no class sub-folders.
-    """
-    if not root.exists():
-        raise FileNotFoundError(f"{what} not found: {root}. Expected layout: {layout}")
-    if not root.is_dir():
-        raise FileNotFoundError(f"{what} is not a folder: {root}. Expected layout: {layout}")
-    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
-    if not names:
-        raise FileNotFoundError(f"{what} {root} has no class sub-folders. Expected layout: {layout}")
-    return names
-
-
-def index_image_folder(root: Path, classes: Sequence[str], what: str, layout: str) -> list[tuple[str, int]]:
-    """List the image files of ``root/<class>/`` in ``ImageFolder`` order, labelled by position in ``classes``.
-
-    Files are found recursively; folders are walked in sorted order and files sorted by name, as torchvision's
-    ``ImageFolder`` does, so indices into the result match an ``ImageFolder`` over the same tree.
-
-    Raises:
-        FileNotFoundError: if a class folder holds no image file; the message names it.
-    """
-    samples: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        folder = root / name
-        found = [
-            os.path.join(dirpath, fname)
-            for dirpath, _, fnames in sorted(os.walk(folder, followlinks=True))
-            for fname in sorted(fnames)
-            if is_image_file(fname)
-        ]
-        if not found:
-            raise FileNotFoundError(
-                f"{what} class folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}). "
-                f"Expected layout: {layout}"
-            )
-        samples.extend((path, label) for path in found)
-    return samples
 
 
 class StreamWindow:

@@ -52,15 +52,14 @@ from datamodules._common import (
     calibration_order,
     check_optional_count,
     check_positive,
-    class_folders,
     domain_names,
-    index_image_folder,
     make_loader,
     source_order,
     split_domain,
     stream_order,
 )
 from datamodules.corruptions import check_corruptions, check_severity
+from zoa_lightning.data import class_folders, index_image_folder
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """An ImageNet-C-style corruption stream built on the fly from a small clean image set, with an on-disk cache.
 
-The clean set is either the embedded MNIST subset (:func:`datamodules.mnist.load_mnist_split`) or a folder of
-class sub-folders. Its test part is corrupted once per (corruption, severity) with
+The clean set is either the embedded MNIST subset or a folder of class sub-folders, split into a training and a test
+part by :func:`zoa_lightning.data.load_clean_split`. Its test part is corrupted once per (corruption, severity) with
 :func:`datamodules.corruptions.corrupt_images` and cached as ``.npy`` files, so later runs only read them.
 
 Cache layout::
@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -47,32 +46,23 @@ from datamodules._common import (
     check_optional_count,
     check_positive,
     check_source_count,
-    class_folders,
     domain_names,
-    index_image_folder,
     make_loader,
-    read_rgb,
     source_order,
     split_domain,
     stream_order,
     stream_shards,
 )
 from datamodules.corruptions import check_corruptions, check_severity, corrupt_images
-from datamodules.mnist import MNIST_NUM_CLASSES, MNIST_SPLIT_SEED, load_mnist_split
+from zoa_lightning.data import CleanSplit, dataset_classes, is_mnist, load_clean_split
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "ZOA_CACHE_DIR"
 """Environment variable naming the zoa-lightning cache root; streams are cached in ``$ZOA_CACHE_DIR/streams``."""
 
-FOLDER_TEST_FRACTION = 0.2
-"""Share of a folder data set's images that forms the test part (MNIST: 1,000 of 5,000)."""
-
 _POOL_MIN_IMAGES = 256  # fewer test images than this are corrupted in-process, not in a process pool
 _CACHE_VERSION = 1  # bump when the corruption policy changes, so old cache files are not reused
-_FOLDER_LAYOUT = "<root>/<class>/<image>.png|jpg, one sub-folder per class"
-
-_Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def default_cache_dir() -> Path:
@@ -114,8 +104,6 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             ``$ZOA_CACHE_DIR/streams`` when the ``ZOA_CACHE_DIR`` environment variable is set.
         num_source_images: how many training-part images (a seeded random subset) feed the source statistics;
             ``None`` for all of them.
-        augment: light augmentation for ``train_dataloader``: a random shift of up to ``image_size // 16``
-            pixels (at least 1) in each direction, zero-padded; no flips (digits are not mirror-symmetric).
         start_domain: first stream domain served by ``test_dataloader`` (a resumed run starts after the
             domains it already finished).
         stop_domain: serve domains up to, not including, this index (``None``: to the end of the stream).
@@ -147,7 +135,6 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
         cache_dir: str | None = None,
         num_source_images: int | None = None,
-        augment: bool = False,
         start_domain: int = 0,
         stop_domain: int | None = None,
     ) -> None:
@@ -168,8 +155,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         self._mean, self._std = check_normalization(mean, std)
         self.cache_dir = cache_dir
         self.num_source_images = check_optional_count("num_source_images", num_source_images)
-        self.augment = bool(augment)
-        self._split: _Split | None = None
+        self._split: CleanSplit | None = None
         self._num_classes: int | None = None
         self._corrupted: dict[str, np.ndarray] = {}
         self._fingerprint: str | None = None
@@ -180,13 +166,13 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
     @property
     def is_mnist(self) -> bool:
         """Whether the clean set is the embedded MNIST subset."""
-        return self.dataset.lower() == "mnist"
+        return is_mnist(self.dataset)
 
     @property
     def num_classes(self) -> int:
         """Number of classes: 10 for MNIST, else the number of class sub-folders (available before ``setup``)."""
         if self._num_classes is None:
-            self._num_classes = MNIST_NUM_CLASSES if self.is_mnist else len(self._folder_classes())
+            self._num_classes = len(dataset_classes(self.dataset))
         return self._num_classes
 
     @property
@@ -280,24 +266,18 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         dataset = ArrayDataset(train_x, train_y, calibration_order(len(train_y), n), self._mean, self._std)
         return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
-    def train_dataloader(self) -> DataLoader:
-        """Clean training part, shuffled (seeded generator), with the ``augment`` shift if enabled."""
-        train_x, train_y, _, _ = self._clean_split()
-        shift = max(1, self.image_size // 16) if self.augment else 0
-        dataset = ArrayDataset(train_x, train_y, None, self._mean, self._std, max_shift=shift)
-        return make_loader(dataset, self.batch_size, self.num_workers, shuffle=True, seed=self.seed)
-
     def val_dataloader(self) -> DataLoader:
         """Clean test part, in its natural order."""
         _, _, test_x, test_y = self._clean_split()
         return make_loader(ArrayDataset(test_x, test_y, None, self._mean, self._std), self.batch_size, self.num_workers)
 
-    def clean_split(self) -> _Split:
+    def clean_split(self) -> CleanSplit:
         """Return the clean split: ``(train_images, train_labels, test_images, test_labels)``.
 
         Images are read-only ``uint8`` arrays ``(N, image_size, image_size, 3)``, labels ``int64`` arrays ``(N,)``:
         the training part feeds source-model training, source statistics and calibration, the test part is
-        corrupted into the stream (the split is described under ``dataset``). Loaded on first use.
+        corrupted into the stream (the split is described under ``dataset``; it is
+        :func:`zoa_lightning.data.load_clean_split`). Loaded on first use.
         """
         return self._clean_split()
 
@@ -307,8 +287,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         Plain values, stored in stream checkpoints so a resumed run can refuse a different stream. The clean test
         part is identified by a hash of its pixels and labels, so a folder data set that changed (or moved to
         another folder with the same images) is recognised by content. ``num_workers``, ``cache_dir``,
-        ``num_source_images``, ``augment``, ``start_domain`` and ``stop_domain`` do not change the stream and are left
-        out.
+        ``num_source_images``, ``start_domain`` and ``stop_domain`` do not change the stream and are left out.
 
         Returns:
             ``data_module``, ``dataset`` (``"mnist"`` or ``"folder"``), ``test_images``, ``corruptions``, ``severity``,
@@ -335,41 +314,10 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
 
     # ------------------------------------------------------------------ clean data
 
-    def _clean_split(self) -> _Split:
+    def _clean_split(self) -> CleanSplit:
         if self._split is None:
-            if self.is_mnist:
-                self._split = load_mnist_split(self.image_size)
-            else:
-                self._split = self._load_folder_split()
+            self._split = load_clean_split(self.dataset, self.image_size)
         return self._split
-
-    def _folder_root(self) -> Path:
-        root = Path(self.dataset).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f"dataset {self.dataset!r} is neither 'mnist' nor an existing folder ({root} not found). "
-                f"Pass dataset='mnist' or a folder laid out as {_FOLDER_LAYOUT}"
-            )
-        return root
-
-    def _folder_classes(self) -> list[str]:
-        return class_folders(self._folder_root(), "dataset folder", _FOLDER_LAYOUT)
-
-    def _load_folder_split(self) -> _Split:
-        root = self._folder_root()
-        samples = index_image_folder(root, self._folder_classes(), "dataset folder", _FOLDER_LAYOUT)
-        if len(samples) < 2:
-            raise ValueError(f"dataset folder {root} holds {len(samples)} image(s); at least 2 are needed for a split")
-        images = np.stack([_square_image(path, self.image_size) for path, _ in samples])
-        labels = np.asarray([label for _, label in samples], dtype=np.int64)
-        order = np.random.RandomState(MNIST_SPLIT_SEED).permutation(len(samples))
-        num_test = min(len(samples) - 1, max(1, round(FOLDER_TEST_FRACTION * len(samples))))
-        train, test = order[: len(samples) - num_test], order[len(samples) - num_test :]
-        split = (images[train], labels[train], images[test], labels[test])
-        for array in split:
-            array.setflags(write=False)
-        log.info("dataset folder %s: %d training and %d test images", root, len(train), len(test))
-        return split
 
     def _check_source_count(self) -> None:
         _, train_y, _, _ = self._clean_split()
@@ -475,15 +423,6 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
                     "check the free space and permissions of cache_dir"
                 )
             self._corrupted[corruption] = array
-
-
-def _square_image(path: str, size: int) -> np.ndarray:
-    image = read_rgb(path)
-    scale = size / min(image.size)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BICUBIC)
-    left, top = (width - size) // 2, (height - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def _sha256(array: np.ndarray) -> str:

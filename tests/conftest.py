@@ -48,7 +48,7 @@ MODEL_FACTORIES: dict[str, Callable[[int], nn.Module]] = {"vit": make_vit, "resn
 @pytest.fixture(scope="session")
 def digits() -> torch.Tensor:
     """1,000 real MNIST test-part digits, 32 px, 3 channels, normalised with mean = std = 0.5."""
-    from datamodules.mnist import load_mnist_split
+    from zoa_lightning.data import load_mnist_split
 
     _, _, images, _ = load_mnist_split(32)
     x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255

@@ -72,7 +72,7 @@ def test_fingerprint_names_every_identifying_data_setting(cache_dir: Path) -> No
         assert any(d.startswith(f"data.{key}:") for d in differences), (key, differences)
     # Not part of the stream: where the cache lives, how it is read, which window runs, the source subset.
     same = CorruptionStreamDataModule(
-        **{**base, "cache_dir": "/elsewhere"}, num_workers=1, stop_domain=2, num_source_images=10, augment=True
+        **{**base, "cache_dir": "/elsewhere"}, num_workers=1, stop_domain=2, num_source_images=10
     )
     assert same.stream_fingerprint() == reference
 

