@@ -12,7 +12,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from zoa_lightning.core.layout import resolve_layout
-from zoa_lightning.core.quant import vit as vq
 from zoa_lightning.core.quant._common import (
     fake_quant_post_gelu,
     fake_quant_post_softmax,
@@ -32,6 +31,7 @@ from zoa_lightning.core.quant.vit import (
     set_quantization_enabled,
     vit_quant_modules,
 )
+from zoa_lightning.core.quant.vit import calibration as vq
 
 Quantized = dict[int, VisionTransformer]
 
