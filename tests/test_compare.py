@@ -46,6 +46,15 @@ def test_compare_runs_each_method_and_writes_the_report(tmp_path: Path, cache_di
     assert [r["method"] for r in rows] == ["zoa", "no_adapt"]
     assert (tmp_path / "out" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| zoa |" in (tmp_path / "out" / "comparison.md").read_text()
+    # The demo config's CSV logger moves into each method's run folder, next to its results and stream checkpoint.
+    for method in ("zoa", "no_adapt"):
+        run = tmp_path / "out" / method
+        assert (run / method / "results.json").is_file()
+        assert (run / method / "stream-last.ckpt").is_file()
+        header = (run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert {"step", "stream/domain", "adapt/skipped_batches", "test/mean/acc1"} <= set(header)
+        assert ("bank/entries" in header) == (method == "zoa")
+        assert (run / "logs" / "version_0" / "config.yaml").is_file()
 
 
 def test_unknown_method_lists_the_known_ones(tmp_path: Path) -> None:

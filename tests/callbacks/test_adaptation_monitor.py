@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -192,3 +193,18 @@ def test_zoa_stream_logs_bank_metrics_and_resumes_the_step(cache_dir: Path, tmp_
         resumed, datamodule=make_stream(cache_dir, batch_size=32), ckpt_path=str(tmp_path / "stream-last.ckpt")
     )
     assert [int(r["step"]) for r in _metrics_csv(resumed_logger) if r.get("bank/entries")] == [4, 5]
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "callbacks" in c.read_text()], ids=lambda p: p.name)
+def test_configs_list_the_monitor_before_the_checkpoint_and_demo_configs_log_to_csv(config: Path) -> None:
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    names = [c["class_path"] for c in trainer["callbacks"]]
+    assert "callbacks.DomainBankCallback" not in names
+    assert names.index("callbacks.AdaptationMonitor") < names.index("callbacks.StreamCheckpoint")
+    if config.name.startswith("demo"):
+        logger = trainer["logger"]
+        assert logger["class_path"] == "lightning.pytorch.loggers.CSVLogger"
+        assert logger["init_args"]["save_dir"] == trainer["default_root_dir"]
