@@ -39,7 +39,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "adapt/skipped_batches",
 )
 """Metrics logged after every batch (the bank's only for a method with a knowledge bank), plus ``adapt/<loss>`` for
-every loss value the adapter reports in ``last_losses`` (e.g. ``adapt/loss``)."""
+every loss value the adapter reports in ``last_losses`` (e.g. ``adapt/loss_0`` and ``adapt/loss_1``: ZOA's L0, L+)."""
 
 #: State keys under which earlier versions stored this callback's history: ``DomainBankCallback[dirpath=...,...]``.
 _LEGACY_KEY = re.compile(r"^DomainBankCallback\[.*\]$")
@@ -63,8 +63,9 @@ class AdaptationMonitor(Callback):
       current mixing weights (methods with a bank only);
     * ``bank/shifts``, ``bank/stores``, ``bank/evictions``, ``bank/perturbed_detections``: cumulative event counts;
     * ``adapt/skipped_batches``: batches whose adaptation was rolled back so far;
-    * ``adapt/<name>``: the last batch's loss values, if the module's adapter reports them as ``last_losses`` (a
-      mapping of names to numbers; a single number is logged as ``adapt/loss``).
+    * ``adapt/<name>``: the last batch's loss values, if the module's adapter reports them as ``last_losses``: a
+      mapping of names to numbers, a sequence (ZOA's ``(L0, L+)`` as ``adapt/loss_0``, ``adapt/loss_1``) or one
+      number (``adapt/loss``).
 
     At the end of every domain it prints the bank's size, largest mixing weight and mixing entropy.
 
@@ -254,17 +255,25 @@ def _maps_from(key: Any) -> bool:
 
 
 def _loss_metrics(losses: Any) -> dict[str, float]:
-    """``adapt/<name>`` for each of an adapter's last loss values (a mapping, or one number as ``adapt/loss``)."""
+    """``adapt/<name>`` for an adapter's last loss values.
+
+    A mapping gives its names; a sequence (e.g. ZOA's ``(L0, L+)``) ``loss_0``, ``loss_1``, ...; one number ``loss``.
+    Values that are not numbers are left out.
+    """
     if losses is None:
         return {}
-    items = losses.items() if isinstance(losses, Mapping) else [("loss", losses)]
+    if isinstance(losses, Mapping):
+        items = [(str(name), value) for name, value in losses.items()]
+    elif isinstance(losses, list | tuple):
+        items = [(f"loss_{i}", value) for i, value in enumerate(losses)]
+    else:
+        items = [("loss", losses)]
     metrics = {}
     for name, value in items:
         try:
-            number = float(value.detach().item() if isinstance(value, torch.Tensor) else value)
+            metrics[f"adapt/{name}"] = float(value.detach().item() if isinstance(value, torch.Tensor) else value)
         except (TypeError, ValueError, RuntimeError):
             continue  # not a number (e.g. a tensor of several values): not a loss value to log
-        metrics[f"adapt/{name}"] = number
     return metrics
 
 

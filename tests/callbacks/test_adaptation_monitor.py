@@ -186,6 +186,8 @@ def test_zoa_stream_logs_bank_metrics_and_resumes_the_step(cache_dir: Path, tmp_
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
     assert float(rows[-1]["bank/stores"]) == len([e for e in monitor.history if "entries" in e])
     assert float(rows[-1]["bank/entries"]) >= 1
+    if hasattr(module.adapter, "last_losses"):  # ZOA's (L0, L+) of the batch
+        assert all(r["adapt/loss_0"] and r["adapt/loss_1"] for r in rows)
 
     resumed_logger = CSVLogger(tmp_path, name="logs", version=1)
     resumed = ZOAModule(network=make_vit(0), source_batches=1, detector_min_batch=16, domain_t=0.05)
@@ -208,3 +210,20 @@ def test_configs_list_the_monitor_before_the_checkpoint_and_demo_configs_log_to_
         logger = trainer["logger"]
         assert logger["class_path"] == "lightning.pytorch.loggers.CSVLogger"
         assert logger["init_args"]["save_dir"] == trainer["default_root_dir"]
+
+
+@pytest.mark.parametrize(
+    ("losses", "expected"),
+    [
+        ((0.5, torch.tensor(0.25)), {"adapt/loss_0": 0.5, "adapt/loss_1": 0.25}),
+        ({"entropy": 1.0, "bad": torch.ones(3)}, {"adapt/entropy": 1.0}),
+        (2.0, {"adapt/loss": 2.0}),
+        ((), {}),
+        (None, {}),
+    ],
+)
+def test_loss_values_of_any_shape_the_adapter_reports(losses: Any, expected: dict[str, float]) -> None:
+    module = FakeStream()
+    module.adapter.last_losses = losses
+    metrics = AdaptationMonitor().metrics(module)
+    assert {k: v for k, v in metrics.items() if k.startswith("adapt/loss") or k == "adapt/entropy"} == expected
