@@ -1,5 +1,9 @@
 """Measurement helpers shared by the benchmark scripts: methods built from their configs, tensor memory, timing.
 
+Methods are built as ``zoa test`` builds them: the method config (``configs/methods/<name>.yaml``, listed by
+:mod:`zoa_lightning.methods`) goes through the model and trainer part of LightningCLI's parser
+(:func:`method_parser`), which validates it, fills in the defaults and instantiates the class it names.
+
 Memory on a CPU has no ``torch.cuda.max_memory_allocated``, and a process's peak RSS is a lifetime maximum dominated
 by the interpreter and libraries. The benchmarks therefore count **tensor bytes**, exactly:
 
@@ -15,7 +19,7 @@ On a CUDA device the same quantities come from the caching allocator's counters.
 from __future__ import annotations
 
 import copy
-import importlib
+import functools
 import statistics
 import time
 import types
@@ -24,26 +28,26 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
-import yaml
+from jsonargparse import ActionConfigFile
+from lightning.pytorch.cli import LightningArgumentParser
 from torch import Tensor, nn
 
-from zoa_lightning.compare import _method_config
+from zoa_lightning.methods import method_config
 from zoa_lightning.module import StreamModule
 
 __all__ = [
-    "METHOD_DIR",
     "SourceData",
     "build_method",
     "interleaved_times",
     "median",
+    "method_parser",
     "peak_step_bytes",
     "resident_bytes",
     "step",
 ]
-
-METHOD_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
 
 
 class SourceData:
@@ -61,35 +65,65 @@ class SourceData:
         return [(b,) for b in self.batches]
 
 
+@functools.lru_cache(maxsize=1)
+def method_parser() -> LightningArgumentParser:
+    """The ``model`` and ``trainer`` part of the ``zoa`` CLI's parser, as LightningCLI builds it (no data section).
+
+    ``model`` takes any :class:`~zoa_lightning.module.StreamModule` subclass by ``class_path`` (``subclass_mode``);
+    ``trainer`` accepts the Trainer flags a method config may set (``tent.yaml`` sets ``inference_mode``), which
+    the benchmarks do not use: they call the module directly.
+
+    Returns:
+        The parser (built once, then cached); ``-c``/``--config`` composes config files as ``zoa test -c`` does.
+    """
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="config file(s), composed in order")
+    parser.add_lightning_class_args(StreamModule, "model", subclass_mode=True)
+    parser.add_lightning_class_args(pl.Trainer, "trainer")
+    return parser
+
+
 def build_method(
-    method: str, network: nn.Module, num_classes: int, source: SourceData, method_dir: Path = METHOD_DIR
+    method: str, network: nn.Module, num_classes: int, source: SourceData, method_dir: Path | None = None
 ) -> StreamModule:
     """Build ``configs/methods/<method>.yaml``'s module around a copy of ``network`` and run its setup.
 
-    The module is the one ``zoa test`` runs, with the config's ``init_args``; setup runs the same
-    ``setup_method`` as under a Trainer (source statistics included).
+    The config is parsed and instantiated by :func:`method_parser` (LightningCLI's machinery: validation, defaults,
+    the class its ``class_path`` names, with its ``init_args``), with ``num_classes`` and the given network in place
+    of the config's network name; setup runs the same :meth:`~zoa_lightning.module.StreamModule.setup_method` as
+    under a Trainer (adapter and source statistics).
 
     Args:
-        method: method config name (``zoa``, ``no_adapt``, ``tent``, ...).
+        method: method config name (``zoa``, ``no_adapt``, ``tent``, ...: :func:`zoa_lightning.methods.method_names`).
         network: the (possibly quantized) network; deep-copied, so methods never share state.
         num_classes: classifier size.
         source: clean source batches.
-        method_dir: folder of the method configs.
+        method_dir: folder of the method configs (default :func:`zoa_lightning.methods.default_method_dir`).
 
     Returns:
         The ready module.
 
     Raises:
-        FileNotFoundError: for an unknown method.
+        FileNotFoundError: for an unknown method (the message lists the known ones).
+        TypeError: if the method refuses the network (FOA's prompts need a ViT); the module's own error, as its
+            other refusals (``ValueError`` for a bad hyperparameter).
     """
-    spec = yaml.safe_load(_method_config(method, method_dir).read_text())["model"]
-    module_name, class_name = spec["class_path"].rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), class_name)
-    args = {**spec.get("init_args", {}), "network": copy.deepcopy(network), "num_classes": num_classes}
-    module: StreamModule = cls(**args)
+    parser = method_parser()
+    config = parser.parse_args(
+        ["--config", str(method_config(method, method_dir)), "--model.init_args.num_classes", str(num_classes)]
+    )
+    config.model.init_args.network = copy.deepcopy(network)  # instead of building the config's network by name
+    try:
+        module = parser.instantiate(config).model
+    except ValueError as error:  # jsonargparse reports a refusing constructor as a type mismatch: give its own error
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, Exception):
+            raise cause from error
+        raise
+    if not isinstance(module, StreamModule):
+        raise TypeError(f"{method}: the config's model is a {type(module).__name__}, not a StreamModule subclass")
     with torch.no_grad():
-        module.setup_method(source)  # type: ignore[arg-type]  # only source_dataloader() is read
-    module._plain_passes = 0
+        module.setup_method(source)
     return module
 
 
@@ -199,7 +233,7 @@ def interleaved_times(
     for r in range(max(repeats.values(), default=0)):
         for name, fn in jobs.items():
             if r < repeats[name]:
-                yield name, _elapsed(lambda fn=fn, i=warmup + r: fn(i))
+                yield name, _elapsed(functools.partial(fn, warmup + r))
 
 
 def median(values: list[float]) -> float:

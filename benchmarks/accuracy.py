@@ -1,6 +1,8 @@
 """Accuracy of every method on the MNIST corruption stream, demo ViT at W8A8 and W4A4, over 1 and 3 rounds.
 
 Run ``python benchmarks/accuracy.py [--json] [--bits 8 4] [--methods ...] [--jobs 2] [--out runs/accuracy]``.
+The methods are those of ``configs/methods/`` (:func:`zoa_lightning.methods.method_names`) unless ``--methods``
+names some.
 
 For each bit width the script runs ``zoa compare`` (every method a ``zoa test`` process with
 ``-c configs/demo.yaml`` or ``-c configs/demo_w4a4.yaml``, then ``-c configs/demo_tuned.yaml`` (ZOA's hyperparameters
@@ -35,27 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console
 from rich.table import Table
 
-from callbacks.results import plot_accuracy
-from zoa_lightning.compare import _results_file, compare
+from zoa_lightning.compare import compare, results_file
+from zoa_lightning.methods import method_names
+from zoa_lightning.reporting import plot_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ALL_METHODS = (
-    "no_adapt",
-    "norm_adapt",
-    "t3a",
-    "tent",
-    "foa",
-    "zoa",
-    "zoa_no_bank",
-    "zoa_no_shift",
-    "zoa_shift_only",
-)
 BASE_CONFIGS = {
     8: [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "demo_tuned.yaml"],
     4: [ROOT / "configs" / "demo_w4a4.yaml", ROOT / "configs" / "demo_tuned.yaml"],
 }
-SLOW_METHODS = ("foa",)  # 28 forward passes per batch
+SLOW_METHODS = ("foa",)  # 28 forward passes per batch: run in their own compare call (see the module docstring)
 TARGETS = {"over_no_adapt": 5.0, "over_foa": 0.0, "over_shift_only": 1.0}
 
 
@@ -67,9 +59,9 @@ def _fmt(value: float | None) -> str:
     return "not run" if value is None else f"{value:.2f}"
 
 
-def summarize(domains: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """Mean top-1 of each method over round 1 and over all rounds, from its per-domain rows."""
-    out = {}
+def summarize(domains: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Mean top-1 of each method over round 1 and over all rounds (``None`` for one round), from its per-domain rows."""
+    out: dict[str, dict[str, Any]] = {}
     for method, rows in domains.items():
         first = [r["acc1"] for r in rows if r["round"] == 1]
         out[method] = {
@@ -129,7 +121,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the methods (or reuse their results), print the table (or JSON) and return the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4], choices=sorted(BASE_CONFIGS))
-    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), help="method config names")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=method_names(),
+        choices=method_names(),
+        metavar="METHOD",
+        help=f"method config names (default: all of configs/methods: {' '.join(method_names())})",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the stream (round 1 gives the 1-round result)")
     parser.add_argument(
         "--slow-rounds",
@@ -173,7 +172,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ):
                 summaries[s["method"]] = s
             for method in methods:
-                domains[method] = json.loads(_results_file(out / method).read_text())["domains"]  # type: ignore[union-attr]
+                found = results_file(out / method)
+                if found is None:
+                    raise RuntimeError(f"{method} wrote no results.json under {out / method}; rerun with --no-resume")
+                domains[method] = json.loads(found.read_text())["domains"]
         ordered = {m: domains[m] for m in args.methods}
         plot_accuracy(ordered, args.out / f"accuracy_w{bits}a{bits}.png", title=f"demo ViT W{bits}A{bits}, severity 5")
         means = summarize(ordered)

@@ -3,9 +3,11 @@
 Run ``python benchmarks/cost.py [--json] [--models ...] [--methods ...] [--batch 64] [--repeats 7]``, or
 ``--scaling`` for ZOA against ``no_adapt`` over batch sizes 16/64/256 and two model sizes.
 
-Every method is the LightningModule ``zoa test`` runs, built from ``configs/methods/<name>.yaml`` around a copy of
-the same network and set up on the same clean source batches; one batch is exactly what its ``test_step`` does
-(``adapt_step`` under ``torch.no_grad``). For each model the methods take turns batch by batch (interleaved), so
+The methods are those of ``configs/methods/`` (:func:`zoa_lightning.methods.method_names`) unless ``--methods`` names
+some; a method that refuses a network at construction (FOA on a CNN) is skipped for that model. Every method is the
+LightningModule ``zoa test`` runs, built from ``configs/methods/<name>.yaml`` through LightningCLI's parser around a
+copy of the same network and set up on the same clean source batches; one batch is exactly what its ``test_step``
+does (``adapt_step`` under ``torch.no_grad``). For each model the methods take turns batch by batch (interleaved), so
 machine noise hits them alike, and the median seconds per batch is reported. Per method:
 
 * forward passes per batch (the method's own counter; ZOA's floor is 2, FOA's population is 28);
@@ -22,6 +24,7 @@ vit_tiny's 1,000); on a CUDA machine add ``--models vit_base`` (ViT-B/16, random
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -48,9 +51,10 @@ from benchmarks._measure import (
     resident_bytes,
     step,
 )
+from zoa_lightning.methods import method_names
+from zoa_lightning.module import StreamModule
 from zoa_lightning.networks import build_network
 
-ALL_METHODS = ("no_adapt", "norm_adapt", "t3a", "tent", "foa", "zoa")
 TARGETS = {"zoa_passes": 2, "zoa_time_goal": 2.05, "zoa_time_max": 2.3, "zoa_memory_goal": 1.05, "zoa_memory_max": 1.1}
 
 
@@ -58,7 +62,9 @@ def _demo_vit_w8a8() -> nn.Module:
     from zoa_lightning.core.quant import quantize_vit
 
     torch.manual_seed(0)
-    return quantize_vit(build_network("demo_vit"), torch.rand(32, 3, 32, 32), 8, 8, num_candidates=20)
+    network = build_network("demo_vit")
+    assert isinstance(network, timm.models.VisionTransformer)
+    return quantize_vit(network, torch.rand(32, 3, 32, 32), 8, 8, num_candidates=20)
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
@@ -73,8 +79,17 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int, int]] = {
 DEFAULT_MODELS = ("demo_vit", "demo_vit_w8a8", "demo_cnn", "vit_tiny")
 
 
-def _is_vit(network: nn.Module) -> bool:
-    return isinstance(network, timm.models.VisionTransformer)
+def _build_all(
+    methods: list[str], network: nn.Module, classes: int, source: SourceData, model: str
+) -> dict[str, StreamModule]:
+    """Build every method that can take ``network``; one that refuses it at construction (TypeError) is skipped."""
+    modules = {}
+    for method in methods:
+        try:
+            modules[method] = build_method(method, network, classes, source)
+        except TypeError as error:  # e.g. FOA's prompts need a ViT (spec §8)
+            Console(stderr=True).print(f"{model}: {method} skipped: {error}")
+    return modules
 
 
 def measure_model(
@@ -90,7 +105,8 @@ def measure_model(
 
     Args:
         name: a key of :data:`MODELS`.
-        methods: method config names; ``no_adapt`` is added if missing, FOA is skipped for non-ViT networks.
+        methods: method config names; ``no_adapt`` is added if missing; a method that refuses the network at
+            construction (FOA on a CNN) is skipped.
         batch: images per batch.
         repeats: timed batches per method.
         slow_repeats: timed batches for methods with more than 4 forward passes per batch (FOA).
@@ -107,17 +123,15 @@ def measure_model(
     images = [torch.rand(batch, 3, size, size, generator=generator).to(device) for _ in range(repeats + 2)]
     source = SourceData([torch.rand(batch, 3, size, size, generator=generator).to(device) for _ in range(2)])
     wanted = ["no_adapt", *(m for m in methods if m != "no_adapt")]
-    if not _is_vit(network):
-        wanted = [m for m in wanted if m != "foa"]  # FOA's prompts need a ViT (spec §8)
     has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
-    modules = {m: build_method(m, network, classes, source) for m in wanted}
+    modules = _build_all(wanted, network, classes, source, name)
     del network
 
     rows: dict[str, dict[str, Any]] = {}
     for method, module in modules.items():  # memory and passes, one method at a time (not interleaved)
         step(module, images[0])  # warm-up: lazily created state (optimizer buffers, caches) becomes resident
         passes = module.forward_passes()
-        peak = peak_step_bytes(lambda module=module: step(module, images[1]))
+        peak = peak_step_bytes(functools.partial(step, module, images[1]))
         resident = resident_bytes(module)
         rows[method] = {
             "model": name,
@@ -132,7 +146,9 @@ def measure_model(
         }
     slow = {m for m, r in rows.items() if r["forward_passes_per_batch"] > 4}
     counts = {m: (slow_repeats if m in slow else repeats) for m in modules}
-    jobs = {m: (lambda i, module=module: step(module, images[i % len(images)])) for m, module in modules.items()}
+    jobs: dict[str, Callable[[int], object]] = {
+        m: functools.partial(_step_on, module, images) for m, module in modules.items()
+    }
     task = progress.add_task(f"{name}: timing", total=sum(counts.values())) if progress else None
     for method, seconds in interleaved_times(jobs, counts, warmup=0):
         rows[method]["times"].append(seconds)
@@ -151,6 +167,11 @@ def measure_model(
         for row in rows.values():
             row["time_ratio_vs_norm_adapt"] = row["seconds_per_batch"] / stats_s
     return list(rows.values())
+
+
+def _step_on(module: StreamModule, images: list[torch.Tensor], i: int) -> torch.Tensor:
+    """One batch of ``module`` on batch ``i`` of ``images`` (cycling)."""
+    return step(module, images[i % len(images)])
 
 
 def check_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -247,7 +268,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse arguments, measure, print a table (or JSON with ``--json``) and return the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS), help="models (default: 4)")
-    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), help="method config names")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=method_names(),
+        choices=method_names(),
+        metavar="METHOD",
+        help=f"method config names (default: all of configs/methods: {' '.join(method_names())})",
+    )
     parser.add_argument("--batch", type=int, default=64, help="images per batch")
     parser.add_argument("--repeats", type=int, default=7, help="timed batches per method")
     parser.add_argument("--slow-repeats", type=int, default=2, help="timed batches for FOA (28 passes per batch)")
@@ -266,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with Progress(console=Console(stderr=True), transient=True) as progress:
         for model, methods, batch in plan:
             results += measure_model(model, methods, batch, args.repeats, args.slow_repeats, device, progress)
-    report = {"machine": machine(), "results": results, "targets": check_targets(results)}
+    report: dict[str, Any] = {"machine": machine(), "results": results, "targets": check_targets(results)}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -39,7 +40,9 @@ def _models() -> dict[str, tuple[Callable[[], nn.Module], int]]:
         from zoa_lightning.core.quant import quantize_vit
 
         torch.manual_seed(0)
-        return quantize_vit(build_network("demo_vit"), torch.randn(32, 3, 32, 32), 8, 8, num_candidates=20)
+        network = build_network("demo_vit")
+        assert isinstance(network, timm.models.VisionTransformer)
+        return quantize_vit(network, torch.randn(32, 3, 32, 32), 8, 8, num_candidates=20)
 
     def demo_cnn() -> nn.Module:
         return build_network("demo_cnn")
@@ -81,9 +84,9 @@ def measure(name: str, build: Callable[[], nn.Module], size: int, batch: int, re
     with torch.no_grad():
         for i in range(repeats + 2):
             x = batches[i % len(batches)]
-            t_plain = _time(lambda x=x: plain(x))
-            t_stats = _time(lambda x=x: batch_stats(x))
-            t_zoa = _time(lambda x=x: adapter(x))
+            t_plain = _time(functools.partial(plain, x))
+            t_stats = _time(functools.partial(batch_stats, x))
+            t_zoa = _time(functools.partial(adapter, x))
             if i >= 2:  # warm-up
                 plain_times.append(t_plain)
                 stats_times.append(t_stats)
@@ -98,9 +101,9 @@ def measure(name: str, build: Callable[[], nn.Module], size: int, batch: int, re
         "zoa_s_per_batch": zoa_s,
         "time_ratio": zoa_s / plain_s,
         "time_ratio_vs_batch_stats": zoa_s / stats_s,
-        "forward_passes_per_batch": adapter.counter("forward_passes") / max(adapter.counter("batches"), 1),
+        "forward_passes_per_batch": adapter.forward_passes / max(adapter.counter("batches"), 1),
         # What N processes would exchange per batch under DDP (sufficient statistics, float64; see docs/distributed.md).
-        "ddp_bytes_per_batch": adapter.last_batch_reduced_bytes,
+        "ddp_bytes_per_batch": adapter.reduce.last_batch_bytes,
     }
 
 

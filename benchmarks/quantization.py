@@ -13,7 +13,7 @@ import copy
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,7 +37,11 @@ def _accuracy(net: nn.Module, loader: Any) -> float:
 
 
 def measure(
-    model: str, bits: int | None, data: CorruptionStreamDataModule, observer: str, adaround_iters: int = 20000
+    model: str,
+    bits: int | None,
+    data: CorruptionStreamDataModule,
+    observer: Literal["mse", "minmax"],
+    adaround_iters: int = 20000,
 ) -> dict[str, Any]:
     """Quantize (``bits=None``: float) and evaluate one demo model."""
     net = build_network(model)

@@ -1,4 +1,4 @@
-"""Baseline LightningModules under Trainer.test on a real small stream; their configs compose with the demo."""
+"""Baseline LightningModules under Trainer.test on a real small stream (their configs: tests/test_method_configs.py)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
 
 from callbacks import DomainBankCallback
-from cli import main
 from tests.conftest import STREAM_CORRUPTIONS, make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule
 from zoa_lightning.baselines import FOAModule, NormAdaptModule, T3AModule, TentModule
 
-ROOT = Path(__file__).resolve().parents[1]
 CORRUPTIONS = STREAM_CORRUPTIONS
-OUR_CONFIGS = ["norm_adapt", "t3a", "foa", "tent", "zoa_no_bank", "zoa_no_shift", "zoa_shift_only"]
 
 
 @pytest.fixture(autouse=True)
@@ -102,10 +98,24 @@ def test_norm_adapt_changes_resnet_predictions_without_changing_parameters(cache
     assert all(torch.equal(params[k], v) for k, v in net.named_parameters())
 
 
-def test_tent_under_default_inference_mode_names_the_flag(cache_dir: Path) -> None:
-    module = TentModule(network=make_vit(0))
-    with pytest.raises(RuntimeError, match=r"trainer\.inference_mode: false"):
-        make_trainer(batches=1, inference_mode=True).test(module, datamodule=make_stream(cache_dir))
+def test_tent_under_default_inference_mode_names_the_flag_before_the_first_batch(cache_dir: Path) -> None:
+    module, record = TentModule(network=make_vit(0)), _Record()
+    with pytest.raises(RuntimeError, match=r"TentModule back-propagates.*trainer\.inference_mode: false"):
+        make_trainer([record], batches=1, inference_mode=True).test(module, datamodule=make_stream(cache_dir))
+    assert not record.logits
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: T3AModule(network=make_vit(0), filter_k=0), "filter_k must be an integer >= 1, got 0"),
+        (lambda: TentModule(network=make_vit(0), lr=-1.0), "lr and momentum must be >= 0"),
+        (lambda: FOAModule(network=make_vit(0), source_batches=0), "source_batches must be >= 1 or None, got 0"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_at_construction(build: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build()
 
 
 @pytest.mark.parametrize("method", ["norm_adapt", "t3a", "foa"])
@@ -144,29 +154,6 @@ def test_stream_split_in_two_runs_gives_the_same_predictions(method: str, cache_
     assert len(split) == len(full.logits) == 6
     for got, want in zip(split, full.logits, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-# ---------------------------------------------------------------------------------------------------------- configs
-def _print_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["test", *args, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
-
-
-@pytest.mark.parametrize("name", OUR_CONFIGS)
-def test_method_config_composes_with_the_demo(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    path = ROOT / "configs" / "methods" / f"{name}.yaml"
-    own = yaml.safe_load(path.read_text())["model"]
-    resolved = _print_config(["-c", str(ROOT / "configs/demo.yaml"), "-c", str(path)], capsys)
-    model = resolved["model"]
-    assert model["class_path"] == own["class_path"]
-    assert model["init_args"]["network"] == "demo_vit"
-    for key, value in own.get("init_args", {}).items():
-        assert model["init_args"][key] == value, key
-    assert resolved["trainer"]["inference_mode"] is False
-    if name.startswith("zoa_"):  # the demo's ZOA settings still apply to the ablations
-        assert model["init_args"]["lambda_bp"] == 30.0
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import accuracy, cost  # noqa: E402
 from benchmarks._measure import SourceData, build_method, peak_step_bytes, resident_bytes, step  # noqa: E402
+from zoa_lightning.methods import method_names  # noqa: E402
 
 MB = 2**20
 
@@ -141,3 +142,43 @@ def test_accuracy_runs_slow_methods_in_their_own_compiled_compare(
     ]
     assert set(report["bits"]["W8A8"]["means"]) == {"zoa", "foa"}
     assert (tmp_path / "accuracy.json").is_file()
+
+
+def test_the_benchmarks_take_their_methods_from_the_method_configs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert not hasattr(cost, "ALL_METHODS")
+    assert not hasattr(accuracy, "ALL_METHODS")
+    assert set(accuracy.SLOW_METHODS) <= set(method_names())
+    for script in (cost, accuracy):
+        with pytest.raises(SystemExit):
+            script.main(["--methods", "no_such_method"])
+        assert "invalid choice: 'no_such_method'" in capsys.readouterr().err
+    run: list[str] = []
+
+    def fake_compare(configs: list[str], methods: list[str], out: Path, extra: list[str], **kwargs: object) -> list:
+        run.extend(methods)
+        for method in methods:
+            (out / method / method).mkdir(parents=True, exist_ok=True)
+            (out / method / method / "results.json").write_text(json.dumps({"domains": _rows([50.0, 51.0], 1)}))
+        summary = {"forward_passes_per_batch": 1.0, "seconds_per_batch": 0.1, "peak_memory_mb": 1.0}
+        return [{**summary, "method": m} for m in methods]
+
+    monkeypatch.setattr(accuracy, "compare", fake_compare)
+    monkeypatch.setattr(accuracy, "plot_accuracy", lambda *args, **kwargs: None)
+    accuracy.main(["--bits", "8", "--rounds", "1", "--out", str(tmp_path), "--json"])
+    assert sorted(run) == method_names()
+
+
+def test_every_method_config_builds_for_the_benchmarks() -> None:
+    g = torch.Generator().manual_seed(0)
+    source = SourceData([torch.rand(8, 3, 32, 32, generator=g)])
+    for method in method_names():
+        module = build_method(method, make_vit(), 10, source)
+        assert module.run_info()["method"] == method
+        assert step(module, torch.rand(8, 3, 32, 32, generator=g)).shape == (8, 10)
+
+
+def test_a_method_refusing_the_network_raises_its_own_error() -> None:
+    with pytest.raises(TypeError, match="FOA inserts prompt tokens into a timm VisionTransformer"):
+        build_method("foa", make_resnet(), 10, SourceData([]))

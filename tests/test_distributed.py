@@ -169,7 +169,7 @@ def test_sharded_engine_steps_as_one_engine_on_the_global_batch(digits: torch.Te
             got[rank].append((logits, engine.bank.theta.clone(), engine.bank.alpha.clone(), int(engine.bank.count)))
 
     _run_ranks(rank_work, world)
-    torch.testing.assert_close(engines[0].src_std, single.src_std, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(engines[0].source.std, single.source.std, rtol=1e-5, atol=1e-6)
     for i, (logits, theta, alpha, count) in enumerate(want):
         r0, r1 = got[0][i], got[1][i]
         assert torch.equal(r0[1], r1[1]), f"ranks' epsilons differ after batch {i}"
@@ -185,16 +185,16 @@ def test_reduced_elements_per_batch_are_a_few_feature_vectors(digits: torch.Tens
     seen: list[int] = []
     adapter = ZOA(make_vit(0), ZOAConfig(detector_min_batch=16), reduce_fn=lambda t: seen.append(t.numel()) or t)
     adapter.collect_source_statistics([digits[:64]])
-    assert adapter.reduced_elements == sum(seen)
+    assert adapter.reduce.elements == sum(seen)
     seen.clear()
     adapter(digits[:32])
-    features, channels = sum(adapter._tap_dims), adapter.det_mean.numel()
+    features, channels = adapter.loss.dim, adapter.detector.mean.numel()
     # Pass A: detector moments (2C + 2) and loss moments (2F + 2); pass B reuses the detector's and sends the loss's.
     assert seen == [2 * channels + 2, 2 * features + 2, 2 * features + 2]
-    assert adapter.last_batch_reduce_calls == 3
-    assert adapter.last_batch_reduced_elements == sum(seen)
-    assert adapter.last_batch_reduced_bytes == 8 * sum(seen)  # float64
-    assert adapter.last_batch_reduced_elements < sum(p.numel() for p in adapter.model.parameters()) / 10
+    assert adapter.reduce.last_batch_calls == 3
+    assert adapter.reduce.last_batch_elements == sum(seen)
+    assert adapter.reduce.last_batch_bytes == 8 * sum(seen)  # float64
+    assert adapter.reduce.last_batch_elements < sum(p.numel() for p in adapter.model.parameters()) / 10
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning DDP

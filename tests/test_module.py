@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 
 from callbacks import DomainBankCallback
 from tests.conftest import STREAM_CORRUPTIONS, make_resnet, make_stream, make_trainer, make_vit
-from zoa_lightning import NoAdaptModule, ZOAModule
+from zoa_lightning import NoAdaptModule, StreamModule, ZOAModule
+from zoa_lightning.core import ZOAConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CORRUPTIONS = STREAM_CORRUPTIONS
 _data = make_stream
@@ -192,3 +199,158 @@ def test_a_last_batch_of_one_image_a_batchnorm_network_cannot_take_is_refused_up
     with pytest.raises(ValueError, match=r"last batch of r1/gaussian_noise, .* holds a single image"):
         _trainer(callbacks=[record], batches=4).test(module, datamodule=_data(cache_dir, batch_size=333))
     assert not record.logits  # refused before the first batch, not after a whole domain
+
+
+# ------------------------------------------------------------------------------------------------ the template
+class _Counting:
+    """A minimal adapter with every optional capability but the bank: 3 passes per batch, records its source calls."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.forward_passes = 0
+        self.skipped_batches = 0
+        self.source_calls: list[tuple[int, int | None, set[torch.device]]] = []
+
+    def collect_source_statistics(self, loader: Iterable[torch.Tensor], max_batches: int | None = None) -> None:
+        batches = list(loader)
+        self.source_calls.append((len(batches), max_batches, {b.device for b in batches}))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.forward_passes += 3
+        self.skipped_batches += 1
+        return self.model(images)
+
+    def run_info(self) -> dict[str, Any]:
+        return {"source_calls": len(self.source_calls)}
+
+
+class _CountingModule(StreamModule):
+    """A method of a few lines on the template.
+
+    Args:
+        network: see StreamModule.
+        weights: see StreamModule.
+        num_classes: see StreamModule.
+        flag: a reported hyperparameter.
+        source_batches: clean batches for source statistics.
+        name: see StreamModule.
+    """
+
+    method_name = "counting"
+    reported_hparams = ("flag",)
+
+    def __init__(
+        self,
+        network: str | torch.nn.Module = "demo_vit",
+        weights: str | None = None,
+        num_classes: int = 10,
+        flag: int = 7,
+        source_batches: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(network, weights, num_classes, name)
+
+    def build_adapter(self, network: torch.nn.Module) -> _Counting:
+        return _Counting(network)
+
+
+def test_the_template_counts_passes_rollbacks_source_batches_and_reports_through_the_adapter(cache_dir: Path) -> None:
+    module = _CountingModule(network=make_vit(0), source_batches=2)
+    _trainer(batches=2).test(module, datamodule=_data(cache_dir))
+    adapter = module.adapter
+    assert isinstance(adapter, _Counting)
+    assert adapter.source_calls == [(4, 2, {torch.device("cpu")})]  # the loader's 4 batches; the adapter stops at 2
+    assert [(r["forward_passes"], r["skipped_batches"]) for r in module.stream_results()] == [(6, 2)] * 3
+    assert module.forward_passes() == 18
+    assert module.skipped_batches() == 6
+    assert module.run_info() == {
+        "method": "counting",
+        "model": "VisionTransformer",
+        "bits": "float",
+        "flag": 7,
+        "source_calls": 1,
+    }
+    assert module.pop_adaptation_events() == []
+    assert module.mixing_weights() is None
+    # A plain-object adapter leaves the network the module's own child: checkpoint keys net.*
+    assert {key.split(".")[0] for key in module.state_dict()} == {"net"}
+    assert module.get_network() is adapter.model is module.net
+
+
+def test_a_module_adapter_takes_over_the_network_and_its_checkpoint_keys(cache_dir: Path) -> None:
+    net = make_vit(0)
+    keys = {f"adapter.{k}" for k in net.state_dict()}
+    module = ZOAModule(network=net)
+    _trainer(batches=1).test(module, datamodule=_data(cache_dir))
+    assert not hasattr(module, "net")
+    assert module.get_network() is net
+    assert {key.split(".")[0] for key in module.state_dict()} == {"adapter"}
+    assert not keys <= set(module.state_dict())  # ZOA fused its norm layers: the network's keys changed in place
+    assert {f"adapter.model.{k}" for k in net.state_dict()} <= set(module.state_dict())
+
+
+def test_source_batches_is_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="source_batches must be >= 1 or None, got 0"):
+        _CountingModule(network=make_vit(0), source_batches=0)
+    with pytest.raises(ValueError, match="source_batches must be >= 1 or None, got 0"):
+        ZOAModule(network=make_vit(0), source_batches=0)
+
+
+def test_build_adapter_must_return_a_stream_adapter(cache_dir: Path) -> None:
+    class Wrong(StreamModule):
+        def build_adapter(self, network: torch.nn.Module) -> Any:
+            return network  # an nn.Module is callable, but counts no passes
+
+    with pytest.raises(TypeError, match=r"Wrong.build_adapter returned a VisionTransformer, which lacks \['forward_"):
+        _trainer(batches=1).test(Wrong(network=make_vit(0)), datamodule=_data(cache_dir))
+    with pytest.raises(NotImplementedError, match="must implement build_adapter"):
+        _trainer(batches=1).test(StreamModule(network=make_vit(0)), datamodule=_data(cache_dir))
+
+
+def test_adapt_step_before_setup_says_what_to_call() -> None:
+    with pytest.raises(RuntimeError, match=r"setup_method\(datamodule\) first"):
+        NoAdaptModule(network=make_vit(0)).adapt_step(torch.zeros(2, 3, 32, 32))
+
+
+# ------------------------------------------------------------------------- ZOAModule and ZOAConfig in step
+def _non_default(name: str, annotation: Any, default: Any) -> Any:
+    """A valid value other than ``default`` for a ZOAConfig field of type ``annotation``."""
+    options = [a for a in get_args(annotation) if a is not type(None)]
+    literals = [v for a in [annotation, *options] if get_origin(a) is Literal for v in get_args(a)]
+    if literals:
+        return next(v for v in literals if v != default)
+    if bool in (annotation, *options):
+        return True if default is None else not default
+    if int in (annotation, *options):
+        return (default or 0) + 1
+    if float in (annotation, *options):
+        return default / 2 if default else 0.5
+    raise AssertionError(f"no test value for ZOAConfig.{name}: {annotation}; teach _non_default this type")
+
+
+def test_every_zoa_config_field_is_a_zoa_module_argument_with_the_same_type_and_default() -> None:
+    fields = {f.name: f for f in dataclasses.fields(ZOAConfig)}
+    field_types = get_type_hints(ZOAConfig)
+    parameters = inspect.signature(ZOAModule.__init__).parameters
+    argument_types = get_type_hints(ZOAModule.__init__)
+    missing = [name for name in fields if name not in parameters]
+    assert not missing, f"ZOAModule.__init__ lacks the ZOAConfig fields {missing}: add them, typed, defaulted, in Args:"
+    for name, field in fields.items():
+        assert parameters[name].default == field.default, name
+        assert argument_types[name] == field_types[name], name
+        assert f"        {name}: " in (ZOAModule.__doc__ or ""), f"{name} is not documented in ZOAModule's Args:"
+    assert ZOAModule(network=make_vit(0)).config == ZOAConfig()
+
+
+def test_a_config_file_sets_every_zoa_config_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli import make_cli
+
+    monkeypatch.setattr("sys.argv", ["zoa"])
+    types = get_type_hints(ZOAConfig)
+    values = {f.name: _non_default(f.name, types[f.name], f.default) for f in dataclasses.fields(ZOAConfig)}
+    overlay = tmp_path / "every_field.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"class_path": "zoa_lightning.ZOAModule", "init_args": values}}))
+    cli = make_cli(["-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(overlay)], run=False)
+    assert isinstance(cli.model, ZOAModule)
+    assert dataclasses.asdict(cli.model.config) == values
+    assert all(values[name] != getattr(ZOAConfig(), name) for name in values)

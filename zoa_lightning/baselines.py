@@ -1,8 +1,10 @@
-"""Baseline LightningModules of the evaluation (spec §8), thin wrappers of :mod:`zoa_lightning.core.baselines`.
+"""Baseline LightningModules of the evaluation (spec §8): each builds one adapter of :mod:`zoa_lightning.core.methods`.
 
 Each runs the data config's (quantized) network over the same domain stream as :class:`~zoa_lightning.ZOAModule`
 and reports the same per-domain results; compose a method config after a data/model config, e.g.
-``zoa test -c configs/demo.yaml -c configs/methods/t3a.yaml``.
+``zoa test -c configs/demo.yaml -c configs/methods/t3a.yaml``. :class:`~zoa_lightning.module.StreamModule` does
+everything the methods share; a module here only declares its hyperparameters and builds its adapter
+(``CONTRIBUTING.md`` shows how to add one).
 
 | Module | ``method_name`` | forward passes per batch | notes |
 |---|---|---|---|
@@ -18,25 +20,24 @@ The ZOA ablations (no bank, no shift, shift only) are configs of :class:`~zoa_li
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
-from zoa_lightning.core.baselines import FOA, T3A, Tent, check_prompt_vit, use_batch_statistics
-from zoa_lightning.core.protocols import StreamDataModule
-from zoa_lightning.module import StreamModule, _check_source_batches, _ImagesOnDevice
+from zoa_lightning.core.methods.foa import FOA, check_prompt_vit
+from zoa_lightning.core.methods.norm_adapt import NormAdapt, use_batch_statistics
+from zoa_lightning.core.methods.t3a import T3A
+from zoa_lightning.core.methods.tent import Tent
+from zoa_lightning.module import StreamModule
 
 __all__ = ["FOAModule", "NormAdaptModule", "T3AModule", "TentModule"]
 
 log = logging.getLogger(__name__)
 
 
-def _batch_norm_setup(network: nn.Module, method: str, network_name: str, *, warn_if_none: bool) -> list[str]:
-    """Apply ``bn_adapt`` to ``network`` and say what it did (a warning if it was the method and changed nothing)."""
-    names = use_batch_statistics(network)
+def _report_batch_norms(names: list[str], method: str, network_name: str, *, warn_if_none: bool) -> None:
+    """Say what ``bn_adapt`` did (a warning if it was the method and changed nothing)."""
     if names:
         rank_zero_info(f"{method}: {len(names)} BatchNorm2d layers normalise with test-batch statistics")
     elif warn_if_none:
@@ -48,15 +49,15 @@ def _batch_norm_setup(network: nn.Module, method: str, network_name: str, *, war
         )
     else:
         log.info("%s: network %s has no BatchNorm2d layer; the bn_adapt step does nothing", method, network_name)
-    return names
 
 
 class NormAdaptModule(StreamModule):
     """``bn_adapt``: every BatchNorm2d normalises with the test batch's statistics; no parameter is updated.
 
-    The running statistics are discarded at setup (after quantization), so this also holds in eval mode. A vision
-    transformer has no BatchNorm (its LayerNorms are untouched): for it this method is **identical to no_adapt**; the
-    setup logs a warning saying so. One forward pass per batch.
+    Builds :class:`~zoa_lightning.core.methods.norm_adapt.NormAdapt`. The running statistics are discarded at setup
+    (after quantization), so this also holds in eval mode. A vision transformer has no BatchNorm (its LayerNorms are
+    untouched): for it this method is **identical to no_adapt**; the setup logs a warning saying so. One forward pass
+    per batch.
 
     Args:
         network: see :class:`~zoa_lightning.module.StreamModule`.
@@ -68,28 +69,19 @@ class NormAdaptModule(StreamModule):
     method_name = "norm_adapt"
 
     @override
-    def setup_method(self, datamodule: StreamDataModule) -> None:
-        self.batch_norms = _batch_norm_setup(self.net, self.method_name, self.network_name, warn_if_none=True)
-        self.net.eval()
-
-    @override
-    def adapt_step(self, images: Tensor) -> Tensor:
-        self.net.eval()
-        self._plain_passes += 1
-        return self.net(images)
-
-    @override
-    def run_info(self) -> dict[str, Any]:
-        return {**super().run_info(), "batch_norms": len(getattr(self, "batch_norms", []))}
+    def build_adapter(self, network: nn.Module) -> NormAdapt:
+        adapter = NormAdapt(network)
+        _report_batch_norms(adapter.batch_norms, self.method_name, self.network_name, warn_if_none=True)
+        return adapter
 
 
 class T3AModule(StreamModule):
     """T3A (Test-Time Template Adjuster): classify by prototypes of filtered, pseudo-labelled test features.
 
     Setup applies ``bn_adapt`` (BatchNorm batch statistics, CNNs only) and wraps the network in
-    :class:`~zoa_lightning.core.baselines.T3A`: the head input is the feature, the (quantized) head the classifier, the
-    support set starts from the head's weight rows and keeps per class the ``filter_k`` lowest-entropy supports. One
-    forward pass per batch; the support set carries over across domains (no reset) and is part of the checkpoint
+    :class:`~zoa_lightning.core.methods.t3a.T3A`: the head input is the feature, the (quantized) head the classifier,
+    the support set starts from the head's weight rows and keeps per class the ``filter_k`` lowest-entropy supports.
+    One forward pass per batch; the support set carries over across domains (no reset) and is part of the checkpoint
     (fixed-size buffers). Per-process state: meant for one device.
 
     Args:
@@ -101,6 +93,7 @@ class T3AModule(StreamModule):
     """
 
     method_name = "t3a"
+    reported_hparams = ("filter_k",)
 
     def __init__(
         self,
@@ -113,32 +106,18 @@ class T3AModule(StreamModule):
         super().__init__(network, weights, num_classes, name)
         if isinstance(filter_k, bool) or not isinstance(filter_k, int) or filter_k < 1:
             raise ValueError(f"filter_k must be an integer >= 1, got {filter_k!r}")
-        self.filter_k = filter_k
-        self.adapter: T3A | None = None
 
     @override
-    def setup_method(self, datamodule: StreamDataModule) -> None:
-        network = self.net
-        del self.net  # from now on the network lives once, inside the adapter
-        self.batch_norms = _batch_norm_setup(network, self.method_name, self.network_name, warn_if_none=False)
-        self.adapter = T3A(network, self.filter_k)
-
-    @override
-    def forward_passes(self) -> int:
-        return self.adapter.forward_passes if self.adapter is not None else 0
-
-    @override
-    def run_info(self) -> dict[str, Any]:
-        info = {**super().run_info(), "filter_k": self.filter_k}
-        if self.adapter is not None:
-            info["supports"] = int(self.adapter.support_counts().sum())
-        return info
+    def build_adapter(self, network: nn.Module) -> T3A:
+        names = use_batch_statistics(network)
+        _report_batch_norms(names, self.method_name, self.network_name, warn_if_none=False)
+        return T3A(network, self.hparams["filter_k"])
 
 
 class FOAModule(StreamModule):
     """FOA (forward-optimization adaptation, ICML 2024) of a ViT: CMA-ES over input prompts, plus activation shifting.
 
-    Setup wraps the network in :class:`~zoa_lightning.core.baselines.FOA` and computes the source statistics of its
+    Setup wraps the network in :class:`~zoa_lightning.core.methods.foa.FOA` and computes the source statistics of its
     per-block CLS features **without** prompts from the data module's ``source_dataloader()``. Each batch evaluates
     ``popsize`` CMA-ES candidates plus the previous best (``popsize + 1`` = 28 forward passes), predicts with the best
     candidate's activation-shifted logits and tells CMA-ES all candidates. Continual: no reset between domains; no
@@ -173,6 +152,7 @@ class FOAModule(StreamModule):
     """
 
     method_name = "foa"
+    reported_hparams = ("popsize", "num_prompts", "compile_blocks")
 
     def __init__(
         self,
@@ -192,60 +172,41 @@ class FOAModule(StreamModule):
     ) -> None:
         super().__init__(network, weights, num_classes, name)
         check_prompt_vit(self.net)
-        self.compile_blocks = compile_blocks
-        self.options: dict[str, Any] = {
-            "num_prompts": num_prompts,
-            "popsize": popsize,
-            "sigma0": sigma0,
-            "fitness_lambda": fitness_lambda,
-            "reference_batch": reference_batch,
-            "use_shift": use_shift,
-            "seed": seed,
-        }
-        self.source_batches = _check_source_batches(source_batches)
-        self.adapter: FOA | None = None
 
     @override
-    def setup_method(self, datamodule: StreamDataModule) -> None:
-        network = self.net
-        del self.net  # from now on the network lives once, inside the adapter
-        self.adapter = FOA(network, **self.options, reduce_fn=self._reduce)
-        if self.compile_blocks:
+    def build_adapter(self, network: nn.Module) -> FOA:
+        h = self.hparams
+        adapter = FOA(
+            network,
+            num_prompts=h["num_prompts"],
+            popsize=h["popsize"],
+            sigma0=h["sigma0"],
+            fitness_lambda=h["fitness_lambda"],
+            reference_batch=h["reference_batch"],
+            use_shift=h["use_shift"],
+            seed=h["seed"],
+            reduce_fn=self.reduce_sum,
+        )
+        if h["compile_blocks"]:
             for block in network.blocks:  # type: ignore[union-attr]
                 block.compile(dynamic=False)
-        device = self.adapter.src_mean.device
-        self.adapter.collect_source_statistics(
-            _ImagesOnDevice(datamodule.source_dataloader(), device), max_batches=self.source_batches
-        )
-
-    @override
-    def forward_passes(self) -> int:
-        return self.adapter.forward_passes if self.adapter is not None else 0
-
-    @override
-    def run_info(self) -> dict[str, Any]:
-        return {
-            **super().run_info(),
-            "popsize": self.options["popsize"],
-            "num_prompts": self.options["num_prompts"],
-            "compile_blocks": self.compile_blocks,
-        }
+        return adapter
 
 
 class TentModule(StreamModule):
     """Tent: one SGD step of entropy minimisation on the norm layers' affine parameters per batch (first order).
 
-    Setup wraps the network in :class:`~zoa_lightning.core.baselines.Tent` (BatchNorm batch statistics; every
+    Setup wraps the network in :class:`~zoa_lightning.core.methods.tent.Tent` (BatchNorm batch statistics; every
     BatchNorm/LayerNorm/GroupNorm ``weight`` and ``bias`` trainable). Per batch: one forward with autograd whose logits
     are the prediction, one backward, one step (1 forward + 1 backward pass; :meth:`run_info` reports
     ``backward_passes``). Unlike the forward-only methods it stores the activations for the backward pass.
 
     Needs autograd: set ``trainer.inference_mode: false`` (``configs/methods/tent.yaml`` does); under Lightning's
-    default inference mode the first batch raises ``RuntimeError`` naming that flag.
+    default inference mode the test refuses to start with a ``RuntimeError`` naming that flag.
 
-    On a PTQ4ViT fake-quantized ViT every gradient is zero (its quantizers round without a straight-through estimator)
-    and Tent does not change the network; it warns once and counts ``zero_gradient_steps``. MQBench-quantized CNNs
-    pass gradients straight through and adapt.
+    Quantized networks adapt too: the fake quantizers of both back-ends (PTQ4ViT for ViTs, MQBench for CNNs) pass
+    gradients straight through their rounding. A network that blocks every gradient cannot be adapted; Tent counts such
+    steps in ``zero_gradient_steps`` (also in :meth:`run_info`) and warns once.
 
     Args:
         network: see :class:`~zoa_lightning.module.StreamModule`.
@@ -270,34 +231,7 @@ class TentModule(StreamModule):
         super().__init__(network, weights, num_classes, name)
         if lr < 0 or momentum < 0:
             raise ValueError(f"lr and momentum must be >= 0, got lr={lr}, momentum={momentum}")
-        self.lr, self.momentum = lr, momentum
-        self.adapter: Tent | None = None
 
     @override
-    def setup_method(self, datamodule: StreamDataModule) -> None:
-        network = self.net
-        del self.net  # from now on the network lives once, inside the adapter
-        self.adapter = Tent(network, lr=self.lr, momentum=self.momentum)
-
-    @override
-    def adapt_step(self, images: Tensor) -> Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "TentModule back-propagates, which inference mode forbids: set `trainer.inference_mode: false` in the "
-                "config (or pass Trainer(inference_mode=False))"
-            )
-        return super().adapt_step(images)
-
-    @override
-    def forward_passes(self) -> int:
-        return self.adapter.forward_passes if self.adapter is not None else 0
-
-    @override
-    def run_info(self) -> dict[str, Any]:
-        info = super().run_info()
-        if self.adapter is not None:
-            info.update(
-                backward_passes=self.adapter.backward_passes,
-                zero_gradient_steps=self.adapter.zero_gradient_steps,
-            )
-        return info
+    def build_adapter(self, network: nn.Module) -> Tent:
+        return Tent(network, lr=self.hparams["lr"], momentum=self.hparams["momentum"])

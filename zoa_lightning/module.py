@@ -1,9 +1,12 @@
 """LightningModules that run a (quantized) classifier over a stream of corrupted domains, adapting or not.
 
-:class:`StreamModule` holds what every method shares: the network (built by one factory or injected), one top-1 and
-one top-5 ``MulticlassAccuracy`` per domain, per-domain bookkeeping (samples, batches, forward passes, seconds), the
-stream position that a checkpoint resumes from, and the protocols the callbacks use. Subclasses implement
-:meth:`StreamModule.setup_method` and :meth:`StreamModule.adapt_step`.
+:class:`StreamModule` is the template of every method. It holds what they share: the network (built by one factory or
+injected) and its device, the method's pure-torch adapter (:class:`~zoa_lightning.core.protocols.StreamAdapter`),
+source statistics for adapters that need them, one top-1 and one top-5 ``MulticlassAccuracy`` per domain, per-domain
+bookkeeping (samples, batches, forward passes, rolled-back batches, seconds), run info, the stream position that a
+checkpoint resumes from, and the protocols the callbacks use. A method subclass declares its hyperparameters and
+implements one hook, :meth:`StreamModule.build_adapter` (see ``CONTRIBUTING.md``); the baselines are in
+:mod:`zoa_lightning.baselines`.
 
 * :class:`ZOAModule`: ZOA (two forward passes and a manual zeroth-order update per batch, in ``test_step``).
 * :class:`NoAdaptModule`: the network as it is (eval mode; BatchNorm uses its running statistics).
@@ -21,9 +24,10 @@ domain rows count the samples of all processes. See ``docs/distributed.md``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -36,7 +40,17 @@ from typing_extensions import override
 
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.layout import resolve_layout
-from zoa_lightning.core.protocols import StreamDataModule, missing_members
+from zoa_lightning.core.methods.no_adapt import NoAdapt
+from zoa_lightning.core.protocols import (
+    BankAdapter,
+    ReportingAdapter,
+    RollbackAdapter,
+    SourceDataModule,
+    SourceStatisticsAdapter,
+    StreamAdapter,
+    StreamDataModule,
+    missing_members,
+)
 from zoa_lightning.loop import is_last_batch_of_domain
 from zoa_lightning.networks import build_network
 
@@ -48,7 +62,15 @@ _STREAM_KEY = "zoa_stream"
 
 
 class StreamModule(pl.LightningModule):
-    """Base class: evaluate a network on a domain stream; subclasses decide how it adapts.
+    """The template of every method: run a network over a domain stream through the method's adapter.
+
+    A method subclass sets :attr:`method_name`, declares its hyperparameters as typed, defaulted ``__init__``
+    arguments documented in its class docstring's ``Args:`` (they become ``zoa test --help`` and config keys) and
+    implements :meth:`build_adapter`, which wraps the (quantized) network in the method's pure-torch adapter. This class
+    does the rest once for every method: the network's device, the adapter's source statistics (a method whose adapter
+    collects them declares ``source_batches: int | None = None``), pass and rollback counting through the adapter,
+    per-domain rows, :meth:`run_info` (plus the hyperparameters named in :attr:`reported_hparams` and the adapter's own
+    ``run_info()``), bank events, the stream checkpoint and its resume fingerprint.
 
     Args:
         network: a name for :func:`zoa_lightning.networks.build_network` (``demo_vit``, ``demo_cnn``, a timm name,
@@ -60,6 +82,9 @@ class StreamModule(pl.LightningModule):
     """
 
     method_name = "stream"
+    """The method's label in tables and result folders (a run's ``name`` overrides it)."""
+    reported_hparams: tuple[str, ...] = ()
+    """Hyperparameters that :meth:`run_info` reports, in this order (e.g. ``("filter_k",)``)."""
 
     def __init__(
         self,
@@ -73,6 +98,9 @@ class StreamModule(pl.LightningModule):
             raise ValueError(f"name must be a non-empty label without path separators or outer spaces, got {name!r}")
         self.run_name: str = name or self.method_name
         self.save_hyperparameters(ignore=["network"] if isinstance(network, nn.Module) else None)
+        # Declared only by the methods whose adapter collects source statistics; validated here, used in setup_method.
+        self.source_batches = _check_source_batches(self.hparams.get("source_batches"))
+        self.adapter: StreamAdapter | None = None
         self.network_name = network if isinstance(network, str) else type(network).__name__
         self.net = network if isinstance(network, nn.Module) else build_network(network, weights, num_classes)
         self.num_classes = num_classes
@@ -86,9 +114,8 @@ class StreamModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ protocols used by callbacks
     def get_network(self) -> nn.Module:
-        """The network (quantized once a quantization callback has run; inside the method's adapter once built)."""
-        adapter = getattr(self, "adapter", None)
-        return adapter.model if adapter is not None else self.net
+        """The network (quantized once a quantization callback has run; the adapter's ``model`` once built)."""
+        return self.adapter.model if self.adapter is not None else self.net
 
     def set_network(self, network: nn.Module, precision: str) -> None:
         """Install a (quantized) network before :meth:`setup_method` runs; ``precision`` e.g. ``"W8A8"``."""
@@ -106,53 +133,111 @@ class StreamModule(pl.LightningModule):
         return [dict(r) for r in self._results]
 
     def run_info(self) -> dict[str, Any]:
-        """Method, model and precision of this run."""
-        return {"method": self.run_name, "model": self.network_name, "bits": self.precision_tag}
+        """Method, model and precision of this run, then :attr:`reported_hparams` and the adapter's ``run_info()``."""
+        info = {"method": self.run_name, "model": self.network_name, "bits": self.precision_tag}
+        info.update((key, self.hparams[key]) for key in self.reported_hparams)
+        if isinstance(self.adapter, ReportingAdapter):
+            info.update(self.adapter.run_info())
+        return info
 
     def pop_adaptation_events(self) -> list[dict[str, Any]]:
-        """Adaptation events since the last call (none for a method without a knowledge bank)."""
-        return []
+        """Adaptation events since the last call (knowledge stores, evictions, detections; none without a bank)."""
+        if not isinstance(self.adapter, BankAdapter):
+            return []
+        events = list(self.adapter.events)
+        self.adapter.events.clear()
+        return events
 
     def mixing_weights(self) -> Tensor | None:
-        """Knowledge-mixing weights (``None`` for a method without a knowledge bank)."""
-        return None
+        """Current softmax mixing weights over the stored knowledge entries (``None`` without a knowledge bank)."""
+        if not isinstance(self.adapter, BankAdapter):
+            return None
+        return self.adapter.bank.mixing_weights().detach().clone()
 
-    # ------------------------------------------------------------------ method hooks
-    def setup_method(self, datamodule: StreamDataModule) -> None:
-        """Prepare the method (after quantization, on the run's device). Default: nothing."""
+    # ------------------------------------------------------------------ the method's hook
+    def build_adapter(self, network: nn.Module) -> StreamAdapter:
+        """Wrap the (quantized) ``network`` in this method's pure-torch adapter: the one hook a method implements.
+
+        Called once by :meth:`setup_method`, outside inference mode and under ``torch.no_grad``, with the network on
+        the run's device. Read the hyperparameters from ``self.hparams`` (or attributes set in ``__init__``); pass
+        :meth:`reduce_sum` as the adapter's ``reduce_fn`` if it sums statistics over processes.
+
+        Args:
+            network: the network to adapt (modify it in place as the method needs).
+
+        Returns:
+            A :class:`~zoa_lightning.core.protocols.StreamAdapter` whose ``model`` is ``network``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement build_adapter(network) and return the method's adapter "
+            "(see zoa_lightning.core.protocols.StreamAdapter and CONTRIBUTING.md)"
+        )
+
+    # ------------------------------------------------------------------ template
+    def setup_method(self, datamodule: SourceDataModule) -> None:
+        """Build the adapter (:meth:`build_adapter`) and, if it needs them, collect its source statistics.
+
+        ``trainer.test`` calls this in ``setup("test")``, after quantization callbacks, with the network on the run's
+        device; from Python, call it before :meth:`adapt_step`. An adapter that is an ``nn.Module`` takes over the
+        network (it becomes the child ``adapter``, checkpoint keys ``adapter.*``); a plain-object adapter leaves it as
+        the child ``net``. Source statistics use the first ``source_batches`` batches of
+        ``datamodule.source_dataloader()`` (all if ``None``).
+
+        Args:
+            datamodule: any object with ``source_dataloader()`` (only read if the adapter collects statistics).
+
+        Raises:
+            TypeError: if :meth:`build_adapter` returns no ``StreamAdapter`` (the message names what it lacks).
+        """
+        network = self.net
+        adapter = self.build_adapter(network)
+        if not isinstance(adapter, StreamAdapter):
+            raise TypeError(
+                f"{type(self).__name__}.build_adapter returned a {type(adapter).__name__}, which lacks "
+                f"{missing_members(adapter, StreamAdapter)} of zoa_lightning.core.protocols.StreamAdapter: return an "
+                "object with a `model`, a `forward_passes` count and a __call__(images) -> logits"
+            )
+        if isinstance(adapter, nn.Module):
+            del self.net  # from now on the network lives once, inside the adapter
+        self.adapter = adapter
+        if isinstance(adapter, SourceStatisticsAdapter):
+            images = _ImagesOnDevice(datamodule.source_dataloader(), _device_of(adapter.model))
+            adapter.collect_source_statistics(images, max_batches=self.source_batches)
 
     def adapt_step(self, images: Tensor) -> Tensor:
-        """Return the logits the method predicts for ``images`` (adapting on them if it adapts).
+        """Return the logits the method predicts for ``images`` (adapting on them if it adapts): calls the adapter."""
+        if self.adapter is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no adapter yet: trainer.test builds it in setup; from Python call "
+                "setup_method(datamodule) first"
+            )
+        return self.adapter(images)
 
-        Default: call the adapter that :meth:`setup_method` built as ``self.adapter``.
-        """
-        adapter = getattr(self, "adapter", None)
-        if adapter is None:
-            raise RuntimeError(f"{type(self).__name__} has no adapter: setup_method must build self.adapter")
-        return adapter(images)
-
-    def _reduce(self, stats: Tensor) -> Tensor:
-        """Sum a statistics vector over processes (identity on one process); the adapters' ``reduce_fn``."""
+    def reduce_sum(self, stats: Tensor) -> Tensor:
+        """Sum a statistics tensor over processes (identity on one process): the ``reduce_fn`` to give an adapter."""
         trainer = self._trainer
         if trainer is None or trainer.world_size == 1:
             return stats
         return trainer.strategy.reduce(stats.clone(), reduce_op="sum")
 
     def forward_passes(self) -> int:
-        """Network forward passes spent so far (for cost reports)."""
-        return self._plain_passes
+        """Network forward passes spent so far (the adapter's count; for cost reports)."""
+        return self.adapter.forward_passes if self.adapter is not None else 0
 
     def skipped_batches(self) -> int:
         """Batches whose adaptation was rolled back so far (0 for a method that never rolls back)."""
-        adapter = getattr(self, "adapter", None)
-        return int(getattr(adapter, "skipped_batches", 0)) if adapter is not None else 0
+        return int(self.adapter.skipped_batches) if isinstance(self.adapter, RollbackAdapter) else 0
+
+    def _datamodule(self) -> Any:
+        """The trainer's data module (``None`` without a trainer or data module)."""
+        return getattr(self._trainer, "datamodule", None)
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, stage: str) -> None:
         if stage != "test":
             return
-        datamodule = self.trainer.datamodule
+        datamodule = self._datamodule()
         if not isinstance(datamodule, StreamDataModule):
             raise TypeError(
                 f"{type(self).__name__} needs a stream data module (e.g. datamodules.CorruptionStreamDataModule); "
@@ -164,12 +249,11 @@ class StreamModule(pl.LightningModule):
             )
         self.domains = tuple(datamodule.domains)
         self.start_domain = int(getattr(datamodule, "start_domain", 0))
-        metrics = {"top_k": 1, "average": "micro", "sync_on_compute": True}
+        metrics: dict[str, Any] = {"top_k": 1, "average": "micro", "sync_on_compute": True}
         self.acc1 = nn.ModuleList(MulticlassAccuracy(self.num_classes, **metrics) for _ in self.domains)
         self.acc5 = nn.ModuleList(
             MulticlassAccuracy(self.num_classes, **{**metrics, "top_k": min(5, self.num_classes)}) for _ in self.domains
         )
-        self._plain_passes = 0
         device = self.trainer.strategy.root_device
         self.net.to(device)
         with torch.inference_mode(False), torch.no_grad():
@@ -178,7 +262,12 @@ class StreamModule(pl.LightningModule):
 
     @override
     def on_test_start(self) -> None:
-        """Under DDP, check that every test loader gives each process its own slice of the stream."""
+        """Refuse inference mode for an adapter that back-propagates; under DDP, check the loaders' sharding."""
+        if getattr(self.adapter, "requires_autograd", False) and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} back-propagates, which inference mode forbids: set `trainer.inference_mode: "
+                "false` in the config (or pass Trainer(inference_mode=False))"
+            )
         if self.trainer.world_size > 1:
             _check_sharded_loaders(self.trainer.test_dataloaders, self.trainer.world_size)
 
@@ -197,11 +286,12 @@ class StreamModule(pl.LightningModule):
         current["forward_passes"] += self.forward_passes() - passes
         current["batches"] += 1
         current["n"] += int(labels.shape[0])
-        self.acc1[index].update(logits, labels)
-        self.acc5[index].update(logits, labels)
+        acc1, acc5 = cast(MulticlassAccuracy, self.acc1[index]), cast(MulticlassAccuracy, self.acc5[index])
+        acc1.update(logits, labels)
+        acc5.update(logits, labels)
         domain = self.domains[index]
-        self.log(f"test/{domain}/acc1", self.acc1[index], add_dataloader_idx=False, on_epoch=True)
-        self.log(f"test/{domain}/acc5", self.acc5[index], add_dataloader_idx=False, on_epoch=True)
+        self.log(f"test/{domain}/acc1", acc1, add_dataloader_idx=False, on_epoch=True)
+        self.log(f"test/{domain}/acc5", acc5, add_dataloader_idx=False, on_epoch=True)
         if is_last_batch_of_domain(self.trainer, batch_idx, dataloader_idx):
             self._finish_domain()
         return logits
@@ -244,7 +334,7 @@ class StreamModule(pl.LightningModule):
             return
         self._check_same_stream(stream.get("fingerprint"))
         self._results = [dict(r) for r in stream["results"]]
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        datamodule = self._datamodule()
         if datamodule is None or not hasattr(datamodule, "start_domain"):
             return
         next_domain = int(stream["next_domain"])
@@ -263,7 +353,7 @@ class StreamModule(pl.LightningModule):
         ``data`` is the data module's ``stream_fingerprint()`` (or, for a data module without one, its class and
         domains); ``method`` is this module's class name and hyperparameters (``self.hparams``).
         """
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        datamodule = self._datamodule()
         data: dict[str, Any] = {}
         if datamodule is not None:
             own = getattr(datamodule, "stream_fingerprint", None)
@@ -366,10 +456,8 @@ class NoAdaptModule(StreamModule):
     method_name = "no_adapt"
 
     @override
-    def adapt_step(self, images: Tensor) -> Tensor:
-        self.net.eval()
-        self._plain_passes += 1
-        return self.net(images)
+    def build_adapter(self, network: nn.Module) -> NoAdapt:
+        return NoAdapt(network)
 
 
 class ZOAModule(StreamModule):
@@ -378,6 +466,9 @@ class ZOAModule(StreamModule):
     ``test_step`` runs pass A (prediction with the current parameters, loss ``L0``), pass B (all adapted values
     perturbed, loss ``L+``), and the manual SPSA update of the epsilons and knowledge-mixing logits; a domain-shift
     detector stores the adapted parameters in a knowledge bank. See ``zoa_lightning.core`` and the specification.
+
+    Every field of :class:`~zoa_lightning.core.config.ZOAConfig` is an argument here, with the same name, type and
+    default (a test keeps the two in step); the module builds its ``ZOAConfig`` from them field by field.
 
     Args:
         network: see :class:`StreamModule`.
@@ -394,9 +485,13 @@ class ZOAModule(StreamModule):
         steps: zeroth-order steps per batch.
         max_weight_nums: knowledge-bank capacity.
         alpha_scale: logit scale of the mixing softmax.
+        weight_margin: divisor of the scale factor that sets a new knowledge entry's mixing logit.
+        alpha_clip: a new knowledge entry's mixing logit is clipped to ``[-alpha_clip, alpha_clip]``.
         domain_t: domain-shift threshold (symmetric KL).
         lambda_bp: weight of the statistics-discrepancy loss term.
         detector_min_batch: smallest batch that tests for / updates the domain detector.
+        detector_momentum: weight of the old running statistics in the domain detector's moving average.
+        shift_momentum: weight of the old running mean in the activation shift's moving average.
         use_bank: store knowledge on detected shifts.
         use_shift: apply the back-to-source activation shift to predictions.
         loss_on_shifted: evaluate the loss on the activation-shifted features and logits (an extension; see
@@ -407,19 +502,20 @@ class ZOAModule(StreamModule):
         detector_passes: override how many passes run the detector (1 or 2).
         seed_detector_from_source: override whether CNN source statistics seed the detector.
         seed: seed of ZOA's own perturbation generator.
+        max_abs_epsilon: update guard: a step that would move an epsilon beyond this magnitude is rolled back and
+            counted as skipped (``None``: no guard; see :class:`~zoa_lightning.core.config.ZOAConfig`).
+        max_consecutive_skips: stop the run with an error after this many rolled-back batches in a row (``None``:
+            never).
         source_batches: clean batches used for source statistics (``None``: the whole source loader).
         adapt_norms: qualified names of the normalization layers to adapt (``blocks.4.norm2``, ``layer2.0.bn1``, ...),
             replacing the spec's choice for the model kind (:func:`~zoa_lightning.core.layout.resolve_layout`); any
             order, kept in network order. Fewer adapted values make the one-sample SPSA estimate less noisy. ``None``:
             the spec's layers.
-        max_abs_epsilon: update guard: a step that would move an epsilon beyond this magnitude is rolled back and
-            counted as skipped (``None``: no guard; see :class:`~zoa_lightning.core.config.ZOAConfig`).
-        max_consecutive_skips: stop the run with an error after this many rolled-back batches in a row (``None``:
-            never).
         name: see :class:`StreamModule`.
     """
 
     method_name = "zoa"
+    adapter: ZOA | None
 
     def __init__(
         self,
@@ -437,9 +533,13 @@ class ZOAModule(StreamModule):
         steps: int = 1,
         max_weight_nums: int = 32,
         alpha_scale: float = 10.0,
+        weight_margin: float = 0.01,
+        alpha_clip: float = 10.0,
         domain_t: float = 0.1,
         lambda_bp: float = 30.0,
         detector_min_batch: int = 64,
+        detector_momentum: float = 0.8,
+        shift_momentum: float = 0.9,
         use_bank: bool = True,
         use_shift: bool = True,
         loss_on_shifted: bool = False,
@@ -449,57 +549,31 @@ class ZOAModule(StreamModule):
         detector_passes: Literal[1, 2] | None = None,
         seed_detector_from_source: bool | None = None,
         seed: int = 2020,
-        source_batches: int | None = None,
-        adapt_norms: list[str] | None = None,
         max_abs_epsilon: float | None = 10.0,
         max_consecutive_skips: int | None = 10,
+        source_batches: int | None = None,
+        adapt_norms: list[str] | None = None,
         name: str | None = None,
     ) -> None:
+        arguments = dict(locals())
         super().__init__(network, weights, num_classes, name)
         if adapt_norms is not None and (not adapt_norms or len(set(adapt_norms)) != len(adapt_norms)):
             raise ValueError(f"adapt_norms must name at least one layer, each once; got {adapt_norms}")
         self.adapt_norms = None if adapt_norms is None else list(adapt_norms)
-        self.config = ZOAConfig(
-            lr=lr,
-            lr_alpha=lr_alpha,
-            spsa_c=spsa_c,
-            spsa_c_alpha=spsa_c_alpha,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            weight_decay_alpha=weight_decay_alpha,
-            sp_avg=sp_avg,
-            steps=steps,
-            max_weight_nums=max_weight_nums,
-            alpha_scale=alpha_scale,
-            domain_t=domain_t,
-            lambda_bp=lambda_bp,
-            detector_min_batch=detector_min_batch,
-            use_bank=use_bank,
-            use_shift=use_shift,
-            loss_on_shifted=loss_on_shifted,
-            mode=mode,
-            resnet_shift=resnet_shift,
-            compact_similarity=compact_similarity,
-            detector_passes=detector_passes,
-            seed_detector_from_source=seed_detector_from_source,
-            seed=seed,
-            max_abs_epsilon=max_abs_epsilon,
-            max_consecutive_skips=max_consecutive_skips,
-        )
-        self.source_batches = _check_source_batches(source_batches)
-        self.adapter: ZOA | None = None
+        # Field by field: a ZOAConfig field without an argument here keeps its default (and fails the in-step test).
+        fields = [f.name for f in dataclasses.fields(ZOAConfig) if f.name in arguments]
+        self.config = ZOAConfig(**{key: arguments[key] for key in fields})
 
     @override
-    def setup_method(self, datamodule: StreamDataModule) -> None:
+    def build_adapter(self, network: nn.Module) -> ZOA:
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        if world_size > 1 and any(isinstance(m, _BatchNorm) for m in self.net.modules()):
+        if world_size > 1 and any(isinstance(m, _BatchNorm) for m in network.modules()):
             raise ValueError(
                 f"ZOA cannot run a BatchNorm network ({self.network_name}) on {world_size} processes exactly: its "
                 "BatchNorm layers normalise with the statistics of the current batch, and under DDP each process sees "
                 "only its slice of the global batch, so the predictions and updates would differ from one process. "
                 "Run BatchNorm networks with `trainer.devices: 1` (LayerNorm networks such as ViTs run exactly on N)"
             )
-        network = self.net
         layout = resolve_layout(network)
         if self.adapt_norms is not None:
             order = {name: i for i, (name, _) in enumerate(network.named_modules())}
@@ -510,30 +584,7 @@ class ZOAModule(StreamModule):
                     f"{list(layout.norms)} by default (see print(model) for every module name)"
                 )
             layout = dataclasses.replace(layout, norms=tuple(sorted(self.adapt_norms, key=order.__getitem__)))
-        del self.net  # from now on the network lives once, inside the adapter
-        self.adapter = ZOA(network, self.config, layout=layout, reduce_fn=self._reduce)
-        self.adapter.collect_source_statistics(
-            _ImagesOnDevice(datamodule.source_dataloader(), self.adapter.bank.theta.device),
-            max_batches=self.source_batches,
-        )
-
-    @override
-    def forward_passes(self) -> int:
-        return self.adapter.counter("forward_passes") if self.adapter is not None else 0
-
-    @override
-    def pop_adaptation_events(self) -> list[dict[str, Any]]:
-        """Knowledge-bank events since the last call (stores, evictions, detections)."""
-        if self.adapter is None:
-            return []
-        events = list(self.adapter.events)
-        self.adapter.events.clear()
-        return events
-
-    @override
-    def mixing_weights(self) -> Tensor | None:
-        """Current softmax mixing weights over the stored knowledge entries."""
-        return None if self.adapter is None else self.adapter.bank.mixing_weights().detach().clone()
+        return ZOA(network, self.config, layout=layout, reduce_fn=self.reduce_sum)
 
     @override
     def on_test_start(self) -> None:
@@ -544,7 +595,7 @@ class ZOAModule(StreamModule):
         singles = _single_image_batches(self.trainer)
         if not singles:
             return
-        datamodule = self.trainer.datamodule
+        datamodule = self._datamodule()
         probe = datamodule.calibration_images(1).to(self.adapter.bank.theta.device)
         try:
             self.adapter.predict(probe)
@@ -566,7 +617,7 @@ class ZOAModule(StreamModule):
                 evictions=self.adapter.counter("evictions"),
                 unadapted_batches=self.adapter.counter("unadapted_batches"),
                 mode=self.config.mode,
-                reduced_bytes_per_batch=self.adapter.last_batch_reduced_bytes,
+                reduced_bytes_per_batch=self.adapter.reduce.last_batch_bytes,
             )
         return info
 
@@ -633,6 +684,12 @@ class _ImagesOnDevice:
         for batch in self.loader:
             images = batch[0] if isinstance(batch, tuple | list) else batch
             yield images.to(self.device)
+
+
+def _device_of(network: nn.Module) -> torch.device:
+    """The device of the network's first parameter (or buffer); the CPU for a network without tensors."""
+    tensor = next(itertools.chain(network.parameters(), network.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _plain_values(value: Any) -> Any:

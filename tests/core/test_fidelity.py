@@ -109,22 +109,13 @@ def _replay(name: str, reference: dict[str, Any], stretch: tuple[list[Tensor], l
     ref = reference["models"][name]
     source, stream = stretch
     adapter = ZOA(load_demo_model(name), _config(ref["hyperparameters"], reference["metadata"]["seed"]))
-    losses: list[float] = []
-    run_pass = adapter._pass
-
-    def recording_pass(*args: Any, **kwargs: Any) -> Any:
-        out = run_pass(*args, **kwargs)
-        losses.append(float(out[2]))
-        return out
-
-    adapter._pass = recording_pass  # type: ignore[method-assign]
     alpha0 = float(adapter.bank.alpha[0])
     adapter.collect_source_statistics(source)
     stride = ref["theta_stride"]
     batches = []
     for t, images in enumerate(stream):
-        losses.clear()
         logits = adapter(images)
+        losses = adapter.last_losses
         bank, k = adapter.bank, adapter.bank.num_entries
         theta = bank.theta.double()
         batches.append(
@@ -141,16 +132,16 @@ def _replay(name: str, reference: dict[str, Any], stretch: tuple[list[Tensor], l
                 "theta_strided": theta[::stride],
                 "delta_sums": bank.deltas[:k].double().sum(1),
                 "similarity": bank.similarity.double().reshape(-1),
-                "det_mean_sum": float(adapter.det_mean.double().sum()),
-                "det_var_sum": float(adapter.det_var.double().sum()),
-                "hist_sum": float(adapter.hist.double().sum()),
+                "det_mean_sum": float(adapter.detector.mean.double().sum()),
+                "det_var_sum": float(adapter.detector.var.double().sum()),
+                "hist_sum": float(adapter.shift.mean.double().sum()),
                 "pred": "".join(str(int(c)) for c in logits.argmax(1)),
             }
         )
     return {
         "alpha0": alpha0,
-        "source_std": adapter.src_std.double(),
-        "source_mean": adapter.src_mean.double(),
+        "source_std": adapter.source.std.double(),
+        "source_mean": adapter.source.mean.double(),
         "batches": batches,
         "stores": [e for e in adapter.events if e["event"] == "shift"],
         "other_events": [e for e in adapter.events if e["event"] != "shift"],

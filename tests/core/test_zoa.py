@@ -81,7 +81,7 @@ def test_prediction_pass_uses_pre_update_parameters_and_the_activation_shift(dig
     first = digits[:B]
     expected = copy.deepcopy(adapter).predict(first)  # no shift before the first batch
     torch.testing.assert_close(adapter(first), expected)
-    assert adapter.hist_ready
+    assert adapter.shift.ready
     second = digits[B : 2 * B]
     # Pass A of the second batch: head(final + (mu_src_final - h)) with the parameters of after batch 1.
     clone = copy.deepcopy(adapter)
@@ -89,7 +89,7 @@ def test_prediction_pass_uses_pre_update_parameters_and_the_activation_shift(dig
     handle = clone.model.head.register_forward_pre_hook(lambda _, a: captured.update(x=a[0]))
     clone.model(second)
     handle.remove()
-    shift = adapter.src_mean[-adapter._tap_dims[-1] :] - adapter.hist
+    shift = adapter.source.mean[-adapter.final_dim :] - adapter.shift.mean
     torch.testing.assert_close(adapter(second), clone.model.head(captured["x"] + shift))
 
 
@@ -103,20 +103,23 @@ def test_loss_on_shifted_changes_only_the_loss(digits: torch.Tensor) -> None:
     # Batch 2 predicts with the same parameters and shift, then the losses (and steps) differ.
     torch.testing.assert_close(shifted(batches[1]), plain(batches[1]))
     assert not torch.equal(shifted.bank.theta, plain.bank.theta)
-    torch.testing.assert_close(shifted.hist, plain.hist)  # the EMA still tracks the unshifted feature
+    torch.testing.assert_close(shifted.shift.mean, plain.shift.mean)  # the EMA still tracks the unshifted feature
     assert shifted.counter("forward_passes") == plain.counter("forward_passes") == 4
     # The loss of a pass is the spec's loss with the final feature shifted and the entropy of the shifted logits.
     shift = shifted.shift_vector()
     assert shift is not None
-    with torch.no_grad():
-        logits, cap, loss, _ = shifted._pass(batches[2], 0, shift)
-        reference = copy.deepcopy(shifted)
-        reference.config = dataclasses.replace(reference.config, loss_on_shifted=False)
-        _, raw_cap, _, _ = reference._pass(batches[2], 0, shift)
-        torch.testing.assert_close(cap.head_input, raw_cap.head_input + shift)
-        torch.testing.assert_close(logits, reference._head(raw_cap.head_input + shift))
-        expected, _ = reference._loss(cap, logits)
-    torch.testing.assert_close(loss, expected)
+    from zoa_lightning.core.loss import loss_statistics
+
+    result = shifted.fitness(batches[2], shift)
+    reference = copy.deepcopy(shifted)
+    reference.config = dataclasses.replace(reference.config, loss_on_shifted=False)
+    raw = reference.fitness(batches[2], shift)
+    torch.testing.assert_close(result.record.head_input, raw.record.head_input + shift)
+    torch.testing.assert_close(result.logits, reference.taps.head(raw.record.head_input + shift))
+    stats = loss_statistics(result.record.features(), result.logits)
+    expected, _ = reference.loss(stats, reference.source.mean, reference.source.std)
+    torch.testing.assert_close(result.loss, expected)
+    torch.testing.assert_close(result.final_mean, raw.final_mean)  # the mean of the unshifted feature
 
 
 def test_source_statistics_and_loss_match_the_spec_features(digits: torch.Tensor) -> None:
@@ -139,14 +142,14 @@ def test_source_statistics_and_loss_match_the_spec_features(digits: torch.Tensor
     with torch.no_grad():
         f_all = features(clean)
         std, mean = torch.std_mean(f_all, dim=0)
-        torch.testing.assert_close(adapter.src_mean, mean, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(adapter.src_std, std, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(adapter.source.mean, mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(adapter.source.std, std, atol=1e-5, rtol=1e-5)
         x = corrupt_noise(digits[300 : 300 + B])
         f = features(x)
         bs, bm = torch.std_mean(f, dim=0)
         logits = reference.head(f[:, -reference.embed_dim :])
         expected = 30 * (((bs - std) ** 2).mean() + ((bm - mean) ** 2).mean()) + softmax_entropy(logits).mean()
-        loss = adapter._pass(x, 0)[2]
+        loss = adapter.fitness(x).loss
     torch.testing.assert_close(loss.float(), expected, atol=1e-4, rtol=1e-5)
 
 
@@ -162,7 +165,7 @@ def test_resnet_loss_averages_stages_with_equal_weight(digits: torch.Tensor) -> 
     ]
     hooks.append(net.fc.register_forward_pre_hook(lambda _, a: captured.append(a[0])))
     with torch.no_grad():
-        loss = adapter._pass(x, 0)[2]
+        loss = adapter.fitness(x).loss
         logits = net(x)
     for h in hooks:
         h.remove()
@@ -171,8 +174,8 @@ def test_resnet_loss_averages_stages_with_equal_weight(digits: torch.Tensor) -> 
         bs, bm = torch.std_mean(g, dim=0)
         d = g.shape[1]
         terms.append(
-            ((bs - adapter.src_std[offset : offset + d]) ** 2).mean()
-            + ((bm - adapter.src_mean[offset : offset + d]) ** 2).mean()
+            ((bs - adapter.source.std[offset : offset + d]) ** 2).mean()
+            + ((bm - adapter.source.mean[offset : offset + d]) ** 2).mean()
         )
         offset += d
     expected = torch.stack(terms).mean() + softmax_entropy(logits).mean()
@@ -244,7 +247,7 @@ def test_non_finite_perturbed_loss_rolls_back_and_is_counted(kind: str, digits: 
     assert adapter.skipped_batches == 1
     after = adapter.state_dict()
     for key, value in before.items():
-        if isinstance(value, torch.Tensor) and key != "counters":
+        if isinstance(value, torch.Tensor) and not key.startswith("counters."):
             assert torch.equal(value, after[key]), key
     assert torch.equal(adapter.generator.get_state(), gen_state)
 
@@ -295,9 +298,9 @@ def test_stationary_stream_never_fires_the_detector(digits: torch.Tensor) -> Non
 def test_small_batches_neither_test_nor_update_the_detector(digits: torch.Tensor) -> None:
     adapter = _adapter("vit", digits)
     adapter(digits[:B])
-    det = adapter.det_mean.clone()
+    det = adapter.detector.mean.clone()
     adapter(corrupt_noise(digits[:16]))
-    assert torch.equal(adapter.det_mean, det)
+    assert torch.equal(adapter.detector.mean, det)
     assert adapter.counter("stores") == 0
 
 
@@ -312,11 +315,11 @@ def test_reference_mode_updates_the_detector_twice_per_batch(digits: torch.Tenso
     probe = ZOA(make_vit(0), ZOAConfig(detector_passes=1))
     probe.collect_source_statistics(digits[:512].split(B))
     probe(a)
-    stats_a = probe.det_mean.clone()
+    stats_a = probe.detector.mean.clone()
     probe(b)
-    stats_b = (probe.det_mean - 0.8 * stats_a) / 0.2
-    torch.testing.assert_close(cor.det_mean, 0.8 * stats_a + 0.2 * stats_b, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ref.det_mean, 0.64 * stats_a + 0.36 * stats_b, atol=1e-5, rtol=1e-5)
+    stats_b = (probe.detector.mean - 0.8 * stats_a) / 0.2
+    torch.testing.assert_close(cor.detector.mean, 0.8 * stats_a + 0.2 * stats_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref.detector.mean, 0.64 * stats_a + 0.36 * stats_b, atol=1e-5, rtol=1e-5)
 
 
 def test_resnet_reference_mode_seeds_the_detector_from_source_and_stores_a_zero_snapshot(
@@ -324,8 +327,8 @@ def test_resnet_reference_mode_seeds_the_detector_from_source_and_stores_a_zero_
 ) -> None:
     ref = _adapter("resnet", digits, mode="reference", domain_t=0.05)
     cor = _adapter("resnet", digits, mode="corrected", domain_t=0.05)
-    assert ref.det_ready
-    assert not cor.det_ready
+    assert ref.detector.ready
+    assert not cor.detector.ready
     first = corrupt_noise(digits[600 : 600 + B])
     ref(first)
     cor(first)
@@ -341,8 +344,8 @@ def test_resnet_shift_vector_scalar_in_reference_and_vector_in_corrected(digits:
         adapter(digits[600 : 600 + B])
         shift = adapter.shift_vector()
         assert shift is not None
-        final_src = adapter.src_mean[-adapter._tap_dims[-1] :]
-        expected = (final_src[-1] if scalar else final_src) - adapter.hist
+        final_src = adapter.source.mean[-adapter.final_dim :]
+        expected = (final_src[-1] if scalar else final_src) - adapter.shift.mean
         torch.testing.assert_close(shift, expected)
 
 
@@ -367,10 +370,10 @@ def test_vit_detector_statistics_are_those_of_the_patch_tokens(digits: torch.Ten
     handle.remove()
     patches = tokens[0][:, adapter.layout.num_prefix_tokens :].double()
     var, mean = torch.var_mean(patches, dim=(0, 1), correction=1)
-    torch.testing.assert_close(adapter.det_mean.double(), mean, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(adapter.det_var.double(), var, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(adapter.detector.mean.double(), mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(adapter.detector.var.double(), var, atol=1e-6, rtol=1e-5)
     # The divergence of the same statistics against themselves is zero; against the class-token-diluted ones it is not.
-    assert adapter.shift_divergence(mean.float(), var.float()) == pytest.approx(0.0, abs=1e-5)
+    assert adapter.detector.divergence(mean.float(), var.float()) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_runaway_learning_rate_is_rolled_back_then_stops_the_run(digits: torch.Tensor) -> None:
@@ -425,7 +428,7 @@ def test_a_single_image_batch_is_predicted_without_adapting(digits: torch.Tensor
     torch.testing.assert_close(logits, adapter.predict(digits[700:701]))
     after = adapter.adaptation_state_dict()
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and key != "counters":
+        if isinstance(value, torch.Tensor) and not key.startswith("counters."):
             assert torch.equal(value, after[key]), key
     assert adapter.counter("unadapted_batches") == 1
     assert adapter.counter("batches") == 2
@@ -456,15 +459,30 @@ def test_a_short_last_batch_after_full_ones_does_not_warn(digits: torch.Tensor) 
         adapter(digits[600:616])
 
 
-def test_checkpoints_with_the_six_old_counters_still_load(digits: torch.Tensor) -> None:
+def test_checkpoints_from_before_the_engine_parts_still_load(digits: torch.Tensor) -> None:
+    # The engine's buffers were renamed when it was split into parts (src_mean -> source.mean, ...; one counters
+    # vector of 6, later 8 -> one buffer per counter): a stream checkpoint written before must load and continue.
+    renamed = {"src_mean": "source.mean", "src_std": "source.std", "src_ready": "source.ready",
+               "det_mean": "detector.mean", "det_var": "detector.var", "det_ready": "detector.ready",
+               "hist": "shift.mean", "hist_ready": "shift.ready"}  # fmt: skip
+    order = ["batches", "forward_passes", "skipped_batches", "stores", "evictions", "perturbed_detections",
+             "unadapted_batches", "consecutive_skips"]  # fmt: skip
     adapter = _adapter("vit", digits)
     adapter(digits[512 : 512 + B])
     state = adapter.state_dict()
-    state["counters"] = state["counters"][:6].clone()
-    restored = ZOA(make_vit(0), ZOAConfig(lr=0.005, spsa_c=0.05))
-    restored.load_state_dict(state)
-    assert restored.counter("batches") == 1
-    assert restored.counter("unadapted_batches") == 0
+    legacy = {k: v for k, v in state.items() if not k.startswith("counters.")}
+    for old, new in renamed.items():
+        legacy[old] = legacy.pop(new)
+    for size in (6, 8):
+        legacy["counters"] = torch.stack([state[f"counters.{name}"] for name in order[:size]])
+        restored = ZOA(make_vit(0), ZOAConfig(lr=0.005, spsa_c=0.05))
+        restored.load_state_dict(dict(legacy))
+        assert restored.counter("batches") == 1
+        assert restored.counter("unadapted_batches") == 0
+        assert torch.equal(restored.source.mean, adapter.source.mean)
+        assert torch.equal(restored.detector.var, adapter.detector.var)
+        batch = digits[600 : 600 + B]
+        torch.testing.assert_close(copy.deepcopy(restored)(batch), copy.deepcopy(adapter)(batch), rtol=0, atol=0)
 
 
 def test_deep_stem_resnet_detects_a_strong_shift(digits: torch.Tensor) -> None:

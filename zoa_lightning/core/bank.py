@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FusedBatchNorm2d", "FusedLayerNorm", "KnowledgeBank"]
+from zoa_lightning.core.layout import ModelLayout
+
+__all__ = ["FusedBatchNorm2d", "FusedLayerNorm", "KnowledgeBank", "fuse_norms"]
 
 
 class KnowledgeBank(nn.Module):
@@ -58,6 +60,8 @@ class KnowledgeBank(nn.Module):
     alpha: Tensor
     count: Tensor
     similarity: Tensor
+    _segment: Tensor
+    constant_buffers = ("base", "_segment")  # never changed by a batch: a batch transaction need not copy them
 
     def __init__(
         self,
@@ -102,7 +106,6 @@ class KnowledgeBank(nn.Module):
         self.register_buffer("alpha", alpha)
         self.register_buffer("count", torch.ones((), dtype=torch.long, device=base.device))
         self.register_buffer("similarity", torch.zeros(max_entries, max_entries, dtype=dtype, device=base.device))
-        self._before_mutation: Callable[[], None] | None = None
         self._fused: Tensor | None = None
         self._fused_key: tuple[tuple[int, int, int], ...] | None = None
         self._use_base = False
@@ -160,10 +163,6 @@ class KnowledgeBank(nn.Module):
         fused = self.fused()
         return fused[start : start + width], fused[start + width : start + 2 * width]
 
-    def layer_slices(self) -> list[tuple[slice, slice]]:
-        """``(gamma_slice, beta_slice)`` of each adapted layer in the flat layout."""
-        return [(slice(o, o + w), slice(o + w, o + 2 * w)) for o, w in zip(self.offsets, self.widths, strict=True)]
-
     def scale_factor(self) -> float:
         """``s_f``: the largest per-layer mean |ε| (over γ and β blocks) divided by the weight margin (spec §5.3)."""
         per_segment = torch.zeros(2 * len(self.widths), dtype=self.theta.dtype, device=self.theta.device)
@@ -186,10 +185,6 @@ class KnowledgeBank(nn.Module):
         k, p = divmod(flat, self.max_entries)
         return k, p, float(self.similarity[k, p])
 
-    def _mutating(self) -> None:
-        if self._before_mutation is not None:
-            self._before_mutation()
-
     def _rebase(self, delta_before: Tensor) -> None:
         """Move ``theta`` so that the effective parameters equal ``base + delta_before`` again."""
         k = self.num_entries
@@ -207,7 +202,6 @@ class KnowledgeBank(nn.Module):
         k = self.num_entries
         if k < 2:
             raise RuntimeError("cannot evict from a knowledge bank without stored entries")
-        self._mutating()
         row, col, _ = self.most_similar_pair()
         r = min(row, col)
         # A stale reference-mode cell may point past the live entries; clamp to the newest stored snapshot.
@@ -237,7 +231,6 @@ class KnowledgeBank(nn.Module):
             A record of the event: ``evicted`` stack index (0 if none), ``scale_factor``, ``alpha_new`` and
             ``entries`` (``K`` after the store).
         """
-        self._mutating()
         evicted = self.evict() if self.num_entries - 1 >= self.max_entries else 0
         k = self.num_entries
         s_f = self.scale_factor()
@@ -331,3 +324,52 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
     def extra_repr(self) -> str:
         """Channels, epsilon and bank slot, for ``print(model)``."""
         return f"{self.num_features}, eps={self.eps}, bank_index={self._index}"
+
+
+def _post_norm(norm: nn.Module) -> nn.Module | None:
+    """What a norm layer applies after normalising, e.g. timm ``BatchNormAct2d``'s dropout and activation."""
+    act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
+    if isinstance(act, nn.Module) or isinstance(drop, nn.Module):
+        return nn.Sequential(*(m for m in (drop, act) if isinstance(m, nn.Module)))
+    return None
+
+
+def fuse_norms(model: nn.Module, layout: ModelLayout, **bank_options: float | bool | int) -> KnowledgeBank:
+    """Replace the layout's norm layers by fused layers reading one new bank; put every BatchNorm on batch statistics.
+
+    Args:
+        model: the network, modified in place.
+        layout: which norm layers to adapt (``layout.norms``) and every BatchNorm (``layout.batch_norms``, spec §1.2).
+        **bank_options: keyword arguments of :class:`KnowledgeBank` (``max_entries``, ``alpha_scale``, ...).
+
+    Returns:
+        The bank, its ``base`` the pretrained affine parameters of the adapted layers.
+
+    Raises:
+        ValueError: if an adapted layer has no affine weight and bias.
+    """
+    modules = dict(model.named_modules())
+    widths, bases, norms = [], [], []
+    for name in layout.norms:
+        m = modules[name]
+        if getattr(m, "weight", None) is None or getattr(m, "bias", None) is None:
+            raise ValueError(f"norm layer {name!r} has no affine weight and bias to adapt")
+        widths.append(m.weight.numel())
+        bases.append(torch.cat([m.weight.detach().reshape(-1), m.bias.detach().reshape(-1)]))
+        norms.append(m)
+    bank = KnowledgeBank(widths, torch.cat(bases).float(), **bank_options)  # type: ignore[arg-type]
+    for index, (name, m) in enumerate(zip(layout.norms, norms, strict=True)):
+        fused: nn.Module
+        if isinstance(m, nn.LayerNorm):
+            fused = FusedLayerNorm(tuple(m.normalized_shape), m.eps, bank, index)
+        else:
+            fused = FusedBatchNorm2d(m.num_features, m.eps, bank, index, post=_post_norm(m))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
+    for name in layout.batch_norms:
+        bn = model.get_submodule(name)
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.track_running_stats = False
+            bn.running_mean = None
+            bn.running_var = None
+    return bank

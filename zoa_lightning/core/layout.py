@@ -32,9 +32,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["ModelLayout", "resolve_layout"]
+__all__ = ["ModelLayout", "check_image_batch", "default_input_size", "resolve_layout"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +187,49 @@ def _resnet_layout(model: nn.Module) -> ModelLayout:
 def _efficientnet_layout(model: nn.Module) -> ModelLayout:
     stages = [(f"blocks.{i}", stage) for i, stage in enumerate(model.blocks)]  # type: ignore[arg-type]
     return _stage_layout(model, stages, detector=_stem_conv(model, "conv_stem"), head="classifier")
+
+
+def default_input_size(model: nn.Module, layout: ModelLayout) -> tuple[int, int, int]:
+    """``(C, H, W)`` for a probe forward: a ViT's own image size, else ``(C, 64, 64)``; ``C`` from the first conv."""
+    weights = (getattr(m, "weight", None) for m in model.modules())
+    channels = next((int(w.shape[1]) for w in weights if isinstance(w, Tensor) and w.ndim == 4), 3)
+    if layout.kind == "vit":
+        height, width = model.patch_embed.img_size  # type: ignore[union-attr,misc]
+        return channels, int(height), int(width)
+    return channels, 64, 64
+
+
+def check_image_batch(images: Tensor, model: nn.Module, layout: ModelLayout, input_size: tuple[int, int, int]) -> None:
+    """Raise ``ValueError`` naming the expected shape unless ``images`` is a finite, non-empty batch the model takes.
+
+    Args:
+        images: the batch.
+        model: the network (a ViT's patch embedding says which sizes it accepts).
+        layout: the network's layout.
+        input_size: ``(C, H, W)`` the network was built for.
+
+    Raises:
+        ValueError: for a non-4-d input, the wrong channel count, a size a ViT cannot embed, an empty batch, or NaN/Inf
+            values (the message counts them).
+    """
+    c, h, w = input_size
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"ZOA expects an image batch of shape (B, {c}, H, W), got {shape}")
+    if images.shape[1] != c:
+        raise ValueError(f"ZOA expects {c}-channel images (B, {c}, H, W), got shape {tuple(images.shape)}")
+    if layout.kind == "vit":
+        embed = model.patch_embed
+        if getattr(embed, "strict_img_size", True) and tuple(images.shape[2:]) != (h, w):
+            raise ValueError(f"this ViT expects images of shape (B, {c}, {h}, {w}), got {tuple(images.shape)}")
+        ph, pw = getattr(embed, "patch_size", (1, 1))
+        if not getattr(embed, "dynamic_img_pad", False) and (images.shape[2] % ph or images.shape[3] % pw):
+            raise ValueError(
+                f"this ViT expects images of shape (B, {c}, H, W) with H a multiple of {ph} and W of {pw} "
+                f"(e.g. ({c}, {h}, {w})), got {tuple(images.shape)}"
+            )
+    if images.shape[0] < 1:
+        raise ValueError(f"ZOA got an empty batch of shape {tuple(images.shape)}")
+    if not bool(torch.isfinite(images).all()):
+        bad = int((~torch.isfinite(images)).sum())
+        raise ValueError(f"the input batch contains {bad} NaN/Inf values; nothing was adapted on it")

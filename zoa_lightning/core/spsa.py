@@ -19,7 +19,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_first_step_", "estimate_gradient", "segmented_uniform", "sgd_step_", "spsa_estimate"]
+__all__ = [
+    "adamw_first_step_",
+    "estimate_gradient",
+    "segmented_uniform",
+    "sgd_step_",
+    "spsa_estimate",
+    "spsa_gradients",
+]
 
 
 def segmented_uniform(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -87,6 +94,52 @@ def estimate_gradient(
         u = segmented_uniform(x.numel(), generator, x.dtype).to(x.device).view_as(x)
         total += spsa_estimate(loss_fn(x + c * u), base, u, c)
     return total / num_queries
+
+
+def spsa_gradients(
+    loss_at: Callable[[Tensor, Tensor], Tensor],
+    alpha: Tensor,
+    theta: Tensor,
+    loss0: Tensor | None,
+    *,
+    c_alpha: float,
+    c: float,
+    repeats: int,
+    generator: torch.Generator,
+    check: Callable[[Tensor, Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """ZOA's one-sided SPSA estimates of the gradients in the mixing logits and the epsilons (spec §3.1-§3.2).
+
+    Each repetition draws ``u_α`` then ``u_θ`` (segmented uniform), evaluates the loss at both perturbed at once and
+    divides the loss difference by ``c·u``; the repetitions are averaged. Without a known ``loss0`` (a later step of a
+    batch) the unperturbed loss is evaluated once, after the first perturbed one, and reused.
+
+    Args:
+        loss_at: the loss at given ``(alpha, theta)`` (one forward pass each call).
+        alpha: the current mixing logits in use.
+        theta: the current epsilons.
+        loss0: the loss at ``(alpha, theta)`` if known (ZOA's first step reuses the prediction pass's).
+        c_alpha: perturbation scale of the logits.
+        c: perturbation scale of the epsilons.
+        repeats: estimates averaged (``sp_avg``).
+        generator: source of the perturbations.
+        check: called with ``(loss_plus, loss0)`` after each repetition's passes (e.g. to reject non-finite losses).
+
+    Returns:
+        ``(grad_alpha, grad_theta)``.
+    """
+    grad_alpha, grad_theta = torch.zeros_like(alpha), torch.zeros_like(theta)
+    for _ in range(repeats):
+        u_alpha = segmented_uniform(alpha.numel(), generator, alpha.dtype).to(alpha.device)
+        u_theta = segmented_uniform(theta.numel(), generator, theta.dtype).to(theta.device)
+        loss_plus = loss_at(alpha + c_alpha * u_alpha, theta + c * u_theta)
+        if loss0 is None:
+            loss0 = loss_at(alpha, theta)
+        if check is not None:
+            check(loss_plus, loss0)
+        grad_alpha += spsa_estimate(loss_plus, loss0, u_alpha, c_alpha)
+        grad_theta += spsa_estimate(loss_plus, loss0, u_theta, c)
+    return grad_alpha / repeats, grad_theta / repeats
 
 
 def sgd_step_(

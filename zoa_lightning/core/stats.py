@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["ReduceFn", "channel_moments", "finish", "identity_reduce", "moments", "softmax_entropy"]
+__all__ = ["CountedReduce", "ReduceFn", "channel_moments", "finish", "identity_reduce", "moments", "softmax_entropy"]
 
 ReduceFn = Callable[[Tensor], Tensor]
 """Sums a float64 statistics vector over processes (identity on one process)."""
@@ -59,3 +59,42 @@ def finish(n: Tensor, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
     mean = s1 / n
     var = ((s2 - n * mean * mean) / (n - 1)).clamp_min(0)
     return mean, var
+
+
+class CountedReduce:
+    """A :data:`ReduceFn` that counts what passes through it: calls, elements and bytes, in total and per batch.
+
+    Args:
+        reduce_fn: the reduction (identity by default).
+
+    Example:
+        >>> reduce = CountedReduce()
+        >>> reduce.begin_batch()
+        >>> _ = reduce(torch.zeros(3, dtype=torch.float64))
+        >>> reduce.end_batch()
+        >>> reduce.calls, reduce.last_batch_elements, reduce.last_batch_bytes
+        (1, 3, 24)
+    """
+
+    def __init__(self, reduce_fn: ReduceFn | None = None) -> None:
+        self.reduce_fn: ReduceFn = reduce_fn or identity_reduce
+        self.calls = self.elements = self.bytes = 0
+        self.last_batch_calls = self.last_batch_elements = self.last_batch_bytes = 0
+        self._mark = (0, 0, 0)
+
+    def __call__(self, stats: Tensor) -> Tensor:
+        """Reduce ``stats``, counting it."""
+        self.calls += 1
+        self.elements += stats.numel()
+        self.bytes += stats.numel() * stats.element_size()
+        return self.reduce_fn(stats)
+
+    def begin_batch(self) -> None:
+        """Start counting one batch's communication."""
+        self._mark = (self.calls, self.elements, self.bytes)
+
+    def end_batch(self) -> None:
+        """Set the ``last_batch_*`` figures to what passed since :meth:`begin_batch`."""
+        self.last_batch_calls = self.calls - self._mark[0]
+        self.last_batch_elements = self.elements - self._mark[1]
+        self.last_batch_bytes = self.bytes - self._mark[2]

@@ -1,0 +1,101 @@
+"""Forward hooks that let one ordinary forward of the network yield what ZOA needs (spec §2, §5.1).
+
+:class:`NetworkTaps` hooks the modules a :class:`~zoa_lightning.core.layout.ModelLayout` names. A forward run through
+:meth:`NetworkTaps.run` records the loss features (the taps and the head input) and hands the detector tensor to a
+callback while the pass is still running (a knowledge store must happen before the adapted layers read the bank);
+any other forward of the network passes the hooks untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from zoa_lightning.core.layout import ModelLayout
+
+__all__ = ["NetworkTaps", "PassRecord"]
+
+PassMode = Literal["probe", "source", "adapt", "predict"]
+
+
+@dataclass
+class PassRecord:
+    """What one recorded forward pass saw."""
+
+    mode: PassMode
+    pass_index: int = 0
+    taps: list[Tensor] = field(default_factory=list)
+    head_input: Tensor | None = None
+    detector_channels: int = 0
+    detected: bool = False
+
+    def final(self) -> Tensor:
+        """The head input ``(B, D)`` (the final features) of the pass."""
+        if self.head_input is None:
+            raise RuntimeError("the pass did not reach the classifier head")
+        return self.head_input
+
+    def features(self) -> Tensor:
+        """The loss features ``F`` of the pass, ``(B, F)``: the taps in network order, then the head input."""
+        return torch.cat([*self.taps, self.final()], 1)
+
+
+class NetworkTaps:
+    """Hooks on the layout's detector, taps and head.
+
+    Args:
+        model: the network.
+        layout: where to hook.
+        on_detector: called with the detector tensor and the pass record during every recorded pass except probes.
+    """
+
+    def __init__(
+        self, model: nn.Module, layout: ModelLayout, on_detector: Callable[[Tensor, PassRecord], None]
+    ) -> None:
+        self.model, self.layout, self.on_detector = model, layout, on_detector
+        self._record: PassRecord | None = None
+        get = model.get_submodule
+        self._handles = [get(layout.detector).register_forward_hook(self._detector_hook)]
+        self._handles += [get(name).register_forward_hook(self._tap_hook) for name in layout.taps]
+        self._handles.append(get(layout.head).register_forward_pre_hook(self._head_hook))
+
+    def run(self, images: Tensor, mode: PassMode, pass_index: int = 0) -> tuple[Tensor, PassRecord]:
+        """One forward of the network on ``images``, recorded; returns ``(logits, record)``."""
+        record = PassRecord(mode, pass_index)
+        self._record = record
+        try:
+            logits = self.model(images)
+        finally:
+            self._record = None
+        return logits, record
+
+    def head(self, features: Tensor) -> Tensor:
+        """The classifier head applied to final features (e.g. activation-shifted ones)."""
+        return self.model.get_submodule(self.layout.head)(features)
+
+    def _tap_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if self._record is None:
+            return
+        if self.layout.kind == "vit":
+            # A copy, not a view: a view would keep the whole (B, N, C) block output alive until the pass ends.
+            feature = output[:, 0].clone()
+        else:
+            feature = output.mean((2, 3)) if output.ndim == 4 else output.flatten(1)
+        self._record.taps.append(feature)
+
+    def _head_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._record is not None:
+            self._record.head_input = args[0].flatten(1).clone()  # a view would pin the input's storage
+
+    def _detector_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        record = self._record
+        if record is None:
+            return
+        if record.mode == "probe":
+            record.detector_channels = int(output.shape[-1] if self.layout.kind == "vit" else output.shape[1])
+        elif record.mode != "predict":
+            self.on_detector(output, record)

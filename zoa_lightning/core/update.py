@@ -1,0 +1,54 @@
+"""ZOA's parameter update (spec §3.3): SGD on the epsilons, a first AdamW step on the mixing logits, and its bounds."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from zoa_lightning.core.bank import KnowledgeBank
+from zoa_lightning.core.config import ZOAConfig
+from zoa_lightning.core.spsa import adamw_first_step_, sgd_step_
+
+__all__ = ["ZOAUpdate"]
+
+
+class ZOAUpdate(nn.Module):
+    """Applies gradient estimates to a bank's epsilons and mixing logits, with the optional SGD momentum buffer.
+
+    Args:
+        config: the learning rates, decays, momentum and ``max_abs_epsilon``.
+        size: the number of epsilons.
+        device: where the momentum buffer lives.
+    """
+
+    momentum_buffer: Tensor
+    momentum_ready: Tensor
+
+    def __init__(self, config: ZOAConfig, size: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("momentum_buffer", torch.zeros(size if config.momentum else 0, device=device))
+        self.register_buffer("momentum_ready", torch.zeros((), dtype=torch.bool, device=device))
+
+    def step(self, bank: KnowledgeBank, entries: int, grad_alpha: Tensor, grad_theta: Tensor) -> str | None:
+        """Update ``bank.theta`` and the first ``entries`` mixing logits in place.
+
+        Returns:
+            ``None``, or why the batch must be rolled back (a non-finite value, an epsilon beyond the bound).
+        """
+        cfg = self.config
+        if not bool(torch.isfinite(grad_theta).all()) or not bool(torch.isfinite(grad_alpha).all()):
+            return "gradient estimate is not finite"
+        momentum = self.momentum_buffer if cfg.momentum else None
+        sgd_step_(bank.theta, grad_theta, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                  momentum_buffer=momentum, first_step=not bool(self.momentum_ready))  # fmt: skip
+        self.momentum_ready.fill_(bool(cfg.momentum))
+        if entries > 1:  # the logits move only once there is stored knowledge
+            alpha = bank.alpha[:entries]
+            adamw_first_step_(alpha, grad_alpha, lr=cfg.lr_alpha, weight_decay=cfg.weight_decay_alpha)
+        if not bool(torch.isfinite(bank.theta).all()) or not bool(torch.isfinite(bank.alpha[:entries]).all()):
+            return "updated parameter is not finite"
+        largest = float(bank.theta.abs().max())
+        if cfg.max_abs_epsilon is not None and largest > cfg.max_abs_epsilon:
+            return f"update would move an epsilon to |{largest:.3g}| > max_abs_epsilon"
+        return None
