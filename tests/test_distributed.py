@@ -138,9 +138,13 @@ def _split(batch: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     return batch[b * rank // world : b * (rank + 1) // world]
 
 
-def test_sharded_engine_steps_as_one_engine_on_the_global_batch(digits: torch.Tensor, one_thread: None) -> None:
+@pytest.mark.parametrize("estimator", ["spsa", "per_sample"])
+def test_sharded_engine_steps_as_one_engine_on_the_global_batch(
+    digits: torch.Tensor, one_thread: None, estimator: str
+) -> None:
+    # per_sample: every image's direction is drawn by its global index, so the ranks draw as the single engine does.
     world, batch = 2, 64
-    config = ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, detector_min_batch=batch)
+    config = ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, detector_min_batch=batch, estimator=estimator)  # type: ignore[arg-type]
     source = digits[:256].split(batch)
     pool = digits[512:]
     # Clean, then noisy (a shift the detector must see), then an uneven 43-image tail (21 + 22 images).
@@ -158,7 +162,7 @@ def test_sharded_engine_steps_as_one_engine_on_the_global_batch(digits: torch.Te
     assert single.counter("stores") >= 1, "the stream should make the single engine store knowledge"
 
     comm = _ThreadAllReduce(world)
-    engines = [ZOA(make_vit(0), config, reduce_fn=comm.for_rank(r)) for r in range(world)]
+    engines = [ZOA(make_vit(0), config, reduce_fn=comm.for_rank(r), rank=r, world_size=world) for r in range(world)]
     got: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]] = [[] for _ in range(world)]
 
     def rank_work(rank: int) -> None:

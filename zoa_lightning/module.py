@@ -506,6 +506,13 @@ class ZOAModule(StreamModule):
             counted as skipped (``None``: no guard; see :class:`~zoa_lightning.core.config.ZOAConfig`).
         max_consecutive_skips: stop the run with an error after this many rolled-back batches in a row (``None``:
             never).
+        estimator: ``spsa`` (the reference's one-sample estimate), ``per_sample`` (one perturbation per image, ViTs
+            only) or ``first_order`` (the autograd oracle, not zeroth-order: a diagnostic ceiling that needs
+            ``trainer.inference_mode: false``); see :class:`~zoa_lightning.core.config.ZOAConfig` and
+            ``docs/estimators.md``.
+        perturbation: ``segmented_uniform`` or ``rademacher`` (default: the estimator's).
+        normalize_step: divide the estimate by a running estimate of its spread before the step.
+        normalize_floor: the smallest spread the normalised step divides by.
         source_batches: clean batches used for source statistics (``None``: the whole source loader).
         adapt_norms: qualified names of the normalization layers to adapt (``blocks.4.norm2``, ``layer2.0.bn1``, ...),
             replacing the spec's choice for the model kind (:func:`~zoa_lightning.core.layout.resolve_layout`); any
@@ -551,6 +558,10 @@ class ZOAModule(StreamModule):
         seed: int = 2020,
         max_abs_epsilon: float | None = 10.0,
         max_consecutive_skips: int | None = 10,
+        estimator: Literal["spsa", "per_sample", "first_order"] = "spsa",
+        perturbation: Literal["segmented_uniform", "rademacher"] | None = None,
+        normalize_step: bool = False,
+        normalize_floor: float = 1e-3,
         source_batches: int | None = None,
         adapt_norms: list[str] | None = None,
         name: str | None = None,
@@ -584,7 +595,8 @@ class ZOAModule(StreamModule):
                     f"{list(layout.norms)} by default (see print(model) for every module name)"
                 )
             layout = dataclasses.replace(layout, norms=tuple(sorted(self.adapt_norms, key=order.__getitem__)))
-        return ZOA(network, self.config, layout=layout, reduce_fn=self.reduce_sum)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return ZOA(network, self.config, layout=layout, reduce_fn=self.reduce_sum, rank=rank, world_size=world_size)
 
     @override
     def on_test_start(self) -> None:

@@ -109,6 +109,7 @@ class KnowledgeBank(nn.Module):
         self._fused: Tensor | None = None
         self._fused_key: tuple[tuple[int, int, int], ...] | None = None
         self._use_base = False
+        self._override: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -140,6 +141,8 @@ class KnowledgeBank(nn.Module):
         """
         if self._use_base:
             return self.base
+        if self._override is not None:
+            return self._override
         state = (self.base, self.theta, self.alpha, self.deltas, self.count)
         key = tuple((id(t), t.data_ptr(), t._version) for t in state)
         if self._fused_key != key or self._fused is None:
@@ -157,11 +160,30 @@ class KnowledgeBank(nn.Module):
         finally:
             self._use_base = False
 
+    @contextlib.contextmanager
+    def evaluated_at(self, alpha: Tensor, theta: Tensor) -> Iterator[None]:
+        """Within the block the fused layers use ``base + softmax(s·alpha) @ deltas[:K] + theta`` for given values.
+
+        ``alpha`` ``(K,)`` and ``theta`` ``(P,)`` set the values for the whole batch (they may require grad: autograd
+        then reaches them through every fused layer); ``alpha`` ``(B, K)`` and ``theta`` ``(B, P)`` give every image
+        of the batch its own values (the fused layers apply a per-sample affine). The bank's buffers are not touched.
+        """
+        k = self.num_entries
+        mix = torch.softmax(alpha * self.alpha_scale, dim=-1) @ self.deltas[:k]
+        self._override = self.base + mix + theta
+        try:
+            yield
+        finally:
+            self._override = None
+
     def layer_affine(self, index: int) -> tuple[Tensor, Tensor]:
-        """Effective ``(weight, bias)`` of adapted layer ``index``, computed from the current bank state."""
+        """Effective ``(weight, bias)`` of adapted layer ``index``, computed from the current bank state.
+
+        Each is ``(width,)``, or ``(B, width)`` inside :meth:`evaluated_at` with per-sample values.
+        """
         start, width = self.offsets[index], self.widths[index]
         fused = self.fused()
-        return fused[start : start + width], fused[start + width : start + 2 * width]
+        return fused[..., start : start + width], fused[..., start + width : start + 2 * width]
 
     def scale_factor(self) -> float:
         """``s_f``: the largest per-layer mean |ε| (over γ and β blocks) divided by the weight margin (spec §5.3)."""
@@ -285,7 +307,12 @@ class FusedLayerNorm(_FusedNormMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalise over the last dimension with the fused affine parameters."""
         weight, bias = self.fused_affine()
-        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        if weight.ndim == 1:
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        shape = (weight.shape[0],) + (1,) * (x.ndim - 2) + (weight.shape[1],)  # one affine per image
+        return torch.addcmul(
+            bias.view(shape), F.layer_norm(x, self.normalized_shape, None, None, self.eps), weight.view(shape)
+        )
 
     def extra_repr(self) -> str:
         """Shape, epsilon and bank slot, for ``print(model)``."""
@@ -318,7 +345,13 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalise with batch statistics over (N, H, W) and the fused affine parameters."""
         weight, bias = self.fused_affine()
-        out = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        if weight.ndim == 1:
+            out = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        else:  # one affine per image
+            shape = (*weight.shape, 1, 1)
+            out = torch.addcmul(
+                bias.view(shape), F.batch_norm(x, None, None, None, None, True, 0.0, self.eps), weight.view(shape)
+            )
         return out if self.post is None else self.post(out)
 
     def extra_repr(self) -> str:

@@ -32,3 +32,6 @@ def rename_state_keys(
         for i, name in enumerate(counters):
             value = vector[i].clone() if i < vector.numel() else torch.zeros((), dtype=torch.long)
             state_dict[f"{prefix}counters.{name}"] = value
+    if counters and any(key.startswith(prefix + "counters.") for key in state_dict):
+        for name in counters:  # a counter added since the state dict was written starts at zero
+            state_dict.setdefault(f"{prefix}counters.{name}", torch.zeros((), dtype=torch.long))

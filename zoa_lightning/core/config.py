@@ -57,6 +57,20 @@ class ZOAConfig:
             beyond ``±max_abs_epsilon`` is rolled back like a non-finite one and counted as skipped. Normal runs stay
             far inside (the demo run ends with |ε| ≤ 0.03 and stored snapshots ≤ 0.12); a runaway learning rate hits it
             at its first step instead of driving the epsilons to ~1e23. ``None`` disables the guard.
+        estimator: how pass B's loss difference becomes a gradient estimate (``docs/estimators.md``). ``"spsa"``
+            (reference): one perturbation of every adapted value for the whole batch, ZOA's one-sided SPSA.
+            ``"per_sample"``: every image of pass B gets its own perturbation (a per-image affine), and each image's
+            loss difference is attributed through the linearised batch statistics, giving ``B`` directions from the
+            same two passes; ViT-style networks without BatchNorm only (BatchNorm couples the images in the forward
+            pass). ``"first_order"``: the oracle, **not zeroth-order**: the exact gradient of the same loss by autograd
+            (through straight-through quantizers) from a forward and a backward pass instead of pass B; a diagnostic
+            ceiling that needs ``trainer.inference_mode: false``.
+        perturbation: the perturbation distribution, ``"segmented_uniform"`` (``[-1, -½] ∪ [½, 1]``, the reference's)
+            or ``"rademacher"`` (``±1``); default: segmented uniform for ``spsa``, Rademacher for ``per_sample``.
+        normalize_step: divide the estimate by a running estimate of its own spread (an EMA, momentum 0.9, of its
+            root-mean-square), floored at ``normalize_floor``, before the SGD step: ``lr`` then bounds the typical
+            per-coordinate step, so a large learning rate cannot blow up. Off in the reference.
+        normalize_floor: the smallest spread the normalised step divides by.
         max_consecutive_skips: stop with :class:`~zoa_lightning.core.zoa.AdaptationDiverged` after this many batches
             in a row were rolled back (a run that can no longer adapt must not exit looking fine). ``None``: never.
     """
@@ -90,6 +104,10 @@ class ZOAConfig:
     seed: int = 2020
     max_abs_epsilon: float | None = 10.0
     max_consecutive_skips: int | None = 10
+    estimator: Literal["spsa", "per_sample", "first_order"] = "spsa"
+    perturbation: Literal["segmented_uniform", "rademacher"] | None = None
+    normalize_step: bool = False
+    normalize_floor: float = 1e-3
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -124,6 +142,15 @@ class ZOAConfig:
                 self.max_consecutive_skips is None or self.max_consecutive_skips >= 1,
                 f"max_consecutive_skips must be >= 1 or None, got {self.max_consecutive_skips}",
             ),
+            (
+                self.estimator in ("spsa", "per_sample", "first_order"),
+                f"estimator must be 'spsa', 'per_sample' or 'first_order', got {self.estimator!r}",
+            ),
+            (
+                self.perturbation in (None, "segmented_uniform", "rademacher"),
+                f"perturbation must be 'segmented_uniform' or 'rademacher', got {self.perturbation!r}",
+            ),
+            (self.normalize_floor > 0, f"normalize_floor must be > 0, got {self.normalize_floor}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -137,6 +164,7 @@ class ZOAConfig:
             resnet_shift=self.resnet_shift or ("scalar" if reference else "vector"),
             compact_similarity=(not reference) if self.compact_similarity is None else self.compact_similarity,
             detector_passes=self.detector_passes or (2 if reference else 1),
+            perturbation=self.perturbation or ("rademacher" if self.estimator == "per_sample" else "segmented_uniform"),
             seed_detector_from_source=(
                 (reference and kind == "cnn")
                 if self.seed_detector_from_source is None

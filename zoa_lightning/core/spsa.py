@@ -107,6 +107,7 @@ def spsa_gradients(
     repeats: int,
     generator: torch.Generator,
     check: Callable[[Tensor, Tensor], None] | None = None,
+    sampler: Callable[[int, torch.Generator, torch.dtype], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ZOA's one-sided SPSA estimates of the gradients in the mixing logits and the epsilons (spec §3.1-§3.2).
 
@@ -124,14 +125,16 @@ def spsa_gradients(
         repeats: estimates averaged (``sp_avg``).
         generator: source of the perturbations.
         check: called with ``(loss_plus, loss0)`` after each repetition's passes (e.g. to reject non-finite losses).
+        sampler: draws ``n`` perturbation coordinates (default :func:`segmented_uniform`, the reference's).
 
     Returns:
         ``(grad_alpha, grad_theta)``.
     """
+    draw = sampler or segmented_uniform
     grad_alpha, grad_theta = torch.zeros_like(alpha), torch.zeros_like(theta)
     for _ in range(repeats):
-        u_alpha = segmented_uniform(alpha.numel(), generator, alpha.dtype).to(alpha.device)
-        u_theta = segmented_uniform(theta.numel(), generator, theta.dtype).to(theta.device)
+        u_alpha = draw(alpha.numel(), generator, alpha.dtype).to(alpha.device)
+        u_theta = draw(theta.numel(), generator, theta.dtype).to(theta.device)
         loss_plus = loss_at(alpha + c_alpha * u_alpha, theta + c * u_theta)
         if loss0 is None:
             loss0 = loss_at(alpha, theta)

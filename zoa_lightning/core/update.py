@@ -1,6 +1,12 @@
-"""ZOA's parameter update (spec §3.3): SGD on the epsilons, a first AdamW step on the mixing logits, and its bounds."""
+"""ZOA's parameter update (spec §3.3): SGD on the epsilons, a first AdamW step on the mixing logits, and its bounds.
+
+Optionally (``normalize_step``, not in the reference) the epsilons' estimate is divided by a running estimate of its
+own spread first, so that ``lr`` bounds the typical step whatever the scale of the loss differences.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,12 +29,31 @@ class ZOAUpdate(nn.Module):
 
     momentum_buffer: Tensor
     momentum_ready: Tensor
+    spread: Tensor
+    spread_ready: Tensor
 
     def __init__(self, config: ZOAConfig, size: int, device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
         self.register_buffer("momentum_buffer", torch.zeros(size if config.momentum else 0, device=device))
         self.register_buffer("momentum_ready", torch.zeros((), dtype=torch.bool, device=device))
+        self.register_buffer("spread", torch.zeros((), device=device))  # normalize_step's running RMS of the estimate
+        self.register_buffer("spread_ready", torch.zeros((), dtype=torch.bool, device=device))
+
+    def normalized(self, grad: Tensor) -> Tensor:
+        """``grad / max(s, floor)``, ``s`` an EMA (momentum 0.9) of the estimates' RMS, this one included."""
+        rms = grad.pow(2).mean().sqrt().to(self.spread.dtype)
+        if bool(self.spread_ready):
+            self.spread.mul_(0.9).add_(rms, alpha=0.1)
+        else:
+            self.spread.copy_(rms)
+            self.spread_ready.fill_(True)
+        return grad / self.spread.clamp_min(self.config.normalize_floor).to(grad.dtype)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("spread", "spread_ready"):  # state dicts from before normalize_step existed
+            state_dict.setdefault(prefix + name, torch.zeros((), dtype=getattr(self, name).dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def step(self, bank: KnowledgeBank, entries: int, grad_alpha: Tensor, grad_theta: Tensor) -> str | None:
         """Update ``bank.theta`` and the first ``entries`` mixing logits in place.
@@ -39,6 +64,8 @@ class ZOAUpdate(nn.Module):
         cfg = self.config
         if not bool(torch.isfinite(grad_theta).all()) or not bool(torch.isfinite(grad_alpha).all()):
             return "gradient estimate is not finite"
+        if cfg.normalize_step:
+            grad_theta = self.normalized(grad_theta)
         momentum = self.momentum_buffer if cfg.momentum else None
         sgd_step_(bank.theta, grad_theta, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                   momentum_buffer=momentum, first_step=not bool(self.momentum_ready))  # fmt: skip

@@ -30,6 +30,7 @@ from zoa_lightning.core.adapter import CountingAdapter
 from zoa_lightning.core.bank import fuse_norms
 from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.detector import DomainShiftDetector
+from zoa_lightning.core.estimators import check_estimator, exact_gradients, per_sample_gradients, sampler
 from zoa_lightning.core.layout import ModelLayout, check_image_batch, default_input_size, resolve_layout
 from zoa_lightning.core.loss import ZOALoss, loss_statistics
 from zoa_lightning.core.shift import ActivationShift
@@ -55,12 +56,17 @@ class _Rollback(Exception):
 
 @dataclass
 class PassResult:
-    """One recorded forward pass: logits, what the hooks saw, the loss, the unshifted final feature's batch mean."""
+    """One recorded forward pass: logits, hooks' record, loss, unshifted final mean, reduced statistics, features.
+
+    ``features`` (per image) are kept only for the per-sample estimator.
+    """
 
     logits: Tensor
     record: PassRecord
     loss: Tensor
     final_mean: Tensor
+    stats: Tensor
+    features: Tensor | None = None
 
 
 class ZOA(CountingAdapter):
@@ -78,6 +84,9 @@ class ZOA(CountingAdapter):
         layout: override where ZOA acts; default :func:`~zoa_lightning.core.layout.resolve_layout`.
         input_size: ``(C, H, W)`` of the probe forward; default the ViT's image size or ``(C, 64, 64)`` for CNNs.
         reduce_fn: sums a float64 statistics vector over processes before it is used (identity by default).
+        rank: this process's index among ``world_size`` (its images are its slice of the global batch, in rank order:
+            the per-sample estimator draws every image's direction by its global index).
+        world_size: the number of processes adapting together through ``reduce_fn``.
 
     Example:
         >>> import timm
@@ -105,8 +114,11 @@ class ZOA(CountingAdapter):
         layout: ModelLayout | None = None,
         input_size: tuple[int, int, int] | None = None,
         reduce_fn: ReduceFn | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__()
+        self.rank, self.world_size = rank, world_size
         self.layout = layout if layout is not None else resolve_layout(model)
         self.layout.check(model)
         cfg = self.config = (config or ZOAConfig()).resolved(self.layout.kind)
@@ -121,6 +133,7 @@ class ZOA(CountingAdapter):
             weight_margin=cfg.weight_margin, alpha_clip=cfg.alpha_clip, compact_similarity=bool(cfg.compact_similarity),
             initial_alpha=float(torch.randn(1, generator=self.generator)),
         )  # fmt: skip
+        check_estimator(cfg, self.layout, world_size)
         self.taps = NetworkTaps(model, self.layout, self._on_detector)
         self.input_size = input_size or default_input_size(model, self.layout)
         device, dtype = self.bank.theta.device, self.bank.theta.dtype
@@ -151,17 +164,22 @@ class ZOA(CountingAdapter):
         if applied is not None:
             record.head_input = record.final() + applied
             logits = self.taps.head(record.head_input)
-        stats = self.reduce(loss_statistics(record.features(), logits))
+        features = record.features()
+        stats = self.reduce(loss_statistics(features, logits))
         if mode == "adapt":
             record.taps.clear()  # the statistics are all the loss needs: free the features before the next pass
         loss, mean = self.loss(stats, self.source.mean, self.source.std)
         final = mean[-self.final_dim :].to(self.shift.mean.dtype)
-        return PassResult(logits, record, loss, final if applied is None else final - applied)
+        kept = features if self.config.estimator == "per_sample" else None
+        return PassResult(logits, record, loss, final if applied is None else final - applied, stats, kept)
 
     def fitness(self, images: Tensor, shift: Tensor | None = None) -> PassResult:
-        """One pass's loss on ``images`` with the current parameters, touching no adaptation state (no detector)."""
-        with torch.no_grad():
-            return self._pass(images, 0, shift, mode="predict")
+        """One pass's loss on ``images`` with the current parameters, touching no adaptation state (no detector).
+
+        Differentiable inside :meth:`~zoa_lightning.core.bank.KnowledgeBank.evaluated_at` with values that require
+        grad (the network's own parameters are frozen, so elsewhere no graph is built).
+        """
+        return self._pass(images, 0, shift, mode="predict")
 
     def _on_detector(self, output: Tensor, record: PassRecord) -> None:
         """The detector hook (spec §5.7): runs in pass A, and in pass B too in reference mode."""
@@ -269,6 +287,7 @@ class ZOA(CountingAdapter):
         late = None if cfg.loss_on_shifted else shift  # (loss_on_shifted: pass A's logits are shifted already)
         prediction = a.logits if late is None else self.taps.head(a.record.final() + late)
         loss0, final_mean, detected = a.loss, a.final_mean, a.record.detected
+        clean = a if cfg.estimator == "per_sample" else None  # what the per-sample estimator attributes against
         del a  # pass A's features and logits are not needed any more: free them before pass B
         if not bool(torch.isfinite(loss0)) or not bool(torch.isfinite(prediction).all()):
             raise _Rollback("unperturbed loss is not finite", prediction)
@@ -277,14 +296,23 @@ class ZOA(CountingAdapter):
         self.last_losses = (float(loss0),)
         k = self.bank.num_entries  # 4. after a possible store in pass A
         for step in range(cfg.steps):  # 5-6. perturbed pass(es), estimate, update
-            self._step(images, shift, loss0 if step == 0 else None, k, prediction)
+            self._step(images, shift, loss0 if step == 0 else None, k, prediction, clean if step == 0 else None)
         self.shift.update(final_mean)  # 7. fold this batch's mean into the activation shift
         return prediction  # 8.
 
-    def _step(self, images: Tensor, shift: Tensor | None, loss0: Tensor | None, k: int, prediction: Tensor) -> None:
-        """One zeroth-order step: ``sp_avg`` one-sided SPSA estimates (spec §3.2), then the updates (spec §3.3)."""
+    def _step(
+        self, images: Tensor, shift: Tensor | None, loss0: Tensor | None, k: int, prediction: Tensor,
+        clean: PassResult | None = None,
+    ) -> None:  # fmt: skip
+        """One step: ``sp_avg`` gradient estimates (spec §3.2; ``config.estimator``), then the updates (spec §3.3)."""
         cfg, bank = self.config, self.bank
         alpha0, theta0 = bank.alpha[:k].clone(), bank.theta.clone()
+        if cfg.estimator != "spsa":
+            grad_alpha, grad_theta = self._other_estimate(images, shift, k, prediction, clean, alpha0, theta0)
+            failure = self.update.step(bank, k, grad_alpha, grad_theta)
+            if failure is not None:
+                raise _Rollback(failure, prediction)
+            return
 
         def loss_at(alpha: Tensor, theta: Tensor) -> Tensor:  # one pass B with these values, then back
             bank.alpha[:k] = alpha
@@ -301,11 +329,57 @@ class ZOA(CountingAdapter):
 
         grad_alpha, grad_theta = spsa_gradients(
             loss_at, alpha0, theta0, loss0, c_alpha=cfg.spsa_c_alpha, c=cfg.spsa_c, repeats=cfg.sp_avg,
-            generator=self.generator, check=check,
+            generator=self.generator, check=check, sampler=sampler(cfg.perturbation),
         )  # fmt: skip
         failure = self.update.step(bank, k, grad_alpha, grad_theta)
         if failure is not None:
             raise _Rollback(failure, prediction)
+
+    def _other_estimate(
+        self, images: Tensor, shift: Tensor | None, k: int, prediction: Tensor, clean: PassResult | None,
+        alpha0: Tensor, theta0: Tensor,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """The per-sample estimate or the first-order oracle's exact gradient (``config.estimator``)."""
+        cfg, bank = self.config, self.bank
+        if cfg.estimator == "first_order":
+
+            def loss_at(alpha: Tensor, theta: Tensor) -> Tensor:
+                with bank.evaluated_at(alpha, theta):
+                    return self._pass(images, 1, shift).loss
+
+            grad_alpha, grad_theta, loss = exact_gradients(loss_at, alpha0, theta0)
+            estimates = [(grad_alpha, grad_theta, loss)]
+        else:
+            estimates = []
+            for _ in range(cfg.sp_avg):
+                a = clean if clean is not None else self._pass(images, 1, shift)
+                clean = None  # a later repetition takes a fresh clean pass (a third pass per batch)
+
+                def pass_at(alpha: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                    with bank.evaluated_at(alpha, theta):
+                        b = self._pass(images, 1, shift)
+                    assert b.features is not None
+                    return b.features, b.logits, b.loss
+
+                assert a.features is not None
+                estimates.append(per_sample_gradients(
+                    pass_at, a.features, a.logits, a.stats, self.source.mean, self.source.std, self.loss.tap_dims,
+                    cfg.lambda_bp, alpha0, theta0, c=cfg.spsa_c, c_alpha=cfg.spsa_c_alpha,
+                    kind=cfg.perturbation or "rademacher", generator=self.generator, reduce_fn=self.reduce,
+                    rank=self.rank, world_size=self.world_size,
+                ))  # fmt: skip
+        for _, _, loss_plus in estimates:
+            self.last_losses += (float(loss_plus),)
+            if not bool(torch.isfinite(loss_plus)):
+                raise _Rollback("perturbed loss is not finite", prediction)
+        grad_alpha = torch.stack([e[0] for e in estimates]).mean(0)
+        grad_theta = torch.stack([e[1] for e in estimates]).mean(0)
+        return grad_alpha, grad_theta
+
+    @property
+    def requires_autograd(self) -> bool:
+        """Whether the adapter back-propagates (the first-order oracle): it cannot run under inference mode."""
+        return self.config.estimator == "first_order"
 
     def _predict_single(self, images: Tensor) -> Tensor:
         """A one-image batch: predict with the current parameters and shift (one pass), adapt on nothing."""

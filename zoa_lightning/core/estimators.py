@@ -1,0 +1,223 @@
+"""Gradient estimators beside ZOA's SPSA (``docs/estimators.md``): the per-sample two-pass estimator and the oracle.
+
+The per-sample estimator: one perturbed pass, one direction per image.
+
+In pass B every image ``i`` runs with its own perturbation ``c·u_i`` of the adapted values, so the pass yields ``B``
+directional differences instead of one. ZOA's loss couples the images through batch statistics, so each image's loss
+difference is attributed by linearising the statistics term around pass A (closed-form weights, no backprop):
+
+``δ_i = (H_i⁺ − H_i)/n + ⟨W_i, F_i⁺ − F_i⟩``, with
+``W_ij = λ·w_j·[2(σ_j − s_j)(F_ij − μ_j)/((n − 1)·σ_j) + 2(μ_j − m_j)/n]``,
+
+``F`` the loss features, ``μ, σ`` their batch mean and std over all ``n`` images (all processes), ``m, s`` the source
+statistics, ``w_j = 1/(T·d_t)`` the weight of dimension ``j`` of tap ``t`` in the loss (``T`` taps), ``H`` the
+prediction entropies. To first order ``δ_i = c·⟨g_i, u_i⟩`` where ``Σ_i g_i`` is the loss gradient, so
+``ĝ = Σ_i δ_i·u_i / (c·E[u²])`` is unbiased; its error falls with the alignment of the per-image gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from zoa_lightning.core.config import ZOAConfig
+from zoa_lightning.core.layout import ModelLayout
+from zoa_lightning.core.spsa import segmented_uniform
+from zoa_lightning.core.stats import ReduceFn, softmax_entropy
+
+__all__ = [
+    "Perturbation",
+    "check_estimator",
+    "draw_perturbations",
+    "estimate_from_differences",
+    "exact_gradients",
+    "per_sample_gradients",
+    "perturbation_second_moment",
+    "sample_differences",
+    "sampler",
+    "statistics_weights",
+]
+
+Perturbation = Literal["rademacher", "segmented_uniform"]
+
+
+def sampler(kind: Perturbation | None) -> Callable[[int, torch.Generator, torch.dtype], Tensor]:
+    """Draws ``n`` perturbation coordinates of ``kind`` (default the segmented uniform), for ``spsa_gradients``."""
+    if kind == "rademacher":
+        return lambda n, generator, dtype: draw_perturbations(1, n, "rademacher", generator).view(n).to(dtype)
+    return segmented_uniform
+
+
+def check_estimator(config: ZOAConfig, layout: ModelLayout, world_size: int) -> None:
+    """Refuse an estimator the network or the run cannot support, naming the option to change.
+
+    Raises:
+        TypeError: ``per_sample`` on a network with BatchNorm layers (they couple the images in the forward pass,
+            so one image's perturbation changes the others' features).
+        ValueError: ``first_order`` on several processes.
+    """
+    if config.estimator == "per_sample" and (layout.kind == "cnn" or layout.batch_norms):
+        raise TypeError(
+            "estimator='per_sample' needs a network whose images do not interact in the forward pass (a ViT with "
+            "LayerNorm); this one normalises with batch statistics (BatchNorm), which couples the images, so one "
+            "image's perturbation would move every other image's features. Use estimator='spsa' for it"
+        )
+    if config.estimator == "first_order" and world_size > 1:
+        raise ValueError(
+            "estimator='first_order' (the autograd oracle) runs on one process: its loss gradient cannot flow through "
+            f"the statistics all-reduce of {world_size} processes. Run it without DDP"
+        )
+
+
+def perturbation_second_moment(kind: Perturbation) -> float:
+    """``E[u²]`` of one coordinate: 1 for Rademacher signs, 7/12 for the segmented uniform ``[-1,-½] ∪ [½,1]``."""
+    return 1.0 if kind == "rademacher" else 7.0 / 12.0
+
+
+def draw_perturbations(rows: int, size: int, kind: Perturbation, generator: torch.Generator) -> Tensor:
+    """``(rows, size)`` perturbation directions from ``generator`` (CPU, float32), one row per image of the batch.
+
+    Drawn for the global batch in global sample order, so every process draws the same rows and takes its own slice.
+    """
+    if kind == "rademacher":
+        signs = torch.randint(0, 2, (rows, size), generator=generator, dtype=torch.int8)
+        return signs.float().mul_(2).sub_(1)
+    return segmented_uniform(rows * size, generator).view(rows, size)
+
+
+def statistics_weights(
+    features: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    source_mean: Tensor,
+    source_std: Tensor,
+    tap_dims: Sequence[int],
+    lambda_bp: float,
+    n: float,
+) -> Tensor:
+    """``W``, ``(B, F)`` float64: the derivative of the statistics term of ZOA's loss in each image's features.
+
+    Args:
+        features: this process's loss features ``(B, F)`` of the clean pass.
+        mean: the batch mean of every feature over all ``n`` images (float64, ``(F,)``).
+        std: their unbiased batch std (``(F,)``).
+        source_mean: source means ``m`` (``(F,)``).
+        source_std: source stds ``s`` (``(F,)``).
+        tap_dims: the width of each loss tap, network order (the loss averages each tap, then the taps).
+        lambda_bp: ``λ``.
+        n: the global batch size.
+    """
+    weight = torch.cat([torch.full((d,), 1.0 / (len(tap_dims) * d), dtype=torch.float64) for d in tap_dims])
+    weight = weight.to(features.device)
+    std = std.double()
+    std_term = 2 * (std - source_std.double()) / ((n - 1) * std.clamp_min(1e-12))
+    centred = features.double() - mean.double()
+    return lambda_bp * weight * (std_term * centred + 2 * (mean.double() - source_mean.double()) / n)
+
+
+def sample_differences(
+    weights: Tensor,
+    features: Tensor,
+    features_plus: Tensor,
+    logits: Tensor,
+    logits_plus: Tensor,
+    n: float,
+) -> Tensor:
+    """``δ_i = (H_i⁺ − H_i)/n + ⟨W_i, F_i⁺ − F_i⟩`` for this process's images, ``(B,)`` float64."""
+    entropy = softmax_entropy(logits_plus.float()).double() - softmax_entropy(logits.float()).double()
+    return entropy / n + (weights * (features_plus.double() - features.double())).sum(1)
+
+
+def estimate_from_differences(differences: Tensor, directions: Tensor, c: float, second_moment: float) -> Tensor:
+    """``ĝ = Σ_i δ_i·u_i / (c·E[u²])`` from the global batch's differences ``(n,)`` and directions ``(n, P)``."""
+    return (differences.to(directions.dtype) @ directions) / (c * second_moment)
+
+
+def per_sample_gradients(
+    pass_at: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
+    features: Tensor,
+    logits: Tensor,
+    stats: Tensor,
+    source_mean: Tensor,
+    source_std: Tensor,
+    tap_dims: Sequence[int],
+    lambda_bp: float,
+    alpha: Tensor,
+    theta: Tensor,
+    *,
+    c: float,
+    c_alpha: float,
+    kind: Perturbation,
+    generator: torch.Generator,
+    reduce_fn: ReduceFn,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-sample estimates of the loss gradient in the mixing logits and the epsilons, from one perturbed pass.
+
+    Args:
+        pass_at: runs the perturbed pass with per-image values ``(alpha (B, K), theta (B, P))`` and returns its
+            features ``(B, F)``, loss logits ``(B, classes)`` and loss (a scalar, for the caller's checks).
+        features: this process's clean-pass features ``(B, F)``.
+        logits: the clean pass's loss logits.
+        stats: the clean pass's reduced loss statistics ``[Σf, Σf², ΣH, n]``.
+        source_mean: source means.
+        source_std: source stds.
+        tap_dims: loss tap widths.
+        lambda_bp: ``λ``.
+        alpha: the current mixing logits in use ``(K,)``.
+        theta: the current epsilons ``(P,)``.
+        c: perturbation scale of the epsilons.
+        c_alpha: perturbation scale of the logits.
+        kind: the perturbation distribution.
+        generator: the engine's generator; the directions of all ``n`` images of the global batch are drawn from it in
+            global sample order (the same on every process).
+        reduce_fn: sums over processes.
+        rank: this process's index; its images are the global batch's slice after those of lower ranks.
+        world_size: the number of processes.
+
+    Returns:
+        ``(grad_alpha, grad_theta, loss_plus)``.
+    """
+    dim = features.shape[1]
+    n = float(stats[-1])
+    sizes = reduce_fn(torch.zeros(world_size, dtype=torch.float64, device=stats.device).index_fill_(
+        0, torch.tensor([rank], device=stats.device), float(features.shape[0])
+    ))  # fmt: skip
+    start, rows = int(sizes[:rank].sum()), features.shape[0]
+    u_alpha = draw_perturbations(int(n), alpha.numel(), kind, generator).to(alpha.device, alpha.dtype)
+    u_theta = draw_perturbations(int(n), theta.numel(), kind, generator).to(theta.device, theta.dtype)
+    local_alpha, local_theta = u_alpha[start : start + rows], u_theta[start : start + rows]
+    features_plus, logits_plus, loss_plus = pass_at(alpha + c_alpha * local_alpha, theta + c * local_theta)
+    mean = stats[:dim] / n
+    var = ((stats[dim : 2 * dim] - n * mean * mean) / (n - 1)).clamp_min(0)
+    weights = statistics_weights(features, mean, var.sqrt(), source_mean, source_std, tap_dims, lambda_bp, n)
+    local = sample_differences(weights, features, features_plus, logits, logits_plus, n)
+    differences = reduce_fn(torch.zeros(int(n), dtype=torch.float64, device=local.device).index_copy_(
+        0, torch.arange(start, start + rows, device=local.device), local
+    ))  # fmt: skip
+    second = perturbation_second_moment(kind)
+    grad_alpha = estimate_from_differences(differences, u_alpha, c_alpha, second)
+    grad_theta = estimate_from_differences(differences, u_theta, c, second)
+    return grad_alpha, grad_theta, loss_plus
+
+
+def exact_gradients(loss_at: Callable[[Tensor, Tensor], Tensor], alpha: Tensor, theta: Tensor) -> tuple[Tensor, ...]:
+    """The first-order oracle: the exact gradient of ``loss_at(alpha, theta)`` by autograd (one forward, one backward).
+
+    Fake-quantized networks pass the gradient through their quantizers' straight-through estimators. Not a zeroth-order
+    method: a diagnostic ceiling for the estimators above.
+
+    Returns:
+        ``(grad_alpha, grad_theta, loss)``, detached.
+    """
+    alpha, theta = alpha.detach().clone().requires_grad_(True), theta.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_at(alpha, theta)
+        grad_alpha, grad_theta = torch.autograd.grad(loss, [alpha, theta], allow_unused=True)
+    grad_alpha = torch.zeros_like(alpha) if grad_alpha is None else grad_alpha
+    grad_theta = torch.zeros_like(theta) if grad_theta is None else grad_theta
+    return grad_alpha.detach(), grad_theta.detach(), loss.detach()
