@@ -17,7 +17,7 @@ from tests.conftest import make_resnet, make_vit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import accuracy, cost  # noqa: E402
+from benchmarks import accuracy, cost, estimators  # noqa: E402
 from benchmarks._measure import SourceData, build_method, peak_step_bytes, resident_bytes, step  # noqa: E402
 from zoa_lightning.methods import method_names  # noqa: E402
 
@@ -182,3 +182,20 @@ def test_every_method_config_builds_for_the_benchmarks() -> None:
 def test_a_method_refusing_the_network_raises_its_own_error() -> None:
     with pytest.raises(TypeError, match="FOA inserts prompt tokens into a timm VisionTransformer"):
         build_method("foa", make_resnet(), 10, SourceData([]))
+
+
+def test_estimator_quality_is_measured_against_the_exact_gradient(digits: torch.Tensor) -> None:
+    from zoa_lightning.core import ZOA, ZOAConfig
+
+    adapter = ZOA(make_vit(0), ZOAConfig(detector_min_batch=4, lr=0.01, spsa_c=0.05))
+    adapter.collect_source_statistics(digits[:128].split(32))
+    x = digits[600:616] + 0.8 * torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    adapter(x)
+    state = {k: v.clone() for k, v in adapter.state_dict().items() if isinstance(v, torch.Tensor)}
+    row = estimators.measure_state(adapter, x, draws=8, c=0.05, c_alpha=0.05, seed=0)
+    assert {k: torch.equal(v, adapter.state_dict()[k]) for k, v in state.items()} == dict.fromkeys(state, True)
+    assert set(row["estimators"]) == {f"{e}/{k}" for e, k in estimators.ESTIMATORS}
+    assert 1.0 <= row["alignment_r"] <= 16.0  # between orthogonal and identical per-image gradients
+    cosine = {name: r["cosine"] for name, r in row["estimators"].items()}
+    assert cosine["per_sample/rademacher"] > 3 * abs(cosine[estimators.REFERENCE]), cosine
+    assert all(r["relative_error"] > 0 for r in row["estimators"].values())
