@@ -18,17 +18,20 @@ prediction entropies. To first order ``δ_i = c·⟨g_i, u_i⟩`` where ``Σ_i g
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
 from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.layout import ModelLayout
-from zoa_lightning.core.spsa import segmented_uniform
+from zoa_lightning.core.source import SourceStatistics
+from zoa_lightning.core.spsa import segmented_uniform, spsa_gradients
 from zoa_lightning.core.stats import ReduceFn, softmax_entropy
 
 __all__ = [
+    "GradientEstimator",
+    "PassOutput",
     "Perturbation",
     "check_estimator",
     "draw_perturbations",
@@ -221,3 +224,90 @@ def exact_gradients(loss_at: Callable[[Tensor, Tensor], Tensor], alpha: Tensor, 
     grad_alpha = torch.zeros_like(alpha) if grad_alpha is None else grad_alpha
     grad_theta = torch.zeros_like(theta) if grad_theta is None else grad_theta
     return grad_alpha.detach(), grad_theta.detach(), loss.detach()
+
+
+class PassOutput(Protocol):
+    """What the estimators read from a forward pass: the loss features per image, the loss logits, the loss."""
+
+    features: Tensor | None
+    logits: Tensor
+    loss: Tensor
+    stats: Tensor
+
+
+class GradientEstimator:
+    """Turns forward passes at chosen values into gradient estimates, as ``config.estimator`` says.
+
+    Args:
+        config: the resolved configuration (``estimator``, ``perturbation``, ``spsa_c``, ``spsa_c_alpha``,
+            ``sp_avg``, ``lambda_bp``).
+        tap_dims: the loss taps' widths.
+        source: the source statistics ``(mean, std)`` holder (read at every estimate).
+        generator: the engine's generator (every draw comes from it).
+        reduce_fn: sums over processes.
+        rank: this process's index.
+        world_size: the number of processes.
+    """
+
+    def __init__(
+        self,
+        config: ZOAConfig,
+        tap_dims: Sequence[int],
+        source: SourceStatistics,
+        generator: torch.Generator,
+        reduce_fn: ReduceFn,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.config, self.tap_dims, self.source, self.generator = config, list(tap_dims), source, generator
+        self.reduce_fn, self.rank, self.world_size = reduce_fn, rank, world_size
+
+    def estimate(
+        self,
+        run: Callable[[Tensor, Tensor], PassOutput],
+        alpha: Tensor,
+        theta: Tensor,
+        clean: PassOutput | None,
+        check: Callable[[Tensor, Tensor], None],
+    ) -> tuple[Tensor, Tensor]:
+        """``(grad_alpha, grad_theta)`` at ``(alpha, theta)``.
+
+        Args:
+            run: one forward pass with given values (``(K,), (P,)`` for the batch or ``(B, K), (B, P)`` per image).
+            alpha: the current mixing logits in use.
+            theta: the current epsilons.
+            clean: the pass at the current values if one was run (the prediction pass), else ``None``.
+            check: called with ``(loss_plus, loss0)`` for every perturbed (or autograd) pass; raises to reject.
+        """
+        cfg = self.config
+        if cfg.estimator == "spsa":
+            return spsa_gradients(
+                lambda a, t: run(a, t).loss, alpha, theta, None if clean is None else clean.loss,
+                c_alpha=cfg.spsa_c_alpha, c=cfg.spsa_c, repeats=cfg.sp_avg, generator=self.generator, check=check,
+                sampler=sampler(cfg.perturbation),
+            )  # fmt: skip
+        if cfg.estimator == "first_order":
+            grad_alpha, grad_theta, loss = exact_gradients(lambda a, t: run(a, t).loss, alpha, theta)
+            check(loss, loss)
+            return grad_alpha, grad_theta
+        sums = torch.zeros_like(alpha), torch.zeros_like(theta)
+        for _ in range(cfg.sp_avg):
+            base = clean if clean is not None else run(alpha, theta)  # a later repetition: a fresh clean pass
+            clean = None
+
+            def perturbed(a: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                out = run(a, t)
+                assert out.features is not None
+                return out.features, out.logits, out.loss
+
+            assert base.features is not None
+            grad_alpha, grad_theta, loss_plus = per_sample_gradients(
+                perturbed, base.features, base.logits, base.stats, self.source.mean, self.source.std, self.tap_dims,
+                cfg.lambda_bp, alpha, theta, c=cfg.spsa_c, c_alpha=cfg.spsa_c_alpha,
+                kind=cfg.perturbation or "rademacher", generator=self.generator, reduce_fn=self.reduce_fn,
+                rank=self.rank, world_size=self.world_size,
+            )  # fmt: skip
+            check(loss_plus, base.loss)
+            sums[0].add_(grad_alpha)
+            sums[1].add_(grad_theta)
+        return sums[0] / cfg.sp_avg, sums[1] / cfg.sp_avg

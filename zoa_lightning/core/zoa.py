@@ -30,12 +30,11 @@ from zoa_lightning.core.adapter import CountingAdapter
 from zoa_lightning.core.bank import fuse_norms
 from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.detector import DomainShiftDetector
-from zoa_lightning.core.estimators import check_estimator, exact_gradients, per_sample_gradients, sampler
+from zoa_lightning.core.estimators import GradientEstimator, check_estimator
 from zoa_lightning.core.layout import ModelLayout, check_image_batch, default_input_size, resolve_layout
 from zoa_lightning.core.loss import ZOALoss, loss_statistics
 from zoa_lightning.core.shift import ActivationShift
 from zoa_lightning.core.source import SourceStatistics
-from zoa_lightning.core.spsa import spsa_gradients
 from zoa_lightning.core.stats import CountedReduce, ReduceFn
 from zoa_lightning.core.taps import NetworkTaps, PassRecord
 from zoa_lightning.core.transaction import AdaptationDiverged, BatchGuard
@@ -150,6 +149,9 @@ class ZOA(CountingAdapter):
         )
         self.shift = ActivationShift(self.final_dim, cfg.shift_momentum, device, dtype)
         self.update = ZOAUpdate(cfg, self.bank.size, device)
+        self.estimator = GradientEstimator(
+            cfg, self.loss.tap_dims, self.source, self.generator, self.reduce, rank, world_size
+        )
         self._init_counters(device)
         self._warned_single = False
 
@@ -287,8 +289,7 @@ class ZOA(CountingAdapter):
         late = None if cfg.loss_on_shifted else shift  # (loss_on_shifted: pass A's logits are shifted already)
         prediction = a.logits if late is None else self.taps.head(a.record.final() + late)
         loss0, final_mean, detected = a.loss, a.final_mean, a.record.detected
-        clean = a if cfg.estimator == "per_sample" else None  # what the per-sample estimator attributes against
-        del a  # pass A's features and logits are not needed any more: free them before pass B
+        a.record.head_input = None  # free pass A's activations before pass B (the per-sample estimator keeps features)
         if not bool(torch.isfinite(loss0)) or not bool(torch.isfinite(prediction).all()):
             raise _Rollback("unperturbed loss is not finite", prediction)
         if detected:
@@ -296,85 +297,39 @@ class ZOA(CountingAdapter):
         self.last_losses = (float(loss0),)
         k = self.bank.num_entries  # 4. after a possible store in pass A
         for step in range(cfg.steps):  # 5-6. perturbed pass(es), estimate, update
-            self._step(images, shift, loss0 if step == 0 else None, k, prediction, clean if step == 0 else None)
+            self._step(images, shift, k, prediction, a if step == 0 else None)
         self.shift.update(final_mean)  # 7. fold this batch's mean into the activation shift
         return prediction  # 8.
 
-    def _step(
-        self, images: Tensor, shift: Tensor | None, loss0: Tensor | None, k: int, prediction: Tensor,
-        clean: PassResult | None = None,
-    ) -> None:  # fmt: skip
+    def _step(self, images: Tensor, shift: Tensor | None, k: int, prediction: Tensor, clean: PassResult | None) -> None:
         """One step: ``sp_avg`` gradient estimates (spec §3.2; ``config.estimator``), then the updates (spec §3.3)."""
-        cfg, bank = self.config, self.bank
-        alpha0, theta0 = bank.alpha[:k].clone(), bank.theta.clone()
-        if cfg.estimator != "spsa":
-            grad_alpha, grad_theta = self._other_estimate(images, shift, k, prediction, clean, alpha0, theta0)
-            failure = self.update.step(bank, k, grad_alpha, grad_theta)
-            if failure is not None:
-                raise _Rollback(failure, prediction)
-            return
+        bank = self.bank
 
-        def loss_at(alpha: Tensor, theta: Tensor) -> Tensor:  # one pass B with these values, then back
-            bank.alpha[:k] = alpha
-            bank.theta.copy_(theta)
-            loss = self._pass(images, 1, shift).loss
-            bank.alpha[:k] = alpha0
-            bank.theta.copy_(theta0)
-            return loss
+        def run(alpha: Tensor, theta: Tensor) -> PassResult:  # one pass B at these values; the bank is untouched
+            with bank.evaluated_at(alpha, theta):
+                return self._pass(images, 1, shift)
 
         def check(loss_plus: Tensor, reference: Tensor) -> None:
             self.last_losses += (float(loss_plus),)
             if not bool(torch.isfinite(loss_plus)) or not bool(torch.isfinite(reference)):
                 raise _Rollback("perturbed loss is not finite", prediction)
 
-        grad_alpha, grad_theta = spsa_gradients(
-            loss_at, alpha0, theta0, loss0, c_alpha=cfg.spsa_c_alpha, c=cfg.spsa_c, repeats=cfg.sp_avg,
-            generator=self.generator, check=check, sampler=sampler(cfg.perturbation),
-        )  # fmt: skip
+        grad_alpha, grad_theta = self.estimator.estimate(run, bank.alpha[:k].clone(), bank.theta.clone(), clean, check)
         failure = self.update.step(bank, k, grad_alpha, grad_theta)
         if failure is not None:
             raise _Rollback(failure, prediction)
 
-    def _other_estimate(
-        self, images: Tensor, shift: Tensor | None, k: int, prediction: Tensor, clean: PassResult | None,
-        alpha0: Tensor, theta0: Tensor,
-    ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """The per-sample estimate or the first-order oracle's exact gradient (``config.estimator``)."""
-        cfg, bank = self.config, self.bank
-        if cfg.estimator == "first_order":
+    @property
+    def config(self) -> ZOAConfig:
+        """The resolved configuration; setting it (e.g. ``dataclasses.replace``) reaches every part that reads it."""
+        return self._config
 
-            def loss_at(alpha: Tensor, theta: Tensor) -> Tensor:
-                with bank.evaluated_at(alpha, theta):
-                    return self._pass(images, 1, shift).loss
-
-            grad_alpha, grad_theta, loss = exact_gradients(loss_at, alpha0, theta0)
-            estimates = [(grad_alpha, grad_theta, loss)]
-        else:
-            estimates = []
-            for _ in range(cfg.sp_avg):
-                a = clean if clean is not None else self._pass(images, 1, shift)
-                clean = None  # a later repetition takes a fresh clean pass (a third pass per batch)
-
-                def pass_at(alpha: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-                    with bank.evaluated_at(alpha, theta):
-                        b = self._pass(images, 1, shift)
-                    assert b.features is not None
-                    return b.features, b.logits, b.loss
-
-                assert a.features is not None
-                estimates.append(per_sample_gradients(
-                    pass_at, a.features, a.logits, a.stats, self.source.mean, self.source.std, self.loss.tap_dims,
-                    cfg.lambda_bp, alpha0, theta0, c=cfg.spsa_c, c_alpha=cfg.spsa_c_alpha,
-                    kind=cfg.perturbation or "rademacher", generator=self.generator, reduce_fn=self.reduce,
-                    rank=self.rank, world_size=self.world_size,
-                ))  # fmt: skip
-        for _, _, loss_plus in estimates:
-            self.last_losses += (float(loss_plus),)
-            if not bool(torch.isfinite(loss_plus)):
-                raise _Rollback("perturbed loss is not finite", prediction)
-        grad_alpha = torch.stack([e[0] for e in estimates]).mean(0)
-        grad_theta = torch.stack([e[1] for e in estimates]).mean(0)
-        return grad_alpha, grad_theta
+    @config.setter
+    def config(self, value: ZOAConfig) -> None:
+        self._config = value
+        for part in ("update", "estimator"):
+            if part in self.__dict__ or part in self._modules:
+                getattr(self, part).config = value
 
     @property
     def requires_autograd(self) -> bool:
