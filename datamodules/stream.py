@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from datamodules._common import (
     ArrayDataset,
@@ -107,6 +107,10 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         start_domain: first stream domain served by ``test_dataloader`` (a resumed run starts after the
             domains it already finished).
         stop_domain: serve domains up to, not including, this index (``None``: to the end of the stream).
+        domain_repeats: long domains: each domain is made of this many independent corruption draws of the test
+            images, one after the other (draw ``j`` is corrupted with noise seed ``seed + j`` and read in its own
+            seeded order), so a domain lasts ``domain_repeats`` times as many batches (e.g. 5 gives ~80 batches of
+            64 on MNIST instead of 16), closer to ImageNet-C's 782. ``1``: the plain stream, unchanged.
 
     Raises:
         ValueError: for an unknown corruption, a severity outside 1..5, a non-positive count or size, a negative
@@ -137,6 +141,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         num_source_images: int | None = None,
         start_domain: int = 0,
         stop_domain: int | None = None,
+        domain_repeats: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -148,6 +153,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         self.corruptions = check_corruptions(corruptions)
         self.severity = check_severity(severity)
         self.rounds = check_positive("rounds", rounds)
+        self.domain_repeats = check_positive("domain_repeats", domain_repeats)
         self.image_size = check_positive("image_size", image_size)
         self.batch_size = check_positive("batch_size", batch_size)
         self.num_workers = check_positive("num_workers", num_workers, minimum=0)
@@ -157,7 +163,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         self.num_source_images = check_optional_count("num_source_images", num_source_images)
         self._split: CleanSplit | None = None
         self._num_classes: int | None = None
-        self._corrupted: dict[str, np.ndarray] = {}
+        self._corrupted: dict[tuple[str, int], np.ndarray] = {}
         self._fingerprint: str | None = None
         self._stream_hash: str | None = None
 
@@ -229,8 +235,12 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         loaders: OrderedDict[str, DataLoader] = OrderedDict()
         for domain in self.active_domains:
             round_index, corruption = split_domain(domain)
-            order = stream_order(self.seed, round_index, corruption, len(test_y))
-            dataset = ArrayDataset(self._corrupted_array(corruption), test_y, order, self._mean, self._std)
+            draws = []
+            for draw in range(self.domain_repeats):
+                order = stream_order(self.seed + draw, round_index, corruption, len(test_y))
+                array = self._corrupted_array(corruption, draw)
+                draws.append(ArrayDataset(array, test_y, order, self._mean, self._std))
+            dataset = draws[0] if len(draws) == 1 else ConcatDataset(draws)
             loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
         return loaders
 
@@ -291,7 +301,8 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
 
         Returns:
             ``data_module``, ``dataset`` (``"mnist"`` or ``"folder"``), ``test_images``, ``corruptions``, ``severity``,
-            ``rounds``, ``seed``, ``image_size``, ``batch_size``, ``mean`` and ``std``.
+            ``rounds``, ``seed``, ``image_size``, ``batch_size``, ``mean`` and ``std`` (and ``domain_repeats`` when
+            above 1).
         """
         if self._stream_hash is None:
             _, _, test_x, test_y = self._clean_split()
@@ -310,7 +321,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             "batch_size": self.batch_size,
             "mean": [round(float(v), 6) for v in self._mean.flatten()],
             "std": [round(float(v), 6) for v in self._std.flatten()],
-        }
+        } | ({"domain_repeats": self.domain_repeats} if self.domain_repeats > 1 else {})  # absent: older checkpoints
 
     # ------------------------------------------------------------------ clean data
 
@@ -332,18 +343,22 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
 
     # ------------------------------------------------------------------ cache
 
-    def _cache_file(self, corruption: str) -> Path:
+    def _draws(self) -> list[tuple[str, int]]:
+        """``(corruption, draw)`` of every corrupted array the stream reads."""
+        return [(c, d) for d in range(self.domain_repeats) for c in self.corruptions]
+
+    def _cache_file(self, corruption: str, draw: int = 0) -> Path:
         if self._fingerprint is None:
             _, _, test_x, _ = self._clean_split()
             self._fingerprint = _sha256(test_x)[:12]
-        tail = f"px{self.image_size}-seed{self.seed}-{self._fingerprint}-v{_CACHE_VERSION}"
+        tail = f"px{self.image_size}-seed{self.seed + draw}-{self._fingerprint}-v{_CACHE_VERSION}"
         name = f"{corruption}-s{self.severity}-{tail}"
         return self.cache_path / f"{name}.npy"
 
-    def _corrupted_array(self, corruption: str) -> np.ndarray:
-        if corruption not in self._corrupted:
+    def _corrupted_array(self, corruption: str, draw: int = 0) -> np.ndarray:
+        if (corruption, draw) not in self._corrupted:
             self._load_or_build()
-        return self._corrupted[corruption]
+        return self._corrupted[corruption, draw]
 
     def _read_cache(self, path: Path) -> np.ndarray | None:
         """Return the verified cached array at ``path``, or ``None`` if it is missing or damaged."""
@@ -362,8 +377,9 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             return None
         return array
 
-    def _save_corrupted(self, corruption: str, array: np.ndarray, start: float) -> None:
-        _atomic_save(self._cache_file(corruption), array)
+    def _save_corrupted(self, key: tuple[str, int], array: np.ndarray, start: float) -> None:
+        corruption, draw = key
+        _atomic_save(self._cache_file(corruption, draw), array)
         log.info(
             "cached %s severity %d for %d images of %s at %d px after %.1f s: %s",
             corruption,
@@ -372,19 +388,19 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             self._dataset_tag(),
             self.image_size,
             time.perf_counter() - start,
-            self._cache_file(corruption),
+            self._cache_file(corruption, draw),
         )
 
     def _load_or_build(self) -> None:
         """Load every verified cache file of the stream, building the missing or damaged ones first."""
         missing = []
-        for corruption in self.corruptions:
-            if corruption not in self._corrupted:
-                array = self._read_cache(self._cache_file(corruption))
+        for key in self._draws():
+            if key not in self._corrupted:
+                array = self._read_cache(self._cache_file(*key))
                 if array is None:
-                    missing.append(corruption)
+                    missing.append(key)
                 else:
-                    self._corrupted[corruption] = array
+                    self._corrupted[key] = array
         if not missing:
             return
         _, _, test_x, _ = self._clean_split()
@@ -398,10 +414,11 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
                 f"{self.cache_path} ({workers} process(es)); this takes a few minutes once, later runs read the files"
             )
             if workers == 1:
-                for corruption in missing:
+                for corruption, draw in missing:
                     start = time.perf_counter()
-                    array = corrupt_images(test_x, corruption, self.severity, self.seed, progress=progress.advance)
-                    self._save_corrupted(corruption, array, start)
+                    seed = self.seed + draw
+                    array = corrupt_images(test_x, corruption, self.severity, seed, progress=progress.advance)
+                    self._save_corrupted((corruption, draw), array, start)
                     progress.done(corruption)
             else:
                 # One process per core: the corruptions are independent and CPU-bound (numpy/OpenCV/scipy).
@@ -409,20 +426,21 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
                 with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
                     start = time.perf_counter()
                     futures = {
-                        pool.submit(corrupt_images, np.asarray(test_x), c, self.severity, self.seed): c for c in missing
+                        pool.submit(corrupt_images, np.asarray(test_x), c, self.severity, self.seed + d): (c, d)
+                        for c, d in missing
                     }
                     for future in as_completed(futures):
                         self._save_corrupted(futures[future], future.result(), start)
                         progress.advance(len(test_x))
-                        progress.done(futures[future])
-        for corruption in missing:
-            array = self._read_cache(self._cache_file(corruption))
+                        progress.done(futures[future][0])
+        for key in missing:
+            array = self._read_cache(self._cache_file(*key))
             if array is None:
                 raise RuntimeError(
-                    f"cache file {self._cache_file(corruption)} is unreadable right after being written; "
+                    f"cache file {self._cache_file(*key)} is unreadable right after being written; "
                     "check the free space and permissions of cache_dir"
                 )
-            self._corrupted[corruption] = array
+            self._corrupted[key] = array
 
 
 def _sha256(array: np.ndarray) -> str:

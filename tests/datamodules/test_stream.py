@@ -282,3 +282,27 @@ def test_small_set_is_corrupted_without_a_process_pool(tmp_path: Path, monkeypat
     dm = CorruptionStreamDataModule(dataset=str(root), corruptions=CHEAP, cache_dir=str(tmp_path / "c"))
     dm.setup("test")
     assert list(dm.test_dataloader()) == ["r1/gaussian_noise", "r1/contrast"]
+
+
+@pytest.mark.slow  # builds two more corruption caches
+def test_long_domains_are_independent_corruption_draws_one_after_the_other(
+    built: CorruptionStreamDataModule, tmp_path: Path
+) -> None:
+    cache = Path(built.cache_path).parent
+    long = _make(cache, rounds=2, domain_repeats=2)  # draw 0 reuses the plain stream's cache files
+    long.setup("test")
+    plain_loaders, long_loaders = built.test_dataloader(), long.test_dataloader()
+    assert list(long_loaders) == list(plain_loaders)
+    for domain, loader in long_loaders.items():
+        plain = plain_loaders[domain]
+        assert len(loader.dataset) == 2 * len(plain.dataset)
+        assert len(loader) == -(-2 * len(plain.dataset) // long.batch_size)
+        n = len(plain.dataset)
+        first = torch.stack([loader.dataset[i][0] for i in range(n)])
+        torch.testing.assert_close(first, torch.stack([plain.dataset[i][0] for i in range(n)]), rtol=0, atol=0)
+        second = torch.stack([loader.dataset[n + i][0] for i in range(8)])
+        assert not torch.equal(second, first[:8])  # another noise draw, another order
+    assert long.stream_fingerprint()["domain_repeats"] == 2
+    assert "domain_repeats" not in built.stream_fingerprint()  # plain streams keep their old fingerprints
+    with pytest.raises(ValueError, match="domain_repeats"):
+        _make(tmp_path, domain_repeats=0)
