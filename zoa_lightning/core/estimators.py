@@ -27,7 +27,7 @@ from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.layout import ModelLayout
 from zoa_lightning.core.source import SourceStatistics
 from zoa_lightning.core.spsa import segmented_uniform, spsa_gradients
-from zoa_lightning.core.stats import ReduceFn, softmax_entropy
+from zoa_lightning.core.stats import ReduceFn, finish, softmax_entropy
 
 __all__ = [
     "GradientEstimator",
@@ -195,8 +195,7 @@ def per_sample_gradients(
     u_theta = draw_perturbations(int(n), theta.numel(), kind, generator).to(theta.device, theta.dtype)
     local_alpha, local_theta = u_alpha[start : start + rows], u_theta[start : start + rows]
     features_plus, logits_plus, loss_plus = pass_at(alpha + c_alpha * local_alpha, theta + c * local_theta)
-    mean = stats[:dim] / n
-    var = ((stats[dim : 2 * dim] - n * mean * mean) / (n - 1)).clamp_min(0)
+    mean, var = finish(stats[-1], stats[:dim], stats[dim : 2 * dim])
     weights = statistics_weights(features, mean, var.sqrt(), source_mean, source_std, tap_dims, lambda_bp, n)
     local = sample_differences(weights, features, features_plus, logits, logits_plus, n)
     differences = reduce_fn(torch.zeros(int(n), dtype=torch.float64, device=local.device).index_copy_(
