@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from zoa_lightning.core.layout import ModelLayout
 
-__all__ = ["NetworkTaps", "PassRecord"]
+__all__ = ["NetworkTaps", "PassRecord", "PassResult"]
 
 PassMode = Literal["probe", "source", "adapt", "predict"]
 
@@ -42,6 +42,21 @@ class PassRecord:
     def features(self) -> Tensor:
         """The loss features ``F`` of the pass, ``(B, F)``: the taps in network order, then the head input."""
         return torch.cat([*self.taps, self.final()], 1)
+
+
+@dataclass
+class PassResult:
+    """One recorded pass with its loss: logits, record, loss, unshifted final mean, reduced statistics, features.
+
+    ``features`` (per image) are kept only for the per-sample estimator.
+    """
+
+    logits: Tensor
+    record: PassRecord
+    loss: Tensor
+    final_mean: Tensor
+    stats: Tensor
+    features: Tensor | None = None
 
 
 class NetworkTaps:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from zoa_lightning.core.counters import Counters
 
-__all__ = ["AdaptationDiverged", "BatchGuard", "Transaction"]
+__all__ = ["AdaptationDiverged", "BatchGuard", "Rollback", "Transaction"]
 
 
 class Transaction:
@@ -59,6 +59,14 @@ class Transaction:
 
 class AdaptationDiverged(RuntimeError):
     """An adapter rolled back its ``max_consecutive_skips`` limit of batches in a row: the run can no longer adapt."""
+
+
+class Rollback(Exception):
+    """Raised inside a batch to roll it back; ``what`` says why, ``prediction`` is the batch's logits if computed."""
+
+    def __init__(self, what: str, prediction: Tensor | None) -> None:
+        super().__init__(what)
+        self.what, self.prediction = what, prediction
 
 
 class BatchGuard:

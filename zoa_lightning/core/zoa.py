@@ -1,26 +1,18 @@
 """The ZOA adapter: wrap a classifier, collect source statistics, then ``logits = adapter(images)`` (spec §3.4).
 
-Per batch the adapter spends two forward passes of the network (defaults ``steps=1, sp_avg=1``): pass A predicts and
-yields ``L0``; pass B, with every adapted value perturbed at once, yields ``L+``; their difference is the SPSA estimate
-that updates the epsilons and mixing logits. Nothing is back-propagated. ``ZOA`` composes the parts: hooks
-(:mod:`.taps`), bank and fused layers (:mod:`.bank`), loss (:mod:`.loss`), detector (:mod:`.detector`), activation
-shift (:mod:`.shift`), source statistics (:mod:`.source`), estimator (:mod:`.spsa`), update (:mod:`.update`) and the
-batch transaction (:mod:`.transaction`). Every statistic is a sum passed through ``reduce_fn`` (a sum all-reduce makes N
-processes adapt as one on their concatenated batch).
-
-Failure policy: a malformed or non-finite input raises ``ValueError`` before anything changes. A non-finite loss,
-estimate or update, or an epsilon beyond ``config.max_abs_epsilon``, rolls the batch back (every adaptation buffer and
-the generator; its passes stay counted) with a ``RuntimeWarning``, and the prediction is pass A's (or the unadapted
-network's if not finite); ``config.max_consecutive_skips`` rollbacks in a row raise :class:`AdaptationDiverged`. A
-one-image batch is predicted with the current parameters and not adapted on (``unadapted_batches``, one warning).
+Per batch: pass A predicts and yields ``L0``; pass B, every adapted value perturbed, yields ``L+``; their difference is
+the gradient estimate (``config.estimator``) that updates the epsilons and mixing logits, with nothing back-propagated.
+``ZOA`` composes the parts of ``zoa_lightning.core`` (taps, bank, loss, detector, shift, source statistics,
+estimators, update, transaction); every statistic is a sum passed through ``reduce_fn``, so a sum all-reduce makes N
+processes adapt as one on their concatenated batch. Failures: a malformed or non-finite input raises ``ValueError``
+before anything changes; a non-finite loss, estimate or update, or an epsilon beyond ``config.max_abs_epsilon``, rolls
+the batch back (:class:`~zoa_lightning.core.transaction.BatchGuard`) and predicts with pass A's logits (or the
+unadapted network's); ``config.max_consecutive_skips`` rollbacks in a row raise :class:`AdaptationDiverged`.
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -33,39 +25,15 @@ from zoa_lightning.core.detector import DomainShiftDetector
 from zoa_lightning.core.estimators import GradientEstimator, check_estimator
 from zoa_lightning.core.layout import ModelLayout, check_image_batch, default_input_size, resolve_layout
 from zoa_lightning.core.loss import ZOALoss, loss_statistics
+from zoa_lightning.core.policies import UnadaptedPredictions, on_shift
 from zoa_lightning.core.shift import ActivationShift
 from zoa_lightning.core.source import SourceStatistics
 from zoa_lightning.core.stats import CountedReduce, ReduceFn
-from zoa_lightning.core.taps import NetworkTaps, PassRecord
-from zoa_lightning.core.transaction import AdaptationDiverged, BatchGuard
+from zoa_lightning.core.taps import NetworkTaps, PassRecord, PassResult
+from zoa_lightning.core.transaction import AdaptationDiverged, BatchGuard, Rollback
 from zoa_lightning.core.update import ZOAUpdate
 
 __all__ = ["ZOA", "AdaptationDiverged", "PassResult"]
-
-log = logging.getLogger(__name__)
-
-
-class _Rollback(Exception):
-    """Raised inside a batch to roll it back; ``what`` says why, ``prediction`` is pass A's logits if computed."""
-
-    def __init__(self, what: str, prediction: Tensor | None) -> None:
-        super().__init__(what)
-        self.what, self.prediction = what, prediction
-
-
-@dataclass
-class PassResult:
-    """One recorded forward pass: logits, hooks' record, loss, unshifted final mean, reduced statistics, features.
-
-    ``features`` (per image) are kept only for the per-sample estimator.
-    """
-
-    logits: Tensor
-    record: PassRecord
-    loss: Tensor
-    final_mean: Tensor
-    stats: Tensor
-    features: Tensor | None = None
 
 
 class ZOA(CountingAdapter):
@@ -153,7 +121,7 @@ class ZOA(CountingAdapter):
             cfg, self.loss.tap_dims, self.source, self.generator, self.reduce, rank, world_size
         )
         self._init_counters(device)
-        self._warned_single = False
+        self.unadapted = UnadaptedPredictions(model, self.bank, self.counters, self.predict)
 
     # ------------------------------------------------------------------ passes, detector, shift
     def _pass(self, images: Tensor, pass_index: int, shift: Tensor | None, mode: str = "adapt") -> PassResult:
@@ -192,20 +160,8 @@ class ZOA(CountingAdapter):
             return
         layout = self.layout
         record.detected = self.detector.observe(output, layout.kind, layout.num_prefix_tokens, self.reduce, perturbed)
-        if not record.detected:
-            return
-        event: dict[str, Any] = {"event": "shift", "batch": self.counters["batches"]}
-        if record.pass_index > 0:  # spec §5.7: a perturbed pass never stores
-            self.counters.add("perturbed_detections")
-            log.warning("domain shift detected in a perturbed pass: not stored (spec §5.7)")
-            event["event"] = "perturbed_detection"
-        elif cfg.use_bank:
-            stored = self.bank.store()
-            self.counters.add("stores")
-            self.counters.add("evictions", int(bool(stored["evicted"])))
-            event.update(stored)
-            log.info("domain shift at batch %d: stored knowledge entry (%s)", event["batch"], stored)
-        self.events.append(event)
+        if record.detected:  # spec §5.3 and §5.7: only the prediction pass stores
+            self.events.append(on_shift(self.bank, self.counters, record.pass_index > 0, cfg.use_bank))
 
     def shift_vector(self) -> Tensor | None:
         """``δ = μ_src(final) - h`` (spec §4), or ``None`` before the first batch / after a reset."""
@@ -258,18 +214,18 @@ class ZOA(CountingAdapter):
         if not bool(self.source.ready):
             raise RuntimeError("ZOA has no source statistics: call collect_source_statistics(clean_loader) first")
         if images.shape[0] < 2:
-            return self._predict_single(images)
+            return self.unadapted.single(images)
         guard = BatchGuard(self, self.generator, self.events, self.counters)
         self.reduce.begin_batch()
         try:
             with torch.no_grad():
                 prediction = self._adapt(images)
             guard.commit()
-        except _Rollback as failure:
+        except Rollback as failure:
             guard.rollback(failure.what)
             fallback = failure.prediction
             finite = fallback is not None and bool(torch.isfinite(fallback).all())
-            prediction = fallback if fallback is not None and finite else self._unadapted_logits(images)
+            prediction = fallback if fallback is not None and finite else self.unadapted.pretrained(images)
         except BaseException:
             guard.rollback()
             raise
@@ -291,7 +247,7 @@ class ZOA(CountingAdapter):
         loss0, final_mean, detected = a.loss, a.final_mean, a.record.detected
         a.record.head_input = None  # free pass A's activations before pass B (the per-sample estimator keeps features)
         if not bool(torch.isfinite(loss0)) or not bool(torch.isfinite(prediction).all()):
-            raise _Rollback("unperturbed loss is not finite", prediction)
+            raise Rollback("unperturbed loss is not finite", prediction)
         if detected:
             self.shift.reset()  # 3. a new domain: the running test mean starts again
         self.last_losses = (float(loss0),)
@@ -312,12 +268,12 @@ class ZOA(CountingAdapter):
         def check(loss_plus: Tensor, reference: Tensor) -> None:
             self.last_losses += (float(loss_plus),)
             if not bool(torch.isfinite(loss_plus)) or not bool(torch.isfinite(reference)):
-                raise _Rollback("perturbed loss is not finite", prediction)
+                raise Rollback("perturbed loss is not finite", prediction)
 
         grad_alpha, grad_theta = self.estimator.estimate(run, bank.alpha[:k].clone(), bank.theta.clone(), clean, check)
         failure = self.update.step(bank, k, grad_alpha, grad_theta)
         if failure is not None:
-            raise _Rollback(failure, prediction)
+            raise Rollback(failure, prediction)
 
     @property
     def config(self) -> ZOAConfig:
@@ -335,36 +291,6 @@ class ZOA(CountingAdapter):
     def requires_autograd(self) -> bool:
         """Whether the adapter back-propagates (the first-order oracle): it cannot run under inference mode."""
         return self.config.estimator == "first_order"
-
-    def _predict_single(self, images: Tensor) -> Tensor:
-        """A one-image batch: predict with the current parameters and shift (one pass), adapt on nothing."""
-        if not self._warned_single:
-            self._warned_single = True
-            warnings.warn(
-                "ZOA got a batch of one image: its loss and domain detector need batch statistics, so such batches are "
-                "predicted with the current parameters and not adapted on (counted in unadapted_batches); use a batch "
-                "size whose last batch has at least 2 images", RuntimeWarning, stacklevel=3,
-            )  # fmt: skip
-        try:
-            logits = self.predict(images)
-        except ValueError as error:  # torch's batch_norm refuses one value per channel (a 1×1 map of one image)
-            raise ValueError(
-                "this network cannot predict a batch of one image: ZOA normalises its BatchNorm layers with batch "
-                f"statistics and one of them sees a single value per channel ({error}). Use a batch size whose last "
-                "batch has at least 2 images"
-            ) from error
-        self.counters.add("forward_passes")
-        logits = logits if bool(torch.isfinite(logits).all()) else self._unadapted_logits(images)
-        self.counters.add("unadapted_batches")
-        self.counters.add("batches")
-        return logits
-
-    def _unadapted_logits(self, images: Tensor) -> Tensor:
-        """Logits of the network with its pretrained norm parameters and no shift (one counted forward pass)."""
-        with torch.no_grad(), self.bank.pretrained():
-            logits = self.model(images)
-        self.counters.add("forward_passes")
-        return logits
 
     @property
     def skipped_batches(self) -> int:
