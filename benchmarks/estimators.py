@@ -11,7 +11,8 @@ ZOA runs anyway):
 
 * ``spsa/segmented_uniform``: the reference estimator (one direction for the batch, ``(L+ − L0)/(c·u)``);
 * ``spsa/rademacher``: the same with ``±1`` draws;
-* ``per_sample/rademacher`` and ``per_sample/segmented_uniform``: one direction per image (``docs/estimators.md``).
+* ``per_sample/rademacher`` and ``per_sample/segmented_uniform``: one direction per image (``docs/estimators.md``);
+* ``per_sample+taps/rademacher``: the same with tap attribution (``tap_attribution``).
 
 Reported per estimator: the mean cosine similarity with the exact gradient, its ratio to the reference's, and the
 mean relative error ``‖ĝ − g‖/‖g‖``; per state, the per-image gradient alignment ``r = ‖Σ g_i‖² / Σ ‖g_i‖²``
@@ -50,6 +51,7 @@ ESTIMATORS: tuple[tuple[str, Perturbation], ...] = (
     ("spsa", "rademacher"),
     ("per_sample", "rademacher"),
     ("per_sample", "segmented_uniform"),
+    ("per_sample+taps", "rademacher"),
 )
 REFERENCE = "spsa/segmented_uniform"
 TARGET_RATIO = 5.0  # issue: the per-sample estimate's cosine >= 5x the reference's at the same budget
@@ -88,6 +90,9 @@ def measure_state(adapter: ZOA, images: Tensor, draws: int, c: float, c_alpha: f
         return plus.record.features(), plus.logits, plus.loss
 
     _, exact, _ = exact_gradients(loss_at, alpha, theta)
+    first_taps = adapter.taps.first_taps(images[:2], adapter.layout.norms)
+    widths = torch.tensor(adapter.bank.widths)
+    first_tap = torch.repeat_interleave(torch.tensor(first_taps), 2 * widths)
     with torch.no_grad():
         clean = adapter.fitness(images)
         features = clean.record.features()
@@ -106,6 +111,7 @@ def measure_state(adapter: ZOA, images: Tensor, draws: int, c: float, c_alpha: f
                         pass_at, features, clean.logits, clean.stats, adapter.source.mean, adapter.source.std,
                         adapter.loss.tap_dims, adapter.config.lambda_bp, alpha, theta, c=c, c_alpha=c_alpha,
                         kind=kind, generator=generator, reduce_fn=lambda t: t,
+                        first_tap=first_tap if estimator.endswith("+taps") else None,
                     )  # fmt: skip
                 cosines.append(float(torch.nn.functional.cosine_similarity(estimate, exact, dim=0)))
                 errors.append(float((estimate - exact).norm() / exact.norm()))

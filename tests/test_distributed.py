@@ -138,13 +138,16 @@ def _split(batch: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     return batch[b * rank // world : b * (rank + 1) // world]
 
 
-@pytest.mark.parametrize("estimator", ["spsa", "per_sample"])
+@pytest.mark.parametrize("estimator", ["spsa", "per_sample", "per_sample+taps"])
 def test_sharded_engine_steps_as_one_engine_on_the_global_batch(
     digits: torch.Tensor, one_thread: None, estimator: str
 ) -> None:
-    # per_sample: every image's direction is drawn by its global index, so the ranks draw as the single engine does.
+    # per_sample: every image's direction is drawn by its global index, so the ranks draw as the single engine does;
+    # +taps: the per-tap differences (n, T) are all-reduced instead of the n totals.
     world, batch = 2, 64
-    config = ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, detector_min_batch=batch, estimator=estimator)  # type: ignore[arg-type]
+    name, _, taps = estimator.partition("+")
+    config = ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, detector_min_batch=batch, estimator=name,  # type: ignore[arg-type]
+                       tap_attribution=bool(taps))  # fmt: skip
     source = digits[:256].split(batch)
     pool = digits[512:]
     # Clean, then noisy (a shift the detector must see), then an uneven 43-image tail (21 + 22 images).

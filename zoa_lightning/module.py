@@ -513,6 +513,8 @@ class ZOAModule(StreamModule):
         perturbation: ``segmented_uniform`` or ``rademacher`` (default: the estimator's).
         normalize_step: divide the estimate by a running estimate of its spread before the step.
         normalize_floor: the smallest spread the normalised step divides by.
+        normalize_momentum: the momentum of the normalised step's running spread (0.9: ~10 batches).
+        tap_attribution: per-sample estimator only: credit each epsilon with the loss taps after its layer only.
         source_batches: clean batches used for source statistics (``None``: the whole source loader).
         adapt_norms: qualified names of the normalization layers to adapt (``blocks.4.norm2``, ``layer2.0.bn1``, ...),
             replacing the spec's choice for the model kind (:func:`~zoa_lightning.core.layout.resolve_layout`); any
@@ -562,6 +564,8 @@ class ZOAModule(StreamModule):
         perturbation: Literal["segmented_uniform", "rademacher"] | None = None,
         normalize_step: bool = False,
         normalize_floor: float = 1e-3,
+        normalize_momentum: float = 0.9,
+        tap_attribution: bool = False,
         source_batches: int | None = None,
         adapt_norms: list[str] | None = None,
         name: str | None = None,

@@ -22,6 +22,7 @@ from zoa_lightning.core.estimators import (
     perturbation_second_moment,
     sample_differences,
     statistics_weights,
+    tap_differences,
 )
 from zoa_lightning.core.spsa import spsa_gradients
 
@@ -94,17 +95,70 @@ def test_exact_gradients_match_autograd_of_a_known_function() -> None:
     assert not theta.requires_grad
 
 
-@pytest.mark.parametrize("estimator", ["per_sample", "first_order"])
+def test_tap_attribution_credits_each_epsilon_only_with_the_taps_that_depend_on_it(digits: torch.Tensor) -> None:
+    adapter = _adapter(digits, estimator="per_sample", tap_attribution=True)
+    first_tap = adapter.estimator.first_tap
+    assert first_tap is not None
+    assert first_tap.shape == adapter.bank.theta.shape
+    assert int(first_tap[0]) == 0  # the first layer reaches every tap
+    assert int(first_tap.max()) >= 1  # later ones fewer
+    x = _noisy(digits)
+    bank, k = adapter.bank, adapter.bank.num_entries
+    theta = bank.theta.clone().requires_grad_(True)
+    with torch.enable_grad(), bank.evaluated_at(bank.alpha[:k].clone(), theta):
+        record = adapter.fitness(x).record
+        features = [*record.taps, record.final()]
+        for t, tap in enumerate(features):  # autograd: tap t depends on exactly the epsilons with first_tap <= t
+            (grad,) = torch.autograd.grad(tap.pow(2).sum(), [theta], retain_graph=True)
+            assert bool((grad[first_tap > t] == 0).all()), f"tap {t} depends on epsilons credited only later"
+            credited = grad[first_tap == t]  # (none for the head: every layer of this network precedes a tap)
+            assert credited.numel() == 0 or bool((credited != 0).any()), f"tap {t} misses the epsilons credited to it"
+    # The per-tap differences add up to the image's total difference.
+    clean = adapter.fitness(x)
+    feats, n = clean.record.features(), float(clean.stats[-1])
+    dim = feats.shape[1]
+    mean = clean.stats[:dim] / n
+    std = ((clean.stats[dim : 2 * dim] - n * mean * mean) / (n - 1)).sqrt()
+    weights = statistics_weights(
+        feats, mean, std, adapter.source.mean, adapter.source.std, adapter.loss.tap_dims, 30, n
+    )
+    u = draw_perturbations(B, bank.size, "rademacher", torch.Generator().manual_seed(0))
+    with bank.evaluated_at(bank.alpha[:k].expand(B, k), bank.theta + 0.01 * u):
+        plus = adapter.fitness(x)
+    args = (weights, feats, plus.record.features(), clean.logits, plus.logits, n)
+    split = tap_differences(*args, adapter.loss.tap_dims)
+    assert split.shape == (B, len(adapter.loss.tap_dims))
+    torch.testing.assert_close(split.sum(1), sample_differences(*args), rtol=1e-9, atol=1e-12)
+
+
+def test_the_tap_attributed_estimate_is_unbiased_over_draws() -> None:
+    # delta_it = c <g_it, u_i> with g_it zero on the values tap t cannot reach; the mean estimate is sum_i,t g_it.
+    first_tap = torch.tensor([0, 0, 1, 1, 2])
+    g = torch.randn(8, 3, 5, generator=torch.Generator().manual_seed(1)).double()
+    g *= (first_tap.view(1, 1, 5) <= torch.arange(3).view(1, 3, 1)).double()
+    generator = torch.Generator().manual_seed(2)
+    total, draws = torch.zeros(5, dtype=torch.float64), 4000
+    for _ in range(draws):
+        u = draw_perturbations(8, 5, "rademacher", generator).double()
+        delta = 0.1 * (g * u.unsqueeze(1)).sum(2)  # (8, 3)
+        total += estimate_from_differences(delta, u, 0.1, 1.0, first_tap)
+    torch.testing.assert_close(total / draws, g.sum((0, 1)), rtol=0, atol=0.2)
+    with pytest.raises(ValueError, match="first_tap"):
+        estimate_from_differences(delta, u, 0.1, 1.0)
+
+
+@pytest.mark.parametrize("estimator", ["per_sample", "per_sample+taps", "first_order"])
 def test_other_estimators_spend_two_passes_learn_and_resume_bit_identically(
     digits: torch.Tensor, estimator: str
 ) -> None:
-    adapter = _adapter(digits, estimator=estimator)
+    name, _, taps = estimator.partition("+")
+    adapter = _adapter(digits, estimator=name, tap_attribution=bool(taps))
     adapter(_noisy(digits, 600))
     theta_after_one = adapter.bank.theta.clone()
     assert adapter.forward_passes == 2
     assert float(theta_after_one.abs().max()) > 0
     assert len(adapter.last_losses) == 2
-    resumed = _adapter(digits, estimator=estimator)
+    resumed = _adapter(digits, estimator=name, tap_attribution=bool(taps))
     resumed.load_state_dict(copy.deepcopy(adapter.state_dict()))
     x = _noisy(digits, 700)
     torch.testing.assert_close(resumed(x), adapter(x), rtol=0, atol=0)

@@ -67,10 +67,15 @@ class ZOAConfig:
             ceiling that needs ``trainer.inference_mode: false``.
         perturbation: the perturbation distribution, ``"segmented_uniform"`` (``[-1, -½] ∪ [½, 1]``, the reference's)
             or ``"rademacher"`` (``±1``); default: segmented uniform for ``spsa``, Rademacher for ``per_sample``.
-        normalize_step: divide the estimate by a running estimate of its own spread (an EMA, momentum 0.9, of its
-            root-mean-square), floored at ``normalize_floor``, before the SGD step: ``lr`` then bounds the typical
-            per-coordinate step, so a large learning rate cannot blow up. Off in the reference.
+        normalize_step: divide the estimate by a running estimate of its own spread (an EMA of its root-mean-square,
+            momentum ``normalize_momentum``), floored at ``normalize_floor``, before the SGD step: ``lr`` then bounds
+            the typical per-coordinate step, so a large learning rate cannot blow up. Off in the reference.
         normalize_floor: the smallest spread the normalised step divides by.
+        normalize_momentum: the momentum of the normalised step's running spread: 0.9 follows each domain's scale
+            within about ten batches, 0.99 (about a hundred) keeps the ratio between hard and easy domains' steps.
+        tap_attribution: with the per-sample estimator, split each image's loss difference by loss tap and credit
+            every epsilon only with the taps computed after its layer (unbiased, lower variance: docs/estimators.md).
+            Ignored by the other estimators.
         max_consecutive_skips: stop with :class:`~zoa_lightning.core.zoa.AdaptationDiverged` after this many batches
             in a row were rolled back (a run that can no longer adapt must not exit looking fine). ``None``: never.
     """
@@ -108,6 +113,8 @@ class ZOAConfig:
     perturbation: Literal["segmented_uniform", "rademacher"] | None = None
     normalize_step: bool = False
     normalize_floor: float = 1e-3
+    normalize_momentum: float = 0.9
+    tap_attribution: bool = False
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -151,6 +158,7 @@ class ZOAConfig:
                 f"perturbation must be 'segmented_uniform' or 'rademacher', got {self.perturbation!r}",
             ),
             (self.normalize_floor > 0, f"normalize_floor must be > 0, got {self.normalize_floor}"),
+            (0 <= self.normalize_momentum < 1, f"normalize_momentum must be in [0, 1), got {self.normalize_momentum}"),
         ]
         for ok, message in checks:
             if not ok:

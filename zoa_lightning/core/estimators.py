@@ -13,6 +13,12 @@ difference is attributed by linearising the statistics term around pass A (close
 statistics, ``w_j = 1/(T·d_t)`` the weight of dimension ``j`` of tap ``t`` in the loss (``T`` taps), ``H`` the
 prediction entropies. To first order ``δ_i = c·⟨g_i, u_i⟩`` where ``Σ_i g_i`` is the loss gradient, so
 ``ĝ = Σ_i δ_i·u_i / (c·E[u²])`` is unbiased; its error falls with the alignment of the per-image gradients.
+
+With ``tap_attribution`` the difference is split by loss tap, ``δ_i = Σ_t δ_it`` (the entropy joins the last tap,
+the head input), and an epsilon ``p`` is credited only with the taps its layer runs before:
+``ĝ_p = Σ_i (Σ_{t ≥ f(p)} δ_it)·u_ip / (c·E[u²])``, ``f(p)`` the first tap computed after ``p``'s layer. The terms left
+out have zero expectation against ``u_ip`` (a tap computed before a layer cannot depend on it), so the estimate stays
+unbiased and loses their noise.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ __all__ = [
     "sample_differences",
     "sampler",
     "statistics_weights",
+    "tap_differences",
 ]
 
 Perturbation = Literal["rademacher", "segmented_uniform"]
@@ -134,9 +141,38 @@ def sample_differences(
     return entropy / n + (weights * (features_plus.double() - features.double())).sum(1)
 
 
-def estimate_from_differences(differences: Tensor, directions: Tensor, c: float, second_moment: float) -> Tensor:
-    """``ĝ = Σ_i δ_i·u_i / (c·E[u²])`` from the global batch's differences ``(n,)`` and directions ``(n, P)``."""
-    return (differences.to(directions.dtype) @ directions) / (c * second_moment)
+def tap_differences(
+    weights: Tensor,
+    features: Tensor,
+    features_plus: Tensor,
+    logits: Tensor,
+    logits_plus: Tensor,
+    n: float,
+    tap_dims: Sequence[int],
+) -> Tensor:
+    """``δ_it``, ``(B, T)`` float64: :func:`sample_differences` split by loss tap, the entropy in the last (head)."""
+    terms = weights * (features_plus.double() - features.double())
+    split = torch.stack([part.sum(1) for part in terms.split(list(tap_dims), dim=1)], 1)
+    entropy = softmax_entropy(logits_plus.float()).double() - softmax_entropy(logits.float()).double()
+    split[:, -1] += entropy / n
+    return split
+
+
+def estimate_from_differences(
+    differences: Tensor, directions: Tensor, c: float, second_moment: float, first_tap: Tensor | None = None
+) -> Tensor:
+    """``ĝ = Σ_i δ_i·u_i / (c·E[u²])`` from the global batch's differences and directions ``(n, P)``.
+
+    ``differences`` is ``(n,)``, or ``(n, T)`` per loss tap with ``first_tap`` ``(P,)``: each value is then credited
+    with the taps from its first one on (``Σ_{t ≥ first_tap[p]} δ_it``).
+    """
+    if differences.ndim == 1:
+        return (differences.to(directions.dtype) @ directions) / (c * second_moment)
+    if first_tap is None:
+        raise ValueError("per-tap differences need first_tap, the first loss tap each value can reach")
+    from_tap = differences.flip(1).cumsum(1).flip(1)  # column t: the sum over taps t..T-1
+    credit = from_tap.to(directions.dtype)[:, first_tap.to(directions.device)]
+    return (credit * directions).sum(0) / (c * second_moment)
 
 
 def per_sample_gradients(
@@ -158,6 +194,7 @@ def per_sample_gradients(
     reduce_fn: ReduceFn,
     rank: int = 0,
     world_size: int = 1,
+    first_tap: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The per-sample estimates of the loss gradient in the mixing logits and the epsilons, from one perturbed pass.
 
@@ -181,6 +218,8 @@ def per_sample_gradients(
         reduce_fn: sums over processes.
         rank: this process's index; its images are the global batch's slice after those of lower ranks.
         world_size: the number of processes.
+        first_tap: for tap attribution, the index of the first loss tap (``tap_dims`` order, the head last) each
+            epsilon's layer runs before, ``(P,)``; ``None``: every epsilon is credited with the whole difference.
 
     Returns:
         ``(grad_alpha, grad_theta, loss_plus)``.
@@ -197,13 +236,16 @@ def per_sample_gradients(
     features_plus, logits_plus, loss_plus = pass_at(alpha + c_alpha * local_alpha, theta + c * local_theta)
     mean, var = finish(stats[-1], stats[:dim], stats[dim : 2 * dim])
     weights = statistics_weights(features, mean, var.sqrt(), source_mean, source_std, tap_dims, lambda_bp, n)
-    local = sample_differences(weights, features, features_plus, logits, logits_plus, n)
-    differences = reduce_fn(torch.zeros(int(n), dtype=torch.float64, device=local.device).index_copy_(
-        0, torch.arange(start, start + rows, device=local.device), local
-    ))  # fmt: skip
+    if first_tap is None:
+        local = sample_differences(weights, features, features_plus, logits, logits_plus, n)
+    else:
+        local = tap_differences(weights, features, features_plus, logits, logits_plus, n, tap_dims)
+    rows_of_batch = torch.zeros((int(n), *local.shape[1:]), dtype=torch.float64, device=local.device)
+    differences = reduce_fn(rows_of_batch.index_copy_(0, torch.arange(start, start + rows, device=local.device), local))
     second = perturbation_second_moment(kind)
-    grad_alpha = estimate_from_differences(differences, u_alpha, c_alpha, second)
-    grad_theta = estimate_from_differences(differences, u_theta, c, second)
+    total = differences if differences.ndim == 1 else differences.sum(1)  # the logits mix every layer: all taps
+    grad_alpha = estimate_from_differences(total, u_alpha, c_alpha, second)
+    grad_theta = estimate_from_differences(differences, u_theta, c, second, first_tap)
     return grad_alpha, grad_theta, loss_plus
 
 
@@ -260,6 +302,14 @@ class GradientEstimator:
     ) -> None:
         self.config, self.tap_dims, self.source, self.generator = config, list(tap_dims), source, generator
         self.reduce_fn, self.rank, self.world_size = reduce_fn, rank, world_size
+        self.first_tap: Tensor | None = None  # set by the engine when config.tap_attribution is on
+
+    def set_layer_taps(self, first_taps: Sequence[int], widths: Sequence[int]) -> None:
+        """Set tap attribution's map from ``first_taps[l]``, the first loss tap after adapted layer ``l``.
+
+        Layer ``l`` holds ``2·widths[l]`` epsilons, the layers in the bank's order.
+        """
+        self.first_tap = torch.repeat_interleave(torch.tensor(list(first_taps)), 2 * torch.tensor(list(widths)))
 
     def estimate(
         self,
@@ -305,6 +355,7 @@ class GradientEstimator:
                 cfg.lambda_bp, alpha, theta, c=cfg.spsa_c, c_alpha=cfg.spsa_c_alpha,
                 kind=cfg.perturbation or "rademacher", generator=self.generator, reduce_fn=self.reduce_fn,
                 rank=self.rank, world_size=self.world_size,
+                first_tap=self.first_tap if cfg.tap_attribution else None,
             )  # fmt: skip
             check(loss_plus, base.loss)
             sums[0].add_(grad_alpha)

@@ -8,7 +8,7 @@ any other forward of the network passes the hooks untouched.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -87,6 +87,34 @@ class NetworkTaps:
         finally:
             self._record = None
         return logits, record
+
+    def first_taps(self, images: Tensor, modules: Sequence[str]) -> list[int]:
+        """For each named module, the index of the first loss tap (taps in order, then the head) computed after it.
+
+        Found from the order in which the modules finish in one forward of ``images`` (a tap that is itself one of
+        the modules counts as after it). The head, last, also stands for the logits: a module that no tap follows
+        gets its index. Used by tap attribution: a tap computed before a module cannot depend on it.
+        """
+        finished: dict[str, int] = {}
+        names = [*self.layout.taps, *modules]
+
+        def hook(name: str) -> Callable[..., None]:
+            def record(*_: Any) -> None:  # returns None: the output passes unchanged
+                finished.setdefault(name, len(finished))
+
+            return record
+
+        get = self.model.get_submodule
+        handles = [get(name).register_forward_hook(hook(name)) for name in dict.fromkeys(names)]
+        handles.append(get(self.layout.head).register_forward_pre_hook(hook("<head>")))
+        try:
+            with torch.no_grad():
+                self.model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        order = [finished[name] for name in (*self.layout.taps, "<head>")]
+        return [next(t for t, at in enumerate(order) if at >= finished[m] or t == len(order) - 1) for m in modules]
 
     def head(self, features: Tensor) -> Tensor:
         """The classifier head applied to final features (e.g. activation-shifted ones)."""

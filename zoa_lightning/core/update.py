@@ -41,10 +41,11 @@ class ZOAUpdate(nn.Module):
         self.register_buffer("spread_ready", torch.zeros((), dtype=torch.bool, device=device))
 
     def normalized(self, grad: Tensor) -> Tensor:
-        """``grad / max(s, floor)``, ``s`` an EMA (momentum 0.9) of the estimates' RMS, this one included."""
+        """``grad / max(s, floor)``, ``s`` an EMA (``normalize_momentum``) of the estimates' RMS, this one included."""
         rms = grad.pow(2).mean().sqrt().to(self.spread.dtype)
         if bool(self.spread_ready):
-            self.spread.mul_(0.9).add_(rms, alpha=0.1)
+            beta = self.config.normalize_momentum
+            self.spread.mul_(beta).add_(rms, alpha=1 - beta)
         else:
             self.spread.copy_(rms)
             self.spread_ready.fill_(True)

@@ -105,7 +105,7 @@ class ZOA(CountingAdapter):
         self.input_size = input_size or default_input_size(model, self.layout)
         device, dtype = self.bank.theta.device, self.bank.theta.dtype
         with torch.no_grad():
-            probe_logits, probe = self.taps.run(torch.zeros(2, *self.input_size, device=device), "probe")
+            probe_logits, probe = self.taps.run(zeros := torch.zeros(2, *self.input_size, device=device), "probe")
         if probe.head_input is None or len(probe.taps) != len(self.layout.taps):
             raise RuntimeError("the layout's taps or head were not reached by the model's forward")
         self.num_classes = int(probe_logits.shape[-1])
@@ -120,6 +120,8 @@ class ZOA(CountingAdapter):
         self.estimator = GradientEstimator(
             cfg, self.loss.tap_dims, self.source, self.generator, self.reduce, rank, world_size
         )
+        if cfg.tap_attribution:  # the first loss tap after each adapted layer (docs/estimators.md)
+            self.estimator.set_layer_taps(self.taps.first_taps(zeros, self.layout.norms), self.bank.widths)
         self._init_counters(device)
         self.unadapted = UnadaptedPredictions(model, self.bank, self.counters, self.predict)
 
