@@ -64,19 +64,23 @@ def test_unknown_method_config_names_the_known_ones() -> None:
 
 def test_cost_measures_ratios_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(cost.MODELS, "tiny_vit", (make_vit, 32, 10))
-    rows = cost.measure_model("tiny_vit", ("zoa", "tent"), 64, 1, 1, torch.device("cpu"))
+    rows = cost.measure_model("tiny_vit", ("zoa", "tent", "zoa_per_sample"), 64, 1, 1, torch.device("cpu"))
     by_method = {r["method"]: r for r in rows}
-    assert list(by_method) == ["no_adapt", "zoa", "tent"]
+    assert list(by_method) == ["no_adapt", "zoa", "tent", "zoa_per_sample"]
     assert by_method["no_adapt"]["time_ratio"] == 1.0
     assert by_method["zoa"]["forward_passes_per_batch"] == 2
     # Tensor bytes are exact, so the memory figures are deterministic: ZOA holds no activations across its two passes
     # (its transient peak is the plain forward's), Tent keeps them for the backward pass.
     transient = {m: r["transient_peak_mb"] for m, r in by_method.items()}
     assert transient["zoa"] < 1.1 * transient["no_adapt"]
+    assert by_method["zoa_per_sample"]["forward_passes_per_batch"] == 2
+    # Per-sample: plus the directions and one per-image copy of the values ((B, P) each; large next to this tiny ViT).
+    assert transient["zoa_per_sample"] < 1.5 * transient["no_adapt"]
     assert transient["tent"] > 1.5 * transient["no_adapt"]
     assert by_method["tent"]["memory_ratio"] > by_method["zoa"]["memory_ratio"]
     checks = cost.check_targets(rows)["tiny_vit"]
     assert checks["zoa_two_passes"]
+    assert checks["zoa_per_sample_two_passes"]
     assert checks["tent_memory_ratio_above_zoa"]
     assert "| tiny_vit | zoa | 64 | 2 |" in cost.markdown(rows)
 

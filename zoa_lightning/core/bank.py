@@ -169,8 +169,11 @@ class KnowledgeBank(nn.Module):
         of the batch its own values (the fused layers apply a per-sample affine). The bank's buffers are not touched.
         """
         k = self.num_entries
-        mix = torch.softmax(alpha * self.alpha_scale, dim=-1) @ self.deltas[:k]
-        self._override = self.base + mix + theta
+        override = torch.softmax(alpha * self.alpha_scale, dim=-1) @ self.deltas[:k]
+        if override.shape == torch.broadcast_shapes(override.shape, theta.shape):  # in place: one (B, P) copy alive
+            self._override = override.add_(self.base).add_(theta)
+        else:
+            self._override = self.base + override + theta
         try:
             yield
         finally:
@@ -273,6 +276,13 @@ class KnowledgeBank(nn.Module):
         return {"evicted": evicted, "scale_factor": s_f, "alpha_new": alpha_new, "entries": k + 1}
 
 
+def _affine(normed: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``normed · weight + bias`` for per-image affine parameters; in place on ``normed`` when no gradient needs it."""
+    if torch.is_grad_enabled() and (normed.requires_grad or weight.requires_grad or bias.requires_grad):
+        return torch.addcmul(bias, normed, weight)
+    return torch.addcmul(bias, normed, weight, out=normed)  # the same values as the out-of-place call
+
+
 class _FusedNormMixin:
     """Shared plumbing: the bank is held by reference (not as a submodule), so it is registered once."""
 
@@ -310,8 +320,8 @@ class FusedLayerNorm(_FusedNormMixin, nn.Module):
         if weight.ndim == 1:
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         shape = (weight.shape[0],) + (1,) * (x.ndim - 2) + (weight.shape[1],)  # one affine per image
-        return torch.addcmul(
-            bias.view(shape), F.layer_norm(x, self.normalized_shape, None, None, self.eps), weight.view(shape)
+        return _affine(
+            F.layer_norm(x, self.normalized_shape, None, None, self.eps), weight.view(shape), bias.view(shape)
         )
 
     def extra_repr(self) -> str:
@@ -349,8 +359,8 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
             out = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         else:  # one affine per image
             shape = (*weight.shape, 1, 1)
-            out = torch.addcmul(
-                bias.view(shape), F.batch_norm(x, None, None, None, None, True, 0.0, self.eps), weight.view(shape)
+            out = _affine(
+                F.batch_norm(x, None, None, None, None, True, 0.0, self.eps), weight.view(shape), bias.view(shape)
             )
         return out if self.post is None else self.post(out)
 
