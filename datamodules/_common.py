@@ -69,6 +69,52 @@ def stream_order(seed: int, round_index: int, corruption: str, size: int) -> np.
     return rng.permutation(size)
 
 
+def check_concentration(value: float | None) -> float | None:
+    """Return a Dirichlet concentration ``value`` (``None`` or a finite number > 0), else raise naming the option."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"label_dirichlet must be a positive number (the Dirichlet concentration, e.g. 0.1) or None for the "
+            f"shuffled order, got {value!r}"
+        )
+    return float(value)
+
+
+def dirichlet_order(
+    labels: np.ndarray, concentration: float, seed: int, round_index: int, corruption: str, slots: int | None = None
+) -> np.ndarray:
+    """Return a label-shifted order of one domain: a permutation of ``range(len(labels))`` whose classes come in runs.
+
+    The non-i.i.d. test stream of the test-time adaptation literature (NOTE, Gong et al., NeurIPS 2022; RoTTA, Yuan
+    et al., CVPR 2023): the domain is read as ``slots`` consecutive time slots (default: one per class); each class
+    spreads its images (in a seeded random order) over the slots with proportions drawn from a symmetric
+    ``Dirichlet(concentration)``, and each slot is shuffled. A small concentration (0.01) puts nearly every class in
+    one slot, so the batches hold long runs of one or two classes; a large one (100) approaches the shuffled order.
+    A pure function of its arguments, like :func:`stream_order`.
+
+    Args:
+        labels: the domain's class labels, ``(N,)`` integers.
+        concentration: the Dirichlet concentration ``γ`` (> 0).
+        seed: the data module's seed.
+        round_index: the round (1-based).
+        corruption: the corruption name.
+        slots: the number of time slots; default the number of distinct labels.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([int(seed), int(round_index), zlib.crc32(corruption.encode()), 0xD1])
+    classes = np.unique(labels)
+    slots = len(classes) if slots is None else slots
+    proportions = rng.dirichlet(np.full(slots, float(concentration)), size=len(classes))
+    per_slot: list[list[np.ndarray]] = [[] for _ in range(slots)]
+    for label, share in zip(classes, proportions, strict=True):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        cuts = np.round(np.cumsum(share)[:-1] * len(members)).astype(int)
+        for slot, part in enumerate(np.split(members, cuts)):
+            per_slot[slot].append(part)
+    return np.concatenate([rng.permutation(np.concatenate(parts)) for parts in per_slot]).astype(np.int64)
+
+
 def source_order(seed: int, size: int, limit: int | None, where: str = "") -> np.ndarray:
     """Return the shuffled order of the clean source images, truncated to ``limit`` images.
 

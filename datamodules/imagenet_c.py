@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
@@ -50,8 +51,10 @@ from datamodules._common import (
     FileDataset,
     StreamWindow,
     calibration_order,
+    check_concentration,
     check_optional_count,
     check_positive,
+    dirichlet_order,
     domain_names,
     make_loader,
     source_order,
@@ -155,6 +158,9 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             folder must be an ImageNet-1k synset) and ``num_classes`` is 1000; ``"folders"``: labels are positions in
             the sorted wnid folder list and ``num_classes`` is its length; ``"auto"``: ``"imagenet"`` if every wnid
             folder of the stream is an ImageNet-1k synset, else ``"folders"``.
+        label_dirichlet: a label-shifted stream: within every domain the classes come in runs, drawn with this
+            Dirichlet concentration (:func:`datamodules._common.dirichlet_order`, one time slot per class present;
+            0.1 is the literature's usual non-i.i.d. setting). ``None``: the shuffled order.
 
     Raises:
         ValueError: for an unknown corruption, ``norm`` or ``label_space``, a severity outside 1..5, a non-positive
@@ -181,6 +187,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         start_domain: int = 0,
         stop_domain: int | None = None,
         label_space: str = "auto",
+        label_dirichlet: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -191,6 +198,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         if label_space not in LABEL_SPACES:
             raise ValueError(f"label_space must be one of {list(LABEL_SPACES)}, got {label_space!r}")
         self.label_space = label_space
+        self.label_dirichlet = check_concentration(label_dirichlet)
         self.root = _existing_folder(root, "ImageNet-C root", "root", _C_LAYOUT)
         self.source_root = (
             _existing_folder(source_root, "source_root", "source_root", _CLEAN_LAYOUT, "val") if source_root else None
@@ -319,7 +327,11 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         for domain in self.active_domains:
             round_index, corruption = split_domain(domain)
             samples = self._corruption_samples(corruption)
-            order = stream_order(self.seed, round_index, corruption, len(samples))
+            if self.label_dirichlet is None:
+                order = stream_order(self.seed, round_index, corruption, len(samples))
+            else:
+                labels = np.array([label for _, label in samples])
+                order = dirichlet_order(labels, self.label_dirichlet, self.seed, round_index, corruption)
             dataset = FileDataset(samples, order, transform, min_size=self.image_size)
             self._test_datasets.append(dataset)
             loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
@@ -380,7 +392,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             "batch_size": self.batch_size,
             "norm": self.norm,
             "label_space": self.effective_label_space,
-        }
+        } | ({"label_dirichlet": self.label_dirichlet} if self.label_dirichlet is not None else {})
 
     def source_dataloader(self) -> DataLoader:
         """Clean validation images for source statistics, in a seeded order, ``shuffle=False``.

@@ -41,11 +41,13 @@ from datamodules._common import (
     ArrayDataset,
     StreamWindow,
     calibration_order,
+    check_concentration,
     check_global_batch,
     check_normalization,
     check_optional_count,
     check_positive,
     check_source_count,
+    dirichlet_order,
     domain_names,
     make_loader,
     source_order,
@@ -111,6 +113,9 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             images, one after the other (draw ``j`` is corrupted with noise seed ``seed + j`` and read in its own
             seeded order), so a domain lasts ``domain_repeats`` times as many batches (e.g. 5 gives ~80 batches of
             64 on MNIST instead of 16), closer to ImageNet-C's 782. ``1``: the plain stream, unchanged.
+        label_dirichlet: a label-shifted stream: within every domain the classes come in runs, drawn with this
+            Dirichlet concentration (:func:`datamodules._common.dirichlet_order`; 0.1 is the literature's usual
+            non-i.i.d. setting, smaller gives longer runs). ``None``: the shuffled order.
 
     Raises:
         ValueError: for an unknown corruption, a severity outside 1..5, a non-positive count or size, a negative
@@ -142,6 +147,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         start_domain: int = 0,
         stop_domain: int | None = None,
         domain_repeats: int = 1,
+        label_dirichlet: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -154,6 +160,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         self.severity = check_severity(severity)
         self.rounds = check_positive("rounds", rounds)
         self.domain_repeats = check_positive("domain_repeats", domain_repeats)
+        self.label_dirichlet = check_concentration(label_dirichlet)
         self.image_size = check_positive("image_size", image_size)
         self.batch_size = check_positive("batch_size", batch_size)
         self.num_workers = check_positive("num_workers", num_workers, minimum=0)
@@ -237,7 +244,10 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             round_index, corruption = split_domain(domain)
             draws = []
             for draw in range(self.domain_repeats):
-                order = stream_order(self.seed + draw, round_index, corruption, len(test_y))
+                if self.label_dirichlet is None:
+                    order = stream_order(self.seed + draw, round_index, corruption, len(test_y))
+                else:
+                    order = dirichlet_order(test_y, self.label_dirichlet, self.seed + draw, round_index, corruption)
                 array = self._corrupted_array(corruption, draw)
                 draws.append(ArrayDataset(array, test_y, order, self._mean, self._std))
             dataset = draws[0] if len(draws) == 1 else ConcatDataset(draws)
@@ -302,7 +312,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         Returns:
             ``data_module``, ``dataset`` (``"mnist"`` or ``"folder"``), ``test_images``, ``corruptions``, ``severity``,
             ``rounds``, ``seed``, ``image_size``, ``batch_size``, ``mean`` and ``std`` (and ``domain_repeats`` when
-            above 1).
+            above 1, ``label_dirichlet`` when set).
         """
         if self._stream_hash is None:
             _, _, test_x, test_y = self._clean_split()
@@ -321,7 +331,10 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             "batch_size": self.batch_size,
             "mean": [round(float(v), 6) for v in self._mean.flatten()],
             "std": [round(float(v), 6) for v in self._std.flatten()],
-        } | ({"domain_repeats": self.domain_repeats} if self.domain_repeats > 1 else {})  # absent: older checkpoints
+        } | (  # both absent at their defaults, as in older checkpoints
+            ({"domain_repeats": self.domain_repeats} if self.domain_repeats > 1 else {})
+            | ({"label_dirichlet": self.label_dirichlet} if self.label_dirichlet is not None else {})
+        )
 
     # ------------------------------------------------------------------ clean data
 

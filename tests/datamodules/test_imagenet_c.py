@@ -298,3 +298,21 @@ def test_stream_fingerprint_identifies_files_not_their_folder(tree: Path, tmp_pa
     (moved / "fog" / "5" / WNIDS[0] / "chelsea.JPEG").rename(moved / "fog" / "5" / WNIDS[0] / "other.JPEG")
     assert _make(tree, root=str(moved)).stream_fingerprint()["test_images"] != fingerprint["test_images"]
     assert _make(tree, norm="imagenet").stream_fingerprint()["norm"] == "imagenet"
+
+
+def test_label_shifted_order_and_its_fingerprint(tree: Path) -> None:
+    from datamodules._common import dirichlet_order
+
+    shifted = _make(tree, label_dirichlet=0.01)
+    shifted.setup("test")
+    for domain, loader in shifted.test_dataloader().items():
+        dataset = _ds(loader)
+        labels = np.array([label for _, label in dataset.samples])
+        round_index, corruption = int(domain[1]), domain.split("/")[1]
+        expected = dirichlet_order(labels, 0.01, shifted.seed, round_index, corruption)
+        np.testing.assert_array_equal(dataset.order, expected)
+        assert sorted(dataset.order.tolist()) == list(range(len(labels)))
+    assert shifted.stream_fingerprint()["label_dirichlet"] == 0.01
+    assert "label_dirichlet" not in _make(tree).stream_fingerprint()
+    with pytest.raises(ValueError, match="label_dirichlet"):
+        _make(tree, label_dirichlet=0)

@@ -306,3 +306,45 @@ def test_long_domains_are_independent_corruption_draws_one_after_the_other(
     assert "domain_repeats" not in built.stream_fingerprint()  # plain streams keep their old fingerprints
     with pytest.raises(ValueError, match="domain_repeats"):
         _make(tmp_path, domain_repeats=0)
+
+
+def test_dirichlet_order_is_a_seeded_permutation_whose_batches_hold_few_classes() -> None:
+    from datamodules._common import dirichlet_order, stream_order
+
+    labels = np.repeat(np.arange(10), 100)
+    np.random.default_rng(0).shuffle(labels)
+
+    def classes_per_batch(order: np.ndarray) -> float:  # mean number of distinct classes in a batch of 64
+        seq = labels[order]
+        return float(np.mean([len(set(seq[i : i + 64].tolist())) for i in range(0, len(seq) - 63, 64)]))
+
+    orders = {g: dirichlet_order(labels, g, 2020, 1, "fog") for g in (0.01, 0.1, 100.0)}
+    for order in orders.values():
+        assert sorted(order.tolist()) == list(range(len(labels)))  # every image once
+    np.testing.assert_array_equal(orders[0.1], dirichlet_order(labels, 0.1, 2020, 1, "fog"))  # seeded
+    assert not np.array_equal(orders[0.1], dirichlet_order(labels, 0.1, 2020, 2, "fog"))  # per round
+    assert classes_per_batch(stream_order(2020, 1, "fog", len(labels))) == 10  # shuffled: every class in a batch
+    assert classes_per_batch(orders[100.0]) > 9  # a large concentration approaches the shuffled order
+    assert classes_per_batch(orders[0.1]) < 7  # the literature's setting: a batch sees about half the classes
+    assert classes_per_batch(orders[0.01]) <= classes_per_batch(orders[0.1])
+
+
+def test_label_shifted_stream_keeps_the_images_and_changes_the_order(
+    built: CorruptionStreamDataModule, tmp_path: Path
+) -> None:
+    shifted = _make(Path(built.cache_path).parent, rounds=2, label_dirichlet=0.1)  # reuses the built cache
+    shifted.setup("test")
+    for domain, loader in shifted.test_dataloader().items():
+        plain = built.test_dataloader()[domain]
+        labels = torch.cat([y for _, y in loader])
+        plain_labels = torch.cat([y for _, y in plain])
+        assert torch.equal(labels.sort().values, plain_labels.sort().values)  # the same images
+        assert not torch.equal(labels, plain_labels)
+        batch = shifted.batch_size
+        few = np.mean([len(set(labels[i : i + batch].tolist())) for i in range(0, len(labels) - batch + 1, batch)])
+        assert few < 7  # label shift: a batch holds about half the classes (the shuffled stream: all ten)
+    assert shifted.stream_fingerprint()["label_dirichlet"] == 0.1
+    assert "label_dirichlet" not in built.stream_fingerprint()
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="label_dirichlet"):
+            _make(tmp_path, label_dirichlet=bad)
