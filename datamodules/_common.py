@@ -31,6 +31,9 @@ CALIBRATION_SEED = 3
 MIN_SHARD_SIZE = 2
 """Fewest images a process may get from a global batch under DDP: batch statistics need two samples per process."""
 
+MIXED = "mixed"
+"""The corruption part of a mixed domain's name (``r1/mixed``): every corruption of the round shuffled together."""
+
 _SOURCE_STREAM_TAG = 0x50C  # separates the source-statistics order from the test-stream orders
 
 Batch = tuple[Tensor, Tensor]

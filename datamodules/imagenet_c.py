@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from datamodules._common import (
+    MIXED,
     FileDataset,
     StreamWindow,
     calibration_order,
@@ -158,6 +159,8 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             folder must be an ImageNet-1k synset) and ``num_classes`` is 1000; ``"folders"``: labels are positions in
             the sorted wnid folder list and ``num_classes`` is its length; ``"auto"``: ``"imagenet"`` if every wnid
             folder of the stream is an ImageNet-1k synset, else ``"folders"``.
+        mixed_domains: one domain per round holding every corruption's images shuffled together (``r1/mixed``)
+            instead of one domain per corruption (the mixed-domain setting).
         label_dirichlet: a label-shifted stream: within every domain the classes come in runs, drawn with this
             Dirichlet concentration (:func:`datamodules._common.dirichlet_order`, one time slot per class present;
             0.1 is the literature's usual non-i.i.d. setting). ``None``: the shuffled order.
@@ -187,6 +190,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         start_domain: int = 0,
         stop_domain: int | None = None,
         label_space: str = "auto",
+        mixed_domains: bool = False,
         label_dirichlet: float | None = None,
     ) -> None:
         super().__init__()
@@ -199,6 +203,9 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             raise ValueError(f"label_space must be one of {list(LABEL_SPACES)}, got {label_space!r}")
         self.label_space = label_space
         self.label_dirichlet = check_concentration(label_dirichlet)
+        if not isinstance(mixed_domains, bool):
+            raise ValueError(f"mixed_domains must be true or false, got {mixed_domains!r}")
+        self.mixed_domains = mixed_domains
         self.root = _existing_folder(root, "ImageNet-C root", "root", _C_LAYOUT)
         self.source_root = (
             _existing_folder(source_root, "source_root", "source_root", _CLEAN_LAYOUT, "val") if source_root else None
@@ -278,7 +285,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
     @property
     def domains(self) -> tuple[str, ...]:
         """Domain names in stream order, round-major: ``("r1/gaussian_noise", ..., "r<rounds>/<last>")``."""
-        return domain_names(self.corruptions, self.rounds)
+        return domain_names([MIXED] if self.mixed_domains else self.corruptions, self.rounds)
 
     def prepare_data(self) -> None:
         """Check the folder structure (root, corruption and severity folders, wnid sets) without listing images.
@@ -326,7 +333,10 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         loaders: OrderedDict[str, DataLoader] = OrderedDict()
         for domain in self.active_domains:
             round_index, corruption = split_domain(domain)
-            samples = self._corruption_samples(corruption)
+            if corruption == MIXED:
+                samples = [sample for c in self.corruptions for sample in self._corruption_samples(c)]
+            else:
+                samples = self._corruption_samples(corruption)
             if self.label_dirichlet is None:
                 order = stream_order(self.seed, round_index, corruption, len(samples))
             else:
@@ -392,7 +402,10 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             "batch_size": self.batch_size,
             "norm": self.norm,
             "label_space": self.effective_label_space,
-        } | ({"label_dirichlet": self.label_dirichlet} if self.label_dirichlet is not None else {})
+        } | (
+            ({"label_dirichlet": self.label_dirichlet} if self.label_dirichlet is not None else {})
+            | ({"mixed_domains": True} if self.mixed_domains else {})
+        )
 
     def source_dataloader(self) -> DataLoader:
         """Clean validation images for source statistics, in a seeded order, ``shuffle=False``.

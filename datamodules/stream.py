@@ -35,9 +35,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from datamodules._common import (
+    MIXED,
     ArrayDataset,
     StreamWindow,
     calibration_order,
@@ -113,6 +114,9 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             images, one after the other (draw ``j`` is corrupted with noise seed ``seed + j`` and read in its own
             seeded order), so a domain lasts ``domain_repeats`` times as many batches (e.g. 5 gives ~80 batches of
             64 on MNIST instead of 16), closer to ImageNet-C's 782. ``1``: the plain stream, unchanged.
+        mixed_domains: one domain per round holding every corruption's images shuffled together (``r1/mixed``, ...:
+            the literature's mixed-domain setting, where the corruption changes from image to image) instead of
+            one domain per corruption. Combines with ``label_dirichlet`` and ``domain_repeats``.
         label_dirichlet: a label-shifted stream: within every domain the classes come in runs, drawn with this
             Dirichlet concentration (:func:`datamodules._common.dirichlet_order`; 0.1 is the literature's usual
             non-i.i.d. setting, smaller gives longer runs). ``None``: the shuffled order.
@@ -147,6 +151,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         start_domain: int = 0,
         stop_domain: int | None = None,
         domain_repeats: int = 1,
+        mixed_domains: bool = False,
         label_dirichlet: float | None = None,
     ) -> None:
         super().__init__()
@@ -161,6 +166,9 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         self.rounds = check_positive("rounds", rounds)
         self.domain_repeats = check_positive("domain_repeats", domain_repeats)
         self.label_dirichlet = check_concentration(label_dirichlet)
+        if not isinstance(mixed_domains, bool):
+            raise ValueError(f"mixed_domains must be true or false, got {mixed_domains!r}")
+        self.mixed_domains = mixed_domains
         self.image_size = check_positive("image_size", image_size)
         self.batch_size = check_positive("batch_size", batch_size)
         self.num_workers = check_positive("num_workers", num_workers, minimum=0)
@@ -190,8 +198,11 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
 
     @property
     def domains(self) -> tuple[str, ...]:
-        """Domain names in stream order, round-major: ``("r1/gaussian_noise", ..., "r<rounds>/<last>")``."""
-        return domain_names(self.corruptions, self.rounds)
+        """Domain names in stream order, round-major: ``("r1/gaussian_noise", ..., "r<rounds>/<last>")``.
+
+        With ``mixed_domains`` one per round: ``("r1/mixed", ..., "r<rounds>/mixed")``.
+        """
+        return domain_names([MIXED] if self.mixed_domains else self.corruptions, self.rounds)
 
     @property
     def cache_path(self) -> Path:
@@ -242,14 +253,18 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         loaders: OrderedDict[str, DataLoader] = OrderedDict()
         for domain in self.active_domains:
             round_index, corruption = split_domain(domain)
-            draws = []
+            draws: list[Dataset] = []
             for draw in range(self.domain_repeats):
-                if self.label_dirichlet is None:
-                    order = stream_order(self.seed + draw, round_index, corruption, len(test_y))
+                if corruption == MIXED:  # every corruption's images, then one order over all of them
+                    parts = [self._corrupted_array(c, draw) for c in self.corruptions]
+                    images, labels = np.concatenate(parts), np.tile(test_y, len(parts))
                 else:
-                    order = dirichlet_order(test_y, self.label_dirichlet, self.seed + draw, round_index, corruption)
-                array = self._corrupted_array(corruption, draw)
-                draws.append(ArrayDataset(array, test_y, order, self._mean, self._std))
+                    images, labels = self._corrupted_array(corruption, draw), test_y
+                if self.label_dirichlet is None:
+                    order = stream_order(self.seed + draw, round_index, corruption, len(labels))
+                else:
+                    order = dirichlet_order(labels, self.label_dirichlet, self.seed + draw, round_index, corruption)
+                draws.append(ArrayDataset(images, labels, order, self._mean, self._std))
             dataset = draws[0] if len(draws) == 1 else ConcatDataset(draws)
             loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
         return loaders
@@ -312,7 +327,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         Returns:
             ``data_module``, ``dataset`` (``"mnist"`` or ``"folder"``), ``test_images``, ``corruptions``, ``severity``,
             ``rounds``, ``seed``, ``image_size``, ``batch_size``, ``mean`` and ``std`` (and ``domain_repeats`` when
-            above 1, ``label_dirichlet`` when set).
+            above 1, ``label_dirichlet`` when set, ``mixed_domains`` when on).
         """
         if self._stream_hash is None:
             _, _, test_x, test_y = self._clean_split()
@@ -334,6 +349,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         } | (  # both absent at their defaults, as in older checkpoints
             ({"domain_repeats": self.domain_repeats} if self.domain_repeats > 1 else {})
             | ({"label_dirichlet": self.label_dirichlet} if self.label_dirichlet is not None else {})
+            | ({"mixed_domains": True} if self.mixed_domains else {})
         )
 
     # ------------------------------------------------------------------ clean data

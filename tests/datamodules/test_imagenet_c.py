@@ -316,3 +316,14 @@ def test_label_shifted_order_and_its_fingerprint(tree: Path) -> None:
     assert "label_dirichlet" not in _make(tree).stream_fingerprint()
     with pytest.raises(ValueError, match="label_dirichlet"):
         _make(tree, label_dirichlet=0)
+
+
+def test_mixed_domains_read_every_corruption_of_a_round_in_one_domain(tree: Path) -> None:
+    mixed = _make(tree, mixed_domains=True)
+    mixed.setup("test")
+    loaders = mixed.test_dataloader()
+    assert list(loaders) == ["r1/mixed", "r2/mixed"]
+    samples = _ds(loaders["r1/mixed"]).samples
+    assert {Path(path).parts[-4] for path, _ in samples} == set(CORRUPTIONS)  # <corruption>/5/<wnid>/<file>
+    assert len(samples) == 2 * 4  # two corruptions of four images
+    assert mixed.stream_fingerprint()["mixed_domains"] is True

@@ -348,3 +348,27 @@ def test_label_shifted_stream_keeps_the_images_and_changes_the_order(
     for bad in (0, -1.0, float("nan"), True):
         with pytest.raises(ValueError, match="label_dirichlet"):
             _make(tmp_path, label_dirichlet=bad)
+
+
+def test_mixed_domains_shuffle_every_corruption_of_a_round_together(built: CorruptionStreamDataModule) -> None:
+    mixed = _make(Path(built.cache_path).parent, rounds=2, mixed_domains=True)  # reuses the built cache
+    mixed.setup("test")
+    assert mixed.domains == ("r1/mixed", "r2/mixed")
+    loaders = mixed.test_dataloader()
+    plain = built.test_dataloader()
+    dataset = loaders["r1/mixed"].dataset
+    assert len(dataset) == sum(len(plain[f"r1/{c}"].dataset) for c in CHEAP)
+    # Every image of every corruption once: the mixed domain's images are the plain domains' images, reordered.
+    got = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    want = torch.cat([torch.stack([plain[f"r1/{c}"].dataset[i][0] for i in range(len(plain[f"r1/{c}"].dataset))])
+                      for c in CHEAP])  # fmt: skip
+    assert torch.equal(got.flatten(1).sum(1).sort().values, want.flatten(1).sum(1).sort().values)
+    # Shuffled together: the first batch already holds images of more than one corruption.
+    n = len(plain[f"r1/{CHEAP[0]}"].dataset)
+    first = [int(i) for i in dataset.order[: mixed.batch_size]]
+    assert len({i // n for i in first}) == len(CHEAP)
+    assert not np.array_equal(dataset.order, loaders["r2/mixed"].dataset.order)  # another order each round
+    assert mixed.stream_fingerprint()["mixed_domains"] is True
+    assert "mixed_domains" not in built.stream_fingerprint()
+    with pytest.raises(ValueError, match="mixed_domains"):
+        _make(Path(built.cache_path).parent, mixed_domains="yes")
