@@ -61,6 +61,9 @@ from zoa_lightning.data import CleanSplit, dataset_classes, is_mnist, load_clean
 
 log = logging.getLogger(__name__)
 
+GRADUAL_LEVELS = (1, 2, 3, 4, 5)
+GRADUAL_SCHEDULE = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities along a domain with ``gradual``
+
 CACHE_ENV_VAR = "ZOA_CACHE_DIR"
 """Environment variable naming the zoa-lightning cache root; streams are cached in ``$ZOA_CACHE_DIR/streams``."""
 
@@ -114,6 +117,9 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             images, one after the other (draw ``j`` is corrupted with noise seed ``seed + j`` and read in its own
             seeded order), so a domain lasts ``domain_repeats`` times as many batches (e.g. 5 gives ~80 batches of
             64 on MNIST instead of 16), closer to ImageNet-C's 782. ``1``: the plain stream, unchanged.
+        gradual: gradual severity: every domain's images (in the domain's order) are cut into nine consecutive parts
+            corrupted at severity 1, 2, 3, 4, 5, 4, 3, 2, 1 (the literature's gradual setting, within each
+            corruption), instead of all at ``severity``; the cache then holds every severity 1..5.
         mixed_domains: one domain per round holding every corruption's images shuffled together (``r1/mixed``, ...:
             the literature's mixed-domain setting, where the corruption changes from image to image) instead of
             one domain per corruption. Combines with ``label_dirichlet`` and ``domain_repeats``.
@@ -153,6 +159,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         domain_repeats: int = 1,
         mixed_domains: bool = False,
         label_dirichlet: float | None = None,
+        gradual: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -169,6 +176,9 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         if not isinstance(mixed_domains, bool):
             raise ValueError(f"mixed_domains must be true or false, got {mixed_domains!r}")
         self.mixed_domains = mixed_domains
+        if not isinstance(gradual, bool):
+            raise ValueError(f"gradual must be true or false, got {gradual!r}")
+        self.gradual = gradual
         self.image_size = check_positive("image_size", image_size)
         self.batch_size = check_positive("batch_size", batch_size)
         self.num_workers = check_positive("num_workers", num_workers, minimum=0)
@@ -178,7 +188,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         self.num_source_images = check_optional_count("num_source_images", num_source_images)
         self._split: CleanSplit | None = None
         self._num_classes: int | None = None
-        self._corrupted: dict[tuple[str, int], np.ndarray] = {}
+        self._corrupted: dict[tuple[str, int, int], np.ndarray] = {}
         self._fingerprint: str | None = None
         self._stream_hash: str | None = None
 
@@ -254,17 +264,19 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         for domain in self.active_domains:
             round_index, corruption = split_domain(domain)
             draws: list[Dataset] = []
+            names = list(self.corruptions) if corruption == MIXED else [corruption]  # mixed: all, one order
+            labels = np.tile(test_y, len(names))
             for draw in range(self.domain_repeats):
-                if corruption == MIXED:  # every corruption's images, then one order over all of them
-                    parts = [self._corrupted_array(c, draw) for c in self.corruptions]
-                    images, labels = np.concatenate(parts), np.tile(test_y, len(parts))
-                else:
-                    images, labels = self._corrupted_array(corruption, draw), test_y
                 if self.label_dirichlet is None:
                     order = stream_order(self.seed + draw, round_index, corruption, len(labels))
                 else:
                     order = dirichlet_order(labels, self.label_dirichlet, self.seed + draw, round_index, corruption)
-                draws.append(ArrayDataset(images, labels, order, self._mean, self._std))
+                if not self.gradual:
+                    draws.append(ArrayDataset(self._images(names, draw), labels, order, self._mean, self._std))
+                    continue
+                for severity, part in zip(GRADUAL_SCHEDULE, np.array_split(order, len(GRADUAL_SCHEDULE)), strict=True):
+                    images = self._images(names, draw, severity)
+                    draws.append(ArrayDataset(images, labels, part, self._mean, self._std))
             dataset = draws[0] if len(draws) == 1 else ConcatDataset(draws)
             loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
         return loaders
@@ -327,7 +339,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         Returns:
             ``data_module``, ``dataset`` (``"mnist"`` or ``"folder"``), ``test_images``, ``corruptions``, ``severity``,
             ``rounds``, ``seed``, ``image_size``, ``batch_size``, ``mean`` and ``std`` (and ``domain_repeats`` when
-            above 1, ``label_dirichlet`` when set, ``mixed_domains`` when on).
+            above 1, ``label_dirichlet`` when set, ``mixed_domains`` and ``gradual`` when on).
         """
         if self._stream_hash is None:
             _, _, test_x, test_y = self._clean_split()
@@ -350,6 +362,7 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             ({"domain_repeats": self.domain_repeats} if self.domain_repeats > 1 else {})
             | ({"label_dirichlet": self.label_dirichlet} if self.label_dirichlet is not None else {})
             | ({"mixed_domains": True} if self.mixed_domains else {})
+            | ({"gradual": True} if self.gradual else {})
         )
 
     # ------------------------------------------------------------------ clean data
@@ -372,22 +385,24 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
 
     # ------------------------------------------------------------------ cache
 
-    def _draws(self) -> list[tuple[str, int]]:
-        """``(corruption, draw)`` of every corrupted array the stream reads."""
-        return [(c, d) for d in range(self.domain_repeats) for c in self.corruptions]
+    def _draws(self) -> list[tuple[str, int, int]]:
+        """``(corruption, draw, severity)`` of every corrupted array the stream reads."""
+        severities = GRADUAL_LEVELS if self.gradual else (self.severity,)
+        return [(c, d, v) for d in range(self.domain_repeats) for c in self.corruptions for v in severities]
 
-    def _cache_file(self, corruption: str, draw: int = 0) -> Path:
+    def _cache_file(self, corruption: str, draw: int = 0, severity: int | None = None) -> Path:
         if self._fingerprint is None:
             _, _, test_x, _ = self._clean_split()
             self._fingerprint = _sha256(test_x)[:12]
         tail = f"px{self.image_size}-seed{self.seed + draw}-{self._fingerprint}-v{_CACHE_VERSION}"
-        name = f"{corruption}-s{self.severity}-{tail}"
+        name = f"{corruption}-s{self.severity if severity is None else severity}-{tail}"
         return self.cache_path / f"{name}.npy"
 
-    def _corrupted_array(self, corruption: str, draw: int = 0) -> np.ndarray:
-        if (corruption, draw) not in self._corrupted:
+    def _corrupted_array(self, corruption: str, draw: int = 0, severity: int | None = None) -> np.ndarray:
+        key = (corruption, draw, self.severity if severity is None else severity)
+        if key not in self._corrupted:
             self._load_or_build()
-        return self._corrupted[corruption, draw]
+        return self._corrupted[key]
 
     def _read_cache(self, path: Path) -> np.ndarray | None:
         """Return the verified cached array at ``path``, or ``None`` if it is missing or damaged."""
@@ -406,18 +421,23 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
             return None
         return array
 
-    def _save_corrupted(self, key: tuple[str, int], array: np.ndarray, start: float) -> None:
-        corruption, draw = key
-        _atomic_save(self._cache_file(corruption, draw), array)
+    def _images(self, corruptions: list[str], draw: int, severity: int | None = None) -> np.ndarray:
+        """The corrupted test images of ``corruptions`` (one after the other) for one draw and severity."""
+        parts = [self._corrupted_array(c, draw, severity) for c in corruptions]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _save_corrupted(self, key: tuple[str, int, int], array: np.ndarray, start: float) -> None:
+        corruption, _, severity = key
+        _atomic_save(self._cache_file(*key), array)
         log.info(
             "cached %s severity %d for %d images of %s at %d px after %.1f s: %s",
             corruption,
-            self.severity,
+            severity,
             len(array),
             self._dataset_tag(),
             self.image_size,
             time.perf_counter() - start,
-            self._cache_file(corruption, draw),
+            self._cache_file(*key),
         )
 
     def _load_or_build(self) -> None:
@@ -443,11 +463,11 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
                 f"{self.cache_path} ({workers} process(es)); this takes a few minutes once, later runs read the files"
             )
             if workers == 1:
-                for corruption, draw in missing:
+                for corruption, draw, severity in missing:
                     start = time.perf_counter()
                     seed = self.seed + draw
-                    array = corrupt_images(test_x, corruption, self.severity, seed, progress=progress.advance)
-                    self._save_corrupted((corruption, draw), array, start)
+                    array = corrupt_images(test_x, corruption, severity, seed, progress=progress.advance)
+                    self._save_corrupted((corruption, draw, severity), array, start)
                     progress.done(corruption)
             else:
                 # One process per core: the corruptions are independent and CPU-bound (numpy/OpenCV/scipy).
@@ -455,8 +475,8 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
                 with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
                     start = time.perf_counter()
                     futures = {
-                        pool.submit(corrupt_images, np.asarray(test_x), c, self.severity, self.seed + d): (c, d)
-                        for c, d in missing
+                        pool.submit(corrupt_images, np.asarray(test_x), c, v, self.seed + d): (c, d, v)
+                        for c, d, v in missing
                     }
                     for future in as_completed(futures):
                         self._save_corrupted(futures[future], future.result(), start)

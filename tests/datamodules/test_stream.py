@@ -372,3 +372,27 @@ def test_mixed_domains_shuffle_every_corruption_of_a_round_together(built: Corru
     assert "mixed_domains" not in built.stream_fingerprint()
     with pytest.raises(ValueError, match="mixed_domains"):
         _make(Path(built.cache_path).parent, mixed_domains="yes")
+
+
+@pytest.mark.slow  # builds the cache at severities 1-4 too
+def test_gradual_severity_rises_and_falls_within_each_domain(built: CorruptionStreamDataModule) -> None:
+    gradual = _make(Path(built.cache_path).parent, rounds=2, gradual=True)
+    gradual.setup("test")
+    plain = built.test_dataloader()
+    for domain, loader in gradual.test_dataloader().items():
+        parts = loader.dataset.datasets
+        assert len(parts) == len(stream_module.GRADUAL_SCHEDULE) == 9
+        order = np.concatenate([part.order for part in parts])
+        np.testing.assert_array_equal(order, plain[domain].dataset.order)  # the plain domain's images and order
+        corruption = domain.split("/")[1]
+        for severity, part in zip(stream_module.GRADUAL_SCHEDULE, parts, strict=True):
+            assert np.array_equal(part.images, gradual._corrupted_array(corruption, 0, severity))
+        # The middle part is the plain stream's severity-5 images; the first, severity 1, is less corrupted.
+        middle = parts[4]
+        i = int(middle.order[0])
+        assert np.array_equal(middle.images[i], plain[domain].dataset.images[i])
+        j = int(parts[0].order[0])
+        clean = gradual._clean_split()[2][j].astype(float)
+        assert np.abs(parts[0].images[j] - clean).mean() < np.abs(plain[domain].dataset.images[j] - clean).mean()
+    assert gradual.stream_fingerprint()["gradual"] is True
+    assert "gradual" not in built.stream_fingerprint()
