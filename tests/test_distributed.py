@@ -90,9 +90,11 @@ def test_module_rejects_unsharded_loaders_and_batchnorm_networks() -> None:
         _check_sharded_loaders([DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0))], 2)
     _check_sharded_loaders([make_loader(data, 6, 0, trainer=_fake_trainer(2, 0))], 2)
 
-    module = ZOAModule(network=make_resnet(0))
+    network = make_resnet(0)
+    network.fc = torch.nn.Sequential(torch.nn.BatchNorm1d(network.fc.in_features), network.fc)  # not synchronised
+    module = ZOAModule(network=network)
     module._trainer = _fake_trainer(2, 0)  # type: ignore[assignment]
-    with pytest.raises(ValueError, match="BatchNorm network"):
+    with pytest.raises(ValueError, match="BatchNorm1d"):
         module.setup_method(None)  # type: ignore[arg-type]
 
 
@@ -272,3 +274,45 @@ def test_two_gloo_processes_adapt_exactly_as_one(cache_dir: Path, tmp_path: Path
     rows, ref_rows = _load(tmp_path / "ddp0_rows.pt"), _load(tmp_path / "single0_rows.pt")
     assert [(r["n"], r["batches"]) for r in rows] == [(r["n"], r["batches"]) for r in ref_rows] == [(129, 3)] * 3
     assert [r["acc1"] for r in rows] == pytest.approx([r["acc1"] for r in ref_rows], abs=1e-6)
+
+
+def test_sharded_batchnorm_network_steps_as_one_engine_on_the_global_batch(
+    digits: torch.Tensor, one_thread: None
+) -> None:
+    # Every BatchNorm (adapted or not) normalises with the all-reduced statistics of the global batch.
+    world, batch = 2, 32
+    config = ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, detector_min_batch=batch)
+    source = digits[:128].split(batch)
+    pool = digits[512:]
+    stream = [pool[:batch], corrupt_noise(pool[batch : 2 * batch]), corrupt_noise(pool[:batch], seed=1)]
+    stream.append(corrupt_noise(pool[2 * batch : 2 * batch + 21], seed=2))  # uneven: 10 + 11 images
+
+    single = ZOA(make_resnet(0), config)
+    single.collect_source_statistics(source)
+    want = [(single(x), single.bank.theta.clone(), single.bank.alpha.clone()) for x in stream]
+
+    comm = _ThreadAllReduce(world)
+    engines: list[ZOA | None] = [None] * world
+    got: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(world)]
+
+    networks = [make_resnet(0) for _ in range(world)]  # here: building seeds the global generator, threads would race
+
+    def rank_work(rank: int) -> None:  # the engine is built inside the rank: its probe forward already reduces
+        engine = ZOA(networks[rank], config, reduce_fn=comm.for_rank(rank), rank=rank, world_size=world)
+        engines[rank] = engine
+        engine.collect_source_statistics([_split(x, world, rank) for x in source])
+        for x in stream:
+            logits = engine(_split(x, world, rank))
+            got[rank].append((logits, engine.bank.theta.clone(), engine.bank.alpha.clone()))
+
+    _run_ranks(rank_work, world)
+    for i, (logits, theta, alpha) in enumerate(want):
+        r0, r1 = got[0][i], got[1][i]
+        assert torch.equal(r0[1], r1[1]), f"ranks' epsilons differ after batch {i}"
+        assert torch.equal(r0[2], r1[2]), f"ranks' mixing logits differ after batch {i}"
+        torch.testing.assert_close(r0[1], theta, rtol=0, atol=1e-5)
+        torch.testing.assert_close(r0[2], alpha, rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.cat([r0[0], r1[0]]), logits, rtol=0, atol=1e-4)
+    assert float(want[-1][1].abs().max()) > 0  # the single engine did adapt
+    assert engines[0] is not None
+    assert [e["batch"] for e in engines[0].events] == [e["batch"] for e in single.events]

@@ -582,12 +582,15 @@ class ZOAModule(StreamModule):
     @override
     def build_adapter(self, network: nn.Module) -> ZOA:
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        if world_size > 1 and any(isinstance(m, _BatchNorm) for m in network.modules()):
+        # Under DDP every BatchNorm2d normalises with the global batch's all-reduced statistics (exact); other
+        # BatchNorm kinds would see only this process's slice.
+        inexact = [type(m).__name__ for m in network.modules() if isinstance(m, _BatchNorm) and not isinstance(
+            m, nn.BatchNorm2d)]  # fmt: skip
+        if world_size > 1 and inexact:
             raise ValueError(
-                f"ZOA cannot run a BatchNorm network ({self.network_name}) on {world_size} processes exactly: its "
-                "BatchNorm layers normalise with the statistics of the current batch, and under DDP each process sees "
-                "only its slice of the global batch, so the predictions and updates would differ from one process. "
-                "Run BatchNorm networks with `trainer.devices: 1` (LayerNorm networks such as ViTs run exactly on N)"
+                f"ZOA cannot run {self.network_name} on {world_size} processes exactly: its {sorted(set(inexact))} "
+                "layers normalise with the statistics of each process's slice of the batch (only BatchNorm2d layers "
+                "are synchronised). Run it with `trainer.devices: 1`"
             )
         layout = resolve_layout(network)
         if self.adapt_norms is not None:

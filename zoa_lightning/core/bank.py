@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoa_lightning.core.layout import ModelLayout
+from zoa_lightning.core.stats import ReduceFn
 
 __all__ = ["FusedBatchNorm2d", "FusedLayerNorm", "KnowledgeBank", "fuse_norms"]
 
@@ -74,8 +76,10 @@ class KnowledgeBank(nn.Module):
         alpha_clip: float = 10.0,
         compact_similarity: bool = False,
         initial_alpha: float = 0.0,
+        batch_reduce: ReduceFn | None = None,
     ) -> None:
         super().__init__()
+        self.batch_reduce = batch_reduce  # fused BatchNorms: batch statistics summed over processes (None: one)
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         if not widths or min(widths) < 1:
@@ -355,7 +359,12 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalise with batch statistics over (N, H, W) and the fused affine parameters."""
         weight, bias = self.fused_affine()
-        if weight.ndim == 1:
+        bank: KnowledgeBank = self._bank  # type: ignore[assignment]
+        reduce = bank.batch_reduce
+        if reduce is not None:  # several processes: the statistics of the global batch
+            shape = (*weight.shape, 1, 1) if weight.ndim == 2 else (1, -1, 1, 1)
+            out = _affine(reduced_batch_norm(x, self.eps, reduce), weight.view(shape), bias.view(shape))
+        elif weight.ndim == 1:
             out = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         else:  # one affine per image
             shape = (*weight.shape, 1, 1)
@@ -369,6 +378,51 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
         return f"{self.num_features}, eps={self.eps}, bank_index={self._index}"
 
 
+def reduced_batch_norm(x: Tensor, eps: float, reduce: ReduceFn) -> Tensor:
+    """Normalise ``x`` ``(B, C, H, W)`` with the per-channel mean and biased variance of the global batch.
+
+    The per-channel sums ``Σx``, ``Σx²`` and the count (float64) go through ``reduce``, a sum over processes, so N
+    processes holding slices of a batch normalise exactly as one process holding all of it (up to rounding).
+    """
+    c = x.shape[1]
+    wide = x.double()  # float64 squares: E[x²] − mean² must not lose the variance to rounding
+    s1, s2 = wide.sum((0, 2, 3)), (wide * wide).sum((0, 2, 3))
+    stats = reduce(torch.cat([s1, s2, s1.new_tensor([x.numel() // c])]))
+    mean = stats[:c] / stats[-1]
+    var = (stats[c : 2 * c] / stats[-1] - mean * mean).clamp_min(0)
+    scale = torch.rsqrt(var + eps).to(x.dtype).view(1, c, 1, 1)
+    return (x - mean.to(x.dtype).view(1, c, 1, 1)) * scale
+
+
+class _ReducedBatchNorm:
+    """Mixin for a network's own (not adapted) BatchNorms on several processes: global-batch statistics."""
+
+    batch_reduce: ReduceFn
+    eps: float
+    weight: Tensor | None
+    bias: Tensor | None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise with the global batch's statistics, then the layer's own affine (and post-norm modules)."""
+        out = reduced_batch_norm(x, self.eps, self.batch_reduce)
+        if self.weight is not None and self.bias is not None:
+            out = torch.addcmul(self.bias.view(1, -1, 1, 1), out, self.weight.view(1, -1, 1, 1))
+        post = _post_norm(self)  # type: ignore[arg-type]
+        return out if post is None else post(out)
+
+
+_REDUCED_CLASSES: dict[type, type] = {}
+
+
+def _reduce_batch_norm(bn: nn.BatchNorm2d, reduce: ReduceFn) -> None:
+    """Make ``bn`` (in place, keeping its parameters and state-dict keys) normalise with global-batch statistics."""
+    cls = type(bn)
+    if cls not in _REDUCED_CLASSES:
+        _REDUCED_CLASSES[cls] = type(f"Reduced{cls.__name__}", (_ReducedBatchNorm, cls), {})
+    bn.__class__ = _REDUCED_CLASSES[cls]
+    bn.batch_reduce = reduce  # type: ignore[assignment]
+
+
 def _post_norm(norm: nn.Module) -> nn.Module | None:
     """What a norm layer applies after normalising, e.g. timm ``BatchNormAct2d``'s dropout and activation."""
     act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
@@ -377,13 +431,15 @@ def _post_norm(norm: nn.Module) -> nn.Module | None:
     return None
 
 
-def fuse_norms(model: nn.Module, layout: ModelLayout, **bank_options: float | bool | int) -> KnowledgeBank:
+def fuse_norms(model: nn.Module, layout: ModelLayout, **bank_options: Any) -> KnowledgeBank:
     """Replace the layout's norm layers by fused layers reading one new bank; put every BatchNorm on batch statistics.
 
     Args:
         model: the network, modified in place.
         layout: which norm layers to adapt (``layout.norms``) and every BatchNorm (``layout.batch_norms``, spec §1.2).
-        **bank_options: keyword arguments of :class:`KnowledgeBank` (``max_entries``, ``alpha_scale``, ...).
+        **bank_options: keyword arguments of :class:`KnowledgeBank` (``max_entries``, ``alpha_scale``, ...). With
+            ``batch_reduce`` (several processes) every BatchNorm, adapted or not, normalises with the statistics of
+            the global batch summed through it.
 
     Returns:
         The bank, its ``base`` the pretrained affine parameters of the adapted layers.
@@ -415,4 +471,6 @@ def fuse_norms(model: nn.Module, layout: ModelLayout, **bank_options: float | bo
             bn.track_running_stats = False
             bn.running_mean = None
             bn.running_var = None
+            if bank.batch_reduce is not None:
+                _reduce_batch_norm(bn, bank.batch_reduce)
     return bank

@@ -99,6 +99,7 @@ class ZOA(CountingAdapter):
             model, self.layout, max_entries=cfg.max_weight_nums, alpha_scale=cfg.alpha_scale,
             weight_margin=cfg.weight_margin, alpha_clip=cfg.alpha_clip, compact_similarity=bool(cfg.compact_similarity),
             initial_alpha=float(torch.randn(1, generator=self.generator)),
+            batch_reduce=self.reduce if world_size > 1 else None,  # BatchNorms: global-batch statistics
         )  # fmt: skip
         check_estimator(cfg, self.layout, world_size)
         self.taps = NetworkTaps(model, self.layout, self._on_detector)
@@ -148,8 +149,7 @@ class ZOA(CountingAdapter):
     def fitness(self, images: Tensor, shift: Tensor | None = None) -> PassResult:
         """One pass's loss on ``images`` with the current parameters, touching no adaptation state (no detector).
 
-        Differentiable inside :meth:`~zoa_lightning.core.bank.KnowledgeBank.evaluated_at` with values that require
-        grad (the network's own parameters are frozen, so elsewhere no graph is built).
+        Differentiable inside :meth:`~zoa_lightning.core.bank.KnowledgeBank.evaluated_at` with values requiring grad.
         """
         return self._pass(images, 0, shift, mode="predict")
 
