@@ -195,6 +195,10 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Not merged into the model's logged hparams: Lightning refuses a key both define with different values, and
+        # the stream's `seed` is not ZOAModule's (its perturbation generator's). The run's config.yaml and the stream
+        # fingerprint record the data settings.
+        self._log_hyperparams = False
         self.start_domain = check_positive("start_domain", start_domain, minimum=0)
         self.stop_domain = stop_domain
         if norm not in NORMALIZATIONS:

@@ -227,3 +227,15 @@ def test_loss_values_of_any_shape_the_adapter_reports(losses: Any, expected: dic
     module.adapter.last_losses = losses
     metrics = AdaptationMonitor().metrics(module)
     assert {k: v for k, v in metrics.items() if k.startswith("adapt/loss") or k == "adapt/entropy"} == expected
+
+
+def test_a_model_seed_other_than_the_streams_runs_with_a_logger(cache_dir: Path, tmp_path: Path) -> None:
+    # ZOAModule's seed (its perturbation generator) and the data module's seed (the stream) are different settings:
+    # Lightning's hparams merge must not refuse them.
+    logger = CSVLogger(tmp_path, name="logs", version=0)
+    module = ZOAModule(network=make_vit(0), source_batches=1, detector_min_batch=16, seed=7)
+    data = make_stream(cache_dir, batch_size=32, stop_domain=1)
+    assert data.seed != 7
+    make_trainer([AdaptationMonitor(verbose=False)], batches=1, logger=logger).test(module, datamodule=data)
+    assert module.adapter is not None
+    assert module.adapter.config.seed == 7
