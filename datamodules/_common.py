@@ -31,6 +31,12 @@ CALIBRATION_SEED = 3
 MIN_SHARD_SIZE = 2
 """Fewest images a process may get from a global batch under DDP: batch statistics need two samples per process."""
 
+GRADUAL_LEVELS = (1, 2, 3, 4, 5)
+"""The severities a ``gradual`` stream reads."""
+
+GRADUAL_SCHEDULE = (1, 2, 3, 4, 5, 4, 3, 2, 1)
+"""The severity of each of the nine consecutive parts of a domain in a ``gradual`` stream."""
+
 MIXED = "mixed"
 """The corruption part of a mixed domain's name (``r1/mixed``): every corruption of the round shuffled together."""
 

@@ -44,10 +44,12 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 from torchvision import transforms as T
 
 from datamodules._common import (
+    GRADUAL_LEVELS,
+    GRADUAL_SCHEDULE,
     MIXED,
     FileDataset,
     StreamWindow,
@@ -161,6 +163,8 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             folder of the stream is an ImageNet-1k synset, else ``"folders"``.
         mixed_domains: one domain per round holding every corruption's images shuffled together (``r1/mixed``)
             instead of one domain per corruption (the mixed-domain setting).
+        gradual: gradual severity: every domain's images, in the domain's order, are cut into nine parts read from
+            the severity folders 1, 2, 3, 4, 5, 4, 3, 2, 1 (each must hold the same files as ``severity``'s).
         label_dirichlet: a label-shifted stream: within every domain the classes come in runs, drawn with this
             Dirichlet concentration (:func:`datamodules._common.dirichlet_order`, one time slot per class present;
             0.1 is the literature's usual non-i.i.d. setting). ``None``: the shuffled order.
@@ -192,6 +196,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         label_space: str = "auto",
         mixed_domains: bool = False,
         label_dirichlet: float | None = None,
+        gradual: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -210,6 +215,9 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         if not isinstance(mixed_domains, bool):
             raise ValueError(f"mixed_domains must be true or false, got {mixed_domains!r}")
         self.mixed_domains = mixed_domains
+        if not isinstance(gradual, bool):
+            raise ValueError(f"gradual must be true or false, got {gradual!r}")
+        self.gradual = gradual
         self.root = _existing_folder(root, "ImageNet-C root", "root", _C_LAYOUT)
         self.source_root = (
             _existing_folder(source_root, "source_root", "source_root", _CLEAN_LAYOUT, "val") if source_root else None
@@ -228,7 +236,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         self.num_source_images = check_optional_count("num_source_images", num_source_images)
         self._wnids: tuple[str, ...] | None = None
         self._effective_label_space: str | None = None
-        self._test_samples: dict[str, _Samples] = {}
+        self._test_samples: dict[tuple[str, int], _Samples] = {}
         self._clean_samples: dict[Path, _Samples] = {}
         self._test_datasets: list[FileDataset] = []
         self._padding_warned = False
@@ -301,7 +309,8 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         """
         self._check_root()
         for corruption in self.corruptions:
-            self._check_wnids(self._severity_dir(corruption), "ImageNet-C severity folder", _C_LAYOUT)
+            for severity in GRADUAL_LEVELS if self.gradual else (self.severity,):
+                self._check_wnids(self._severity_dir(corruption, severity), "ImageNet-C severity folder", _C_LAYOUT)
         for folder, what in ((self.source_root, "source_root"), (self.calib_root, "calib_root")):
             if folder is not None:
                 self._check_wnids(folder, f"{what} folder", _CLEAN_LAYOUT, clean=True)
@@ -337,17 +346,23 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         loaders: OrderedDict[str, DataLoader] = OrderedDict()
         for domain in self.active_domains:
             round_index, corruption = split_domain(domain)
-            if corruption == MIXED:
-                samples = [sample for c in self.corruptions for sample in self._corruption_samples(c)]
-            else:
-                samples = self._corruption_samples(corruption)
+            names = list(self.corruptions) if corruption == MIXED else [corruption]
+            samples = [sample for c in names for sample in self._corruption_samples(c)]
             if self.label_dirichlet is None:
                 order = stream_order(self.seed, round_index, corruption, len(samples))
             else:
                 labels = np.array([label for _, label in samples])
                 order = dirichlet_order(labels, self.label_dirichlet, self.seed, round_index, corruption)
-            dataset = FileDataset(samples, order, transform, min_size=self.image_size)
-            self._test_datasets.append(dataset)
+            if not self.gradual:
+                parts = [FileDataset(samples, order, transform, min_size=self.image_size)]
+            else:  # the domain's order cut into nine parts, read at severity 1, 2, 3, 4, 5, 4, 3, 2, 1
+                cuts = np.array_split(order, len(GRADUAL_SCHEDULE))
+                parts = []
+                for severity, part in zip(GRADUAL_SCHEDULE, cuts, strict=True):
+                    at = [sample for c in names for sample in self._corruption_samples(c, severity)]
+                    parts.append(FileDataset(at, part, transform, min_size=self.image_size))
+            self._test_datasets.extend(parts)
+            dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
             loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
         return loaders
 
@@ -409,6 +424,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         } | (
             ({"label_dirichlet": self.label_dirichlet} if self.label_dirichlet is not None else {})
             | ({"mixed_domains": True} if self.mixed_domains else {})
+            | ({"gradual": True} if self.gradual else {})
         )
 
     def source_dataloader(self) -> DataLoader:
@@ -474,7 +490,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
                 f"ImageNet-C root folder not found: {self.root}. Expected layout: {_C_LAYOUT}; set root= to it"
             )
 
-    def _severity_dir(self, corruption: str) -> Path:
+    def _severity_dir(self, corruption: str, severity: int | None = None) -> Path:
         self._check_root()
         corruption_dir = self.root / corruption
         if not corruption_dir.is_dir():
@@ -482,7 +498,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
                 f"ImageNet-C corruption folder not found: {corruption_dir}. Expected layout: {_C_LAYOUT}; "
                 "remove the corruption from `corruptions` or complete the download"
             )
-        severity_dir = corruption_dir / str(self.severity)
+        severity_dir = corruption_dir / str(self.severity if severity is None else severity)
         if not severity_dir.is_dir():
             raise FileNotFoundError(
                 f"ImageNet-C severity folder not found: {severity_dir}. Expected layout: {_C_LAYOUT}; "
@@ -534,14 +550,24 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         labels = [index[wnid] for wnid in wnids]
         return [(path, labels[position]) for path, position in samples]
 
-    def _corruption_samples(self, corruption: str) -> _Samples:
-        if corruption not in self._test_samples:
-            folder = self._severity_dir(corruption)
+    def _corruption_samples(self, corruption: str, severity: int | None = None) -> _Samples:
+        key = (corruption, self.severity if severity is None else severity)
+        if key not in self._test_samples:
+            folder = self._severity_dir(*key)
             wnids = self._check_wnids(folder, "ImageNet-C severity folder", _C_LAYOUT)
             samples = self._labelled_samples(folder, wnids, "ImageNet-C", _C_LAYOUT)
-            log.debug("ImageNet-C %s severity %d: %d images", corruption, self.severity, len(samples))
-            self._test_samples[corruption] = samples
-        return self._test_samples[corruption]
+            log.debug("ImageNet-C %s severity %d: %d images", corruption, key[1], len(samples))
+            if severity is not None and severity != self.severity:  # gradual: the same images at another severity
+                base = self._corruption_samples(corruption)
+                if [Path(p).relative_to(folder).as_posix() for p, _ in samples] != [
+                    Path(p).relative_to(self._severity_dir(corruption)).as_posix() for p, _ in base
+                ]:
+                    raise ValueError(
+                        f"gradual needs the same image files at every severity, but {folder} differs from "
+                        f"{self._severity_dir(corruption)}; complete the download or set gradual: false"
+                    )
+            self._test_samples[key] = samples
+        return self._test_samples[key]
 
     def _folder_samples(self, folder: Path, what: str, layout: str) -> _Samples:
         if folder not in self._clean_samples:

@@ -38,6 +38,8 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from datamodules._common import (
+    GRADUAL_LEVELS,
+    GRADUAL_SCHEDULE,
     MIXED,
     ArrayDataset,
     StreamWindow,
@@ -60,9 +62,6 @@ from datamodules.corruptions import check_corruptions, check_severity, corrupt_i
 from zoa_lightning.data import CleanSplit, dataset_classes, is_mnist, load_clean_split
 
 log = logging.getLogger(__name__)
-
-GRADUAL_LEVELS = (1, 2, 3, 4, 5)
-GRADUAL_SCHEDULE = (1, 2, 3, 4, 5, 4, 3, 2, 1)  # severities along a domain with ``gradual``
 
 CACHE_ENV_VAR = "ZOA_CACHE_DIR"
 """Environment variable naming the zoa-lightning cache root; streams are cached in ``$ZOA_CACHE_DIR/streams``."""

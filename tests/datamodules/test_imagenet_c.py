@@ -327,3 +327,28 @@ def test_mixed_domains_read_every_corruption_of_a_round_in_one_domain(tree: Path
     assert {Path(path).parts[-4] for path, _ in samples} == set(CORRUPTIONS)  # <corruption>/5/<wnid>/<file>
     assert len(samples) == 2 * 4  # two corruptions of four images
     assert mixed.stream_fingerprint()["mixed_domains"] is True
+
+
+def test_gradual_severity_reads_the_domain_from_severity_1_to_5_and_back(tmp_path: Path) -> None:
+    from datamodules._common import GRADUAL_SCHEDULE
+
+    for corruption in CORRUPTIONS:
+        for severity in range(1, 6):
+            _write_class_tree(tmp_path / "c" / corruption / str(severity), 32)
+    gradual = ImageNetCDataModule(root=str(tmp_path / "c"), corruptions=CORRUPTIONS, image_size=32, batch_size=3,
+                                  gradual=True)  # fmt: skip
+    gradual.setup("test")
+    plain = ImageNetCDataModule(root=str(tmp_path / "c"), corruptions=CORRUPTIONS, image_size=32, batch_size=3)
+    plain.setup("test")
+    for loader, plain_loader in zip(gradual.test_dataloader().values(), plain.test_dataloader().values(), strict=True):
+        parts = loader.dataset.datasets
+        assert len(parts) == len(GRADUAL_SCHEDULE)
+        np.testing.assert_array_equal(np.concatenate([p.order for p in parts]), _ds(plain_loader).order)
+        for severity, part in zip(GRADUAL_SCHEDULE, parts, strict=True):
+            assert {Path(path).parts[-3] for path, _ in part.samples} == {str(severity)}
+    assert gradual.stream_fingerprint()["gradual"] is True
+    (tmp_path / "c" / CORRUPTIONS[0] / "3" / WNIDS[0] / f"{PHOTOS[WNIDS[0]][0]}.JPEG").unlink()
+    broken = ImageNetCDataModule(root=str(tmp_path / "c"), corruptions=CORRUPTIONS, image_size=32, batch_size=3,
+                                 gradual=True)  # fmt: skip
+    with pytest.raises(ValueError, match="same image files at every severity"):
+        broken.test_dataloader()

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 import datamodules.stream as stream_module
 from datamodules import CORRUPTIONS, CorruptionStreamDataModule
+from datamodules._common import GRADUAL_SCHEDULE
 
 CHEAP = ["gaussian_noise", "contrast"]  # fast corruptions keep the cache builds short
 
@@ -381,11 +382,11 @@ def test_gradual_severity_rises_and_falls_within_each_domain(built: CorruptionSt
     plain = built.test_dataloader()
     for domain, loader in gradual.test_dataloader().items():
         parts = loader.dataset.datasets
-        assert len(parts) == len(stream_module.GRADUAL_SCHEDULE) == 9
+        assert len(parts) == len(GRADUAL_SCHEDULE) == 9
         order = np.concatenate([part.order for part in parts])
         np.testing.assert_array_equal(order, plain[domain].dataset.order)  # the plain domain's images and order
         corruption = domain.split("/")[1]
-        for severity, part in zip(stream_module.GRADUAL_SCHEDULE, parts, strict=True):
+        for severity, part in zip(GRADUAL_SCHEDULE, parts, strict=True):
             assert np.array_equal(part.images, gradual._corrupted_array(corruption, 0, severity))
         # The middle part is the plain stream's severity-5 images; the first, severity 1, is less corrupted.
         middle = parts[4]
