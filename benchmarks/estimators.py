@@ -50,6 +50,7 @@ from zoa_lightning.core.estimators import (
     draw_perturbations,
     estimate_from_differences,
     exact_gradients,
+    first_tap_of_values,
     per_sample_gradients,
     sample_differences,
     sampler,
@@ -120,9 +121,7 @@ def measure_state(adapter: ZOA, images: Tensor, draws: int, c: float, c_alpha: f
         return plus.record.features(), plus.logits, plus.loss
 
     _, exact, _ = exact_gradients(loss_at, alpha, theta)
-    first_taps = adapter.taps.first_taps(images[:2], adapter.layout.norms)
-    widths = torch.tensor(adapter.bank.widths)
-    first_tap = torch.repeat_interleave(torch.tensor(first_taps), 2 * widths)
+    first_tap = first_tap_of_values(adapter.taps.first_taps(images[:2], adapter.layout.norms), adapter.bank.widths)
     with torch.no_grad():
         clean = adapter.fitness(images)
         features = clean.record.features()

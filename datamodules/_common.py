@@ -78,6 +78,13 @@ def stream_order(seed: int, round_index: int, corruption: str, size: int) -> np.
     return rng.permutation(size)
 
 
+def check_flag(name: str, value: bool) -> bool:
+    """Return ``value`` if it is a bool, else raise ``ValueError`` naming the option."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def check_concentration(value: float | None) -> float | None:
     """Return a Dirichlet concentration ``value`` (``None`` or a finite number > 0), else raise naming the option."""
     if value is None:

@@ -55,6 +55,7 @@ from datamodules._common import (
     StreamWindow,
     calibration_order,
     check_concentration,
+    check_flag,
     check_optional_count,
     check_positive,
     dirichlet_order,
@@ -212,12 +213,8 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             raise ValueError(f"label_space must be one of {list(LABEL_SPACES)}, got {label_space!r}")
         self.label_space = label_space
         self.label_dirichlet = check_concentration(label_dirichlet)
-        if not isinstance(mixed_domains, bool):
-            raise ValueError(f"mixed_domains must be true or false, got {mixed_domains!r}")
-        self.mixed_domains = mixed_domains
-        if not isinstance(gradual, bool):
-            raise ValueError(f"gradual must be true or false, got {gradual!r}")
-        self.gradual = gradual
+        self.mixed_domains = check_flag("mixed_domains", mixed_domains)
+        self.gradual = check_flag("gradual", gradual)
         self.root = _existing_folder(root, "ImageNet-C root", "root", _C_LAYOUT)
         self.source_root = (
             _existing_folder(source_root, "source_root", "source_root", _CLEAN_LAYOUT, "val") if source_root else None

@@ -45,6 +45,7 @@ from datamodules._common import (
     StreamWindow,
     calibration_order,
     check_concentration,
+    check_flag,
     check_global_batch,
     check_normalization,
     check_optional_count,
@@ -176,12 +177,8 @@ class CorruptionStreamDataModule(StreamWindow, LightningDataModule):
         self.rounds = check_positive("rounds", rounds)
         self.domain_repeats = check_positive("domain_repeats", domain_repeats)
         self.label_dirichlet = check_concentration(label_dirichlet)
-        if not isinstance(mixed_domains, bool):
-            raise ValueError(f"mixed_domains must be true or false, got {mixed_domains!r}")
-        self.mixed_domains = mixed_domains
-        if not isinstance(gradual, bool):
-            raise ValueError(f"gradual must be true or false, got {gradual!r}")
-        self.gradual = gradual
+        self.mixed_domains = check_flag("mixed_domains", mixed_domains)
+        self.gradual = check_flag("gradual", gradual)
         self.image_size = check_positive("image_size", image_size)
         self.batch_size = check_positive("batch_size", batch_size)
         self.num_workers = check_positive("num_workers", num_workers, minimum=0)

@@ -43,6 +43,7 @@ __all__ = [
     "draw_perturbations",
     "estimate_from_differences",
     "exact_gradients",
+    "first_tap_of_values",
     "per_sample_gradients",
     "perturbation_second_moment",
     "sample_differences",
@@ -137,8 +138,12 @@ def sample_differences(
     n: float,
 ) -> Tensor:
     """``δ_i = (H_i⁺ − H_i)/n + ⟨W_i, F_i⁺ − F_i⟩`` for this process's images, ``(B,)`` float64."""
-    entropy = softmax_entropy(logits_plus.float()).double() - softmax_entropy(logits.float()).double()
-    return entropy / n + (weights * (features_plus.double() - features.double())).sum(1)
+    return _entropy_change(logits, logits_plus) / n + (weights * (features_plus.double() - features.double())).sum(1)
+
+
+def _entropy_change(logits: Tensor, logits_plus: Tensor) -> Tensor:
+    """``H_i⁺ − H_i`` per image, float64."""
+    return softmax_entropy(logits_plus.float()).double() - softmax_entropy(logits.float()).double()
 
 
 def tap_differences(
@@ -153,9 +158,13 @@ def tap_differences(
     """``δ_it``, ``(B, T)`` float64: :func:`sample_differences` split by loss tap, the entropy in the last (head)."""
     terms = weights * (features_plus.double() - features.double())
     split = torch.stack([part.sum(1) for part in terms.split(list(tap_dims), dim=1)], 1)
-    entropy = softmax_entropy(logits_plus.float()).double() - softmax_entropy(logits.float()).double()
-    split[:, -1] += entropy / n
+    split[:, -1] += _entropy_change(logits, logits_plus) / n
     return split
+
+
+def first_tap_of_values(first_taps: Sequence[int], widths: Sequence[int]) -> Tensor:
+    """``(P,)``: each epsilon's first loss tap, from each adapted layer's (``2·widths[l]`` epsilons per layer)."""
+    return torch.repeat_interleave(torch.tensor(list(first_taps)), 2 * torch.tensor(list(widths)))
 
 
 def estimate_from_differences(
@@ -309,7 +318,7 @@ class GradientEstimator:
 
         Layer ``l`` holds ``2·widths[l]`` epsilons, the layers in the bank's order.
         """
-        self.first_tap = torch.repeat_interleave(torch.tensor(list(first_taps)), 2 * torch.tensor(list(widths)))
+        self.first_tap = first_tap_of_values(first_taps, widths)
 
     def estimate(
         self,
