@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 CALIBRATION_SEED = 3
 """NumPy ``RandomState`` seed that picks the quantization-calibration images (spec §6.3 and §7)."""
 
-MIN_SHARD_SIZE = 2
-"""Fewest images a process may get from a global batch under DDP: batch statistics need two samples per process."""
+MIN_SHARD_SIZE = 1
+"""Fewest images a process may get from a global batch under DDP. ZOA's statistics are sums over all processes (its
+BatchNorms' included), so one image per process is enough; a process with none would have nothing to predict."""
 
 GRADUAL_LEVELS = (1, 2, 3, 4, 5)
 """The severities a ``gradual`` stream reads."""

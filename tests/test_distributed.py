@@ -54,10 +54,11 @@ def test_shards_concatenate_to_the_single_process_batches(size: int, batch: int,
 
 
 def test_shard_sampler_rejects_batches_too_small_to_split() -> None:
-    with pytest.raises(ValueError, match=r"batch_size=3 is the global batch.*batch_size >= 4"):
-        GlobalBatchShardSampler(100, 3, 2, 0)
+    with pytest.raises(ValueError, match=r"batch_size=1 is the global batch.*batch_size >= 2"):
+        GlobalBatchShardSampler(100, 1, 2, 0)
     with pytest.raises(ValueError, match=r"last global batch of a 1001-image loader holds 1 image"):
         GlobalBatchShardSampler(1001, 100, 2, 0)
+    assert list(GlobalBatchShardSampler(6, 2, 2, 1)) == [[1], [3], [5]]  # one image per process is enough
     with pytest.raises(ValueError, match="rank must be"):
         GlobalBatchShardSampler(100, 10, 2, 2)
 
@@ -76,9 +77,9 @@ def test_stream_setup_checks_the_sampler_flag_and_the_global_batch(cache_dir: Pa
     data.trainer = _fake_trainer(2, 0, use_distributed_sampler=True)
     with pytest.raises(ValueError, match=r"trainer.use_distributed_sampler: false"):
         data.setup("test")
-    data = make_stream(cache_dir, batch_size=3)
+    data = make_stream(cache_dir, batch_size=1)
     data.trainer = _fake_trainer(2, 0)
-    with pytest.raises(ValueError, match=r"batch_size=3 is the global batch"):
+    with pytest.raises(ValueError, match=r"batch_size=1 is the global batch"):
         data.setup("test")
 
 

@@ -515,6 +515,10 @@ class ZOAModule(StreamModule):
         normalize_floor: the smallest spread the normalised step divides by.
         normalize_momentum: the momentum of the normalised step's running spread (0.9: ~10 batches).
         tap_attribution: per-sample estimator only: credit each epsilon with the loss taps after its layer only.
+        pool_images: batches with fewer images (down to one) pool their loss and detector statistics with the batches
+            before them up to this many images, and step by their share (``docs/small_batches.md``).
+        bn_prior: prior strength of the source statistics a pooled small batch's BatchNorms mix in (Schneider et
+            al. 2020); 0: the batch's statistics alone.
         source_batches: clean batches used for source statistics (``None``: the whole source loader).
         adapt_norms: qualified names of the normalization layers to adapt (``blocks.4.norm2``, ``layer2.0.bn1``, ...),
             replacing the spec's choice for the model kind (:func:`~zoa_lightning.core.layout.resolve_layout`); any
@@ -566,6 +570,8 @@ class ZOAModule(StreamModule):
         normalize_floor: float = 1e-3,
         normalize_momentum: float = 0.9,
         tap_attribution: bool = False,
+        pool_images: int = 64,
+        bn_prior: float = 16.0,
         source_batches: int | None = None,
         adapt_norms: list[str] | None = None,
         name: str | None = None,
@@ -604,26 +610,6 @@ class ZOAModule(StreamModule):
             layout = dataclasses.replace(layout, norms=tuple(sorted(self.adapt_norms, key=order.__getitem__)))
         rank = self.trainer.global_rank if self._trainer is not None else 0
         return ZOA(network, self.config, layout=layout, reduce_fn=self.reduce_sum, rank=rank, world_size=world_size)
-
-    @override
-    def on_test_start(self) -> None:
-        """Refuse up front a stream whose last batch has one image this network cannot normalise (see below)."""
-        super().on_test_start()
-        if self.adapter is None or self.trainer.world_size > 1:  # DDP: the data module checks every shard's size
-            return
-        singles = _single_image_batches(self.trainer)
-        if not singles:
-            return
-        datamodule = self._datamodule()
-        probe = datamodule.calibration_images(1).to(self.adapter.bank.theta.device)
-        try:
-            self.adapter.predict(probe)
-        except ValueError as error:
-            raise ValueError(
-                f"the last batch of {', '.join(singles)} holds a single image, and {self.network_name} cannot "
-                f"normalise one image with batch statistics ({error}); choose a batch_size that leaves at least 2 "
-                "images in every domain's last batch"
-            ) from error
 
     @override
     def run_info(self) -> dict[str, Any]:
@@ -671,26 +657,6 @@ def _check_sharded_loaders(loaders: Any, world_size: int) -> None:
                 "Build the data module's loaders with datamodules._common.make_loader(..., trainer=self.trainer), "
                 "which gives every process its slice of each global batch"
             )
-
-
-def _single_image_batches(trainer: pl.Trainer) -> list[str]:
-    """Names of the test loaders whose last batch (within ``limit_test_batches``) holds exactly one image."""
-    loaders = trainer.test_dataloaders
-    items = list(loaders.items()) if isinstance(loaders, dict) else list(enumerate(loaders or []))
-    found = []
-    for position, (name, loader) in enumerate(items):
-        dataset = getattr(loader, "dataset", None)
-        batch_size = getattr(loader, "batch_size", None) or getattr(
-            getattr(loader, "batch_sampler", None), "batch_size", 0
-        )
-        if dataset is None or not hasattr(dataset, "__len__") or not batch_size:
-            continue
-        size = len(dataset)
-        full = -(-size // batch_size)
-        limit = trainer.num_test_batches[position] if position < len(trainer.num_test_batches) else full
-        if size % batch_size == 1 and limit >= full:
-            found.append(str(name))
-    return found
 
 
 class _ImagesOnDevice:

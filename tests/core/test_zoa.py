@@ -417,40 +417,6 @@ def test_non_finite_pass_a_prediction_falls_back_to_the_unadapted_network(digits
     assert adapter.counter("forward_passes") == 2  # pass A, then the unadapted network
 
 
-def test_a_single_image_batch_is_predicted_without_adapting(digits: torch.Tensor) -> None:
-    adapter = _adapter("vit", digits)
-    adapter(digits[512 : 512 + B])
-    state = copy.deepcopy(adapter.adaptation_state_dict())
-    with pytest.warns(RuntimeWarning, match="batch of one image"):
-        logits = adapter(digits[700:701])
-    assert logits.shape == (1, 10)
-    assert torch.isfinite(logits).all()
-    torch.testing.assert_close(logits, adapter.predict(digits[700:701]))
-    after = adapter.adaptation_state_dict()
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and not key.startswith("counters."):
-            assert torch.equal(value, after[key]), key
-    assert adapter.counter("unadapted_batches") == 1
-    assert adapter.counter("batches") == 2
-    assert adapter.counter("forward_passes") == 3
-
-
-def test_a_single_image_a_batchnorm_network_cannot_normalise_is_refused_clearly(digits: torch.Tensor) -> None:
-    adapter = _adapter("resnet", digits)  # test_resnet's last stage is 1×1 at 32 px
-    with pytest.warns(RuntimeWarning, match="batch of one image"), pytest.raises(ValueError, match="at least 2 images"):
-        adapter(digits[700:701])
-
-
-def test_small_batches_warn_once_that_the_bank_is_off(digits: torch.Tensor) -> None:
-    adapter = _adapter("vit", digits)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        for i in range(3):
-            adapter(digits[512 + 16 * i : 528 + 16 * i])
-    messages = [str(w.message) for w in record]
-    assert sum("detector_min_batch=64" in m for m in messages) == 1, messages
-
-
 def test_a_short_last_batch_after_full_ones_does_not_warn(digits: torch.Tensor) -> None:
     adapter = _adapter("vit", digits)
     adapter(digits[512 : 512 + B])

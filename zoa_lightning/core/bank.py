@@ -80,6 +80,8 @@ class KnowledgeBank(nn.Module):
     ) -> None:
         super().__init__()
         self.batch_reduce = batch_reduce  # fused BatchNorms: batch statistics summed over processes (None: one)
+        # BatchNorms of a pooled small batch mix in their source statistics with this prior strength (None: not)
+        self.batch_prior: float | None = None
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         if not widths or min(widths) < 1:
@@ -334,9 +336,10 @@ class FusedLayerNorm(_FusedNormMixin, nn.Module):
 
 
 class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
-    """BatchNorm2d that always normalises with the current batch's statistics and fused affine parameters.
+    """BatchNorm2d that normalises with the current batch's statistics and fused affine parameters.
 
-    Running statistics are discarded (spec §1.2), so the layer behaves the same in train and eval mode.
+    Running statistics are not updated (spec §1.2), so the layer behaves the same in train and eval mode. The replaced
+    layer's running statistics are kept as the source statistics a small batch mixes in (:func:`batch_statistics_norm`).
 
     Args:
         num_features: channel count.
@@ -345,25 +348,36 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
         index: the layer's position among the bank's adapted layers.
         post: what the replaced layer applied after normalising (timm's ``BatchNormAct2d`` carries its dropout and
             activation inside the norm layer); ``None`` for a plain BatchNorm.
+        source: the replaced layer's ``(running_mean, running_var)``, or ``None`` (then zeros and ones).
     """
 
+    source_mean: Tensor
+    source_var: Tensor
+
     def __init__(
-        self, num_features: int, eps: float, bank: KnowledgeBank, index: int, post: nn.Module | None = None
+        self,
+        num_features: int,
+        eps: float,
+        bank: KnowledgeBank,
+        index: int,
+        post: nn.Module | None = None,
+        source: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
         self.post = post
         self._attach(bank, index)
+        _register_source(self, num_features, source, bank.base.device)
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise with batch statistics over (N, H, W) and the fused affine parameters."""
         weight, bias = self.fused_affine()
         bank: KnowledgeBank = self._bank  # type: ignore[assignment]
-        reduce = bank.batch_reduce
-        if reduce is not None:  # several processes: the statistics of the global batch
+        if _needs_own_norm(x, bank):  # several processes, a pooled small batch, or one value per channel
             shape = (*weight.shape, 1, 1) if weight.ndim == 2 else (1, -1, 1, 1)
-            out = _affine(reduced_batch_norm(x, self.eps, reduce), weight.view(shape), bias.view(shape))
+            normed = batch_statistics_norm(x, self.eps, bank, self.source_mean, self.source_var)
+            out = _affine(normed, weight.view(shape), bias.view(shape))
         elif weight.ndim == 1:
             out = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
         else:  # one affine per image
@@ -376,6 +390,51 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
     def extra_repr(self) -> str:
         """Channels, epsilon and bank slot, for ``print(model)``."""
         return f"{self.num_features}, eps={self.eps}, bank_index={self._index}"
+
+
+def _register_source(
+    module: nn.Module, channels: int, source: tuple[Tensor, Tensor] | None, device: torch.device
+) -> None:
+    """Non-persistent ``source_mean``/``source_var`` buffers (checkpoints are unchanged: they come with the network)."""
+    mean, var = source if source is not None else (torch.zeros(channels), torch.ones(channels))
+    module.register_buffer("source_mean", mean.detach().clone().float().to(device), persistent=False)
+    module.register_buffer("source_var", var.detach().clone().float().to(device), persistent=False)
+
+
+def _needs_own_norm(x: Tensor, bank: KnowledgeBank) -> bool:
+    """Whether ``torch``'s batch norm will not do: a reduction over processes, a prior, or one value per channel."""
+    return bank.batch_reduce is not None or bank.batch_prior is not None or x.numel() == x.shape[1]
+
+
+def batch_statistics_norm(
+    x: Tensor, eps: float, bank: KnowledgeBank, source_mean: Tensor, source_var: Tensor
+) -> Tensor:
+    """Normalise ``x`` ``(B, C, H, W)`` with its batch's per-channel statistics, as the bank's batch settings say.
+
+    The sums go through ``bank.batch_reduce`` when several processes share the batch (:func:`reduced_batch_norm`).
+    With ``bank.batch_prior = N₀`` (a pooled small batch) the batch's mean and biased variance over its ``n`` images
+    are mixed with the source statistics, ``(N₀·source + n·batch) / (N₀ + n)`` (Schneider et al., NeurIPS 2020); a
+    batch with one value per channel (one image of a ``1×1`` map) uses that mix with ``N₀ = 1`` when no prior is set,
+    since its own variance is zero.
+    """
+    prior = bank.batch_prior
+    if prior is None and x.numel() == x.shape[1] and bank.batch_reduce is None:
+        prior = 1.0
+    if prior is None:
+        return reduced_batch_norm(x, eps, bank.batch_reduce or (lambda stats: stats))
+    c = x.shape[1]
+    wide = x.double()
+    s1, s2 = wide.sum((0, 2, 3)), (wide * wide).sum((0, 2, 3))
+    stats = torch.cat([s1, s2, s1.new_tensor([x.numel() // c, x.shape[0]])])
+    if bank.batch_reduce is not None:
+        stats = bank.batch_reduce(stats)
+    mean = stats[:c] / stats[2 * c]
+    var = (stats[c : 2 * c] / stats[2 * c] - mean * mean).clamp_min(0)
+    weight = float(stats[2 * c + 1]) / (float(stats[2 * c + 1]) + prior)
+    mean = weight * mean + (1 - weight) * source_mean.double()
+    var = weight * var + (1 - weight) * source_var.double()
+    scale = torch.rsqrt(var + eps).to(x.dtype).view(1, c, 1, 1)
+    return (x - mean.to(x.dtype).view(1, c, 1, 1)) * scale
 
 
 def reduced_batch_norm(x: Tensor, eps: float, reduce: ReduceFn) -> Tensor:
@@ -394,33 +453,37 @@ def reduced_batch_norm(x: Tensor, eps: float, reduce: ReduceFn) -> Tensor:
     return (x - mean.to(x.dtype).view(1, c, 1, 1)) * scale
 
 
-class _ReducedBatchNorm:
-    """Mixin for a network's own (not adapted) BatchNorms on several processes: global-batch statistics."""
+class _BankBatchNorm:
+    """Mixin for a network's own (not adapted) BatchNorms: the bank's batch settings (processes, small-batch prior)."""
 
-    batch_reduce: ReduceFn
+    bank: KnowledgeBank
     eps: float
     weight: Tensor | None
     bias: Tensor | None
+    source_mean: Tensor
+    source_var: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalise with the global batch's statistics, then the layer's own affine (and post-norm modules)."""
-        out = reduced_batch_norm(x, self.eps, self.batch_reduce)
+        """Normalise as :func:`batch_statistics_norm` says when needed, else as the layer itself (batch statistics)."""
+        if not _needs_own_norm(x, self.bank):
+            return super().forward(x)  # type: ignore[misc]
+        out = batch_statistics_norm(x, self.eps, self.bank, self.source_mean, self.source_var)
         if self.weight is not None and self.bias is not None:
             out = torch.addcmul(self.bias.view(1, -1, 1, 1), out, self.weight.view(1, -1, 1, 1))
         post = _post_norm(self)  # type: ignore[arg-type]
         return out if post is None else post(out)
 
 
-_REDUCED_CLASSES: dict[type, type] = {}
+_BANK_CLASSES: dict[type, type] = {}
 
 
-def _reduce_batch_norm(bn: nn.BatchNorm2d, reduce: ReduceFn) -> None:
-    """Make ``bn`` (in place, keeping its parameters and state-dict keys) normalise with global-batch statistics."""
+def _bank_batch_norm(bn: nn.BatchNorm2d, bank: KnowledgeBank) -> None:
+    """Make ``bn`` (in place, keeping its parameters and state-dict keys) follow the bank's batch settings."""
     cls = type(bn)
-    if cls not in _REDUCED_CLASSES:
-        _REDUCED_CLASSES[cls] = type(f"Reduced{cls.__name__}", (_ReducedBatchNorm, cls), {})
-    bn.__class__ = _REDUCED_CLASSES[cls]
-    bn.batch_reduce = reduce  # type: ignore[assignment]
+    if cls not in _BANK_CLASSES:
+        _BANK_CLASSES[cls] = type(f"Bank{cls.__name__}", (_BankBatchNorm, cls), {})
+    object.__setattr__(bn, "bank", bank)  # a reference, not a submodule
+    bn.__class__ = _BANK_CLASSES[cls]
 
 
 def _post_norm(norm: nn.Module) -> nn.Module | None:
@@ -462,15 +525,22 @@ def fuse_norms(model: nn.Module, layout: ModelLayout, **bank_options: Any) -> Kn
         if isinstance(m, nn.LayerNorm):
             fused = FusedLayerNorm(tuple(m.normalized_shape), m.eps, bank, index)
         else:
-            fused = FusedBatchNorm2d(m.num_features, m.eps, bank, index, post=_post_norm(m))
+            fused = FusedBatchNorm2d(m.num_features, m.eps, bank, index, post=_post_norm(m), source=_running(m))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
     for name in layout.batch_norms:
         bn = model.get_submodule(name)
         if isinstance(bn, nn.BatchNorm2d):
+            source = _running(bn)
             bn.track_running_stats = False
             bn.running_mean = None
             bn.running_var = None
-            if bank.batch_reduce is not None:
-                _reduce_batch_norm(bn, bank.batch_reduce)
+            _register_source(bn, bn.num_features, source, bank.base.device)
+            _bank_batch_norm(bn, bank)
     return bank
+
+
+def _running(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """A BatchNorm's ``(running_mean, running_var)`` (its source statistics), or ``None`` if it tracks none."""
+    mean, var = getattr(norm, "running_mean", None), getattr(norm, "running_var", None)
+    return (mean, var) if isinstance(mean, Tensor) and isinstance(var, Tensor) else None

@@ -76,6 +76,14 @@ class ZOAConfig:
         tap_attribution: with the per-sample estimator, split each image's loss difference by loss tap and credit
             every epsilon only with the taps computed after its layer (unbiased, lower variance: docs/estimators.md).
             Ignored by the other estimators.
+        pool_images: a batch with fewer images (all processes together) pools its loss statistics with the batches
+            just before it up to this many images, its detector statistics join a chunk tested every
+            ``detector_min_batch`` images, and its step is scaled to its share (``docs/small_batches.md``). A batch of
+            this many or more, or a small one right after such a batch (a domain's short last batch), stands alone as
+            in the reference.
+        bn_prior: in a pooled small batch every BatchNorm mixes the batch's statistics with the layer's source
+            statistics at this prior strength ``N₀`` (Schneider et al., NeurIPS 2020: ``(N₀·source + n·batch) /
+            (N₀ + n)``); 0: the batch's statistics alone.
         max_consecutive_skips: stop with :class:`~zoa_lightning.core.zoa.AdaptationDiverged` after this many batches
             in a row were rolled back (a run that can no longer adapt must not exit looking fine). ``None``: never.
     """
@@ -115,6 +123,8 @@ class ZOAConfig:
     normalize_floor: float = 1e-3
     normalize_momentum: float = 0.9
     tap_attribution: bool = False
+    pool_images: int = 64
+    bn_prior: float = 16.0
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
@@ -159,6 +169,8 @@ class ZOAConfig:
             ),
             (self.normalize_floor > 0, f"normalize_floor must be > 0, got {self.normalize_floor}"),
             (0 <= self.normalize_momentum < 1, f"normalize_momentum must be in [0, 1), got {self.normalize_momentum}"),
+            (self.pool_images >= 2, f"pool_images must be >= 2, got {self.pool_images}"),
+            (self.bn_prior >= 0, f"bn_prior must be >= 0, got {self.bn_prior}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from zoa_lightning.core.stats import ReduceFn, channel_moments, finish
 
-__all__ = ["DomainShiftDetector", "detector_statistics"]
+__all__ = ["DomainShiftDetector", "detector_statistics", "detector_sums", "finish_sums"]
+
+
+def detector_sums(output: Tensor, kind: Literal["vit", "cnn"], num_prefix_tokens: int, reduce_fn: ReduceFn) -> Tensor:
+    """``[Σx (C), Σx² (C), values per channel, images]`` of the detector tensor, float64, summed over processes.
+
+    Args:
+        output: the detector module's output: ``(B, tokens, C)`` for a ViT, ``(B, C, H, W)`` for a CNN.
+        kind: ``"vit"`` or ``"cnn"``.
+        num_prefix_tokens: leading ViT tokens (class token, registers) left out of the sums and the count.
+        reduce_fn: sums the statistics vector over processes.
+    """
+    if kind == "vit":
+        output = output[:, num_prefix_tokens:]  # patch tokens only, for the sums and the count
+        s1, s2 = channel_moments(output, (0, 1))
+    else:
+        s1, s2 = channel_moments(output, (0, 2, 3))
+    c = s1.numel()
+    return reduce_fn(torch.cat([s1, s2, s1.new_tensor([output.numel() // c, output.shape[0]])]))
+
+
+def finish_sums(stats: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Per-channel mean and unbiased variance, and the image count, from :func:`detector_sums`' vector."""
+    c = (stats.numel() - 2) // 2
+    mean, var = finish(stats[2 * c], stats[:c], stats[c : 2 * c])
+    return mean, var, int(stats[2 * c + 1])
 
 
 def detector_statistics(
@@ -27,15 +52,7 @@ def detector_statistics(
     Returns:
         ``(mean, var, images)``, the statistics in float64 over every process's tokens or pixels.
     """
-    if kind == "vit":
-        output = output[:, num_prefix_tokens:]  # patch tokens only, for the sums and the count
-        s1, s2 = channel_moments(output, (0, 1))
-    else:
-        s1, s2 = channel_moments(output, (0, 2, 3))
-    c = s1.numel()
-    stats = reduce_fn(torch.cat([s1, s2, s1.new_tensor([output.numel() // c, output.shape[0]])]))
-    mean, var = finish(stats[2 * c], stats[:c], stats[c : 2 * c])
-    return mean, var, int(stats[2 * c + 1])
+    return finish_sums(detector_sums(output, kind, num_prefix_tokens, reduce_fn))
 
 
 class DomainShiftDetector(nn.Module):
@@ -45,7 +62,8 @@ class DomainShiftDetector(nn.Module):
         channels: channel count of the detector tensor.
         threshold: ``τ``; a divergence above it is a shift.
         momentum: weight of the old statistics in the running update (0.8).
-        min_batch: batches with fewer images neither test nor update (64 in the reference).
+        min_batch: batches with fewer images neither test nor update (64 in the reference); pooled small batches
+            (:mod:`~zoa_lightning.core.small_batch`) add up in a pending chunk that tests once it holds this many.
         device: where the buffers live.
         dtype: their dtype.
 
@@ -60,6 +78,7 @@ class DomainShiftDetector(nn.Module):
     mean: Tensor
     var: Tensor
     ready: Tensor
+    pending: Tensor
 
     def __init__(
         self,
@@ -75,9 +94,12 @@ class DomainShiftDetector(nn.Module):
         self.register_buffer("mean", torch.zeros(channels, device=device, dtype=dtype))
         self.register_buffer("var", torch.zeros(channels, device=device, dtype=dtype))
         self.register_buffer("ready", torch.zeros((), device=device, dtype=torch.bool))
+        # pooled small batches: the summed detector_sums of the chunk not yet tested (zeros: none)
+        self.register_buffer("pending", torch.zeros(2 * channels + 2, device=device, dtype=torch.float64))
         self._full_batch_seen = False
         self._warned = False
         self._last: tuple[Tensor, Tensor, int] | None = None
+        self._observed = False  # this batch's prediction pass has been observed
 
     def observe(
         self,
@@ -86,19 +108,33 @@ class DomainShiftDetector(nn.Module):
         num_prefix_tokens: int,
         reduce_fn: ReduceFn,
         reuse: bool = False,
+        pooled: bool = False,
     ) -> bool:
-        """:func:`detector_statistics` of a detector tensor, then :meth:`step`; whether a shift was detected.
+        """:func:`detector_sums` of a detector tensor, then :meth:`step`; whether a shift was detected.
 
-        With ``reuse`` the statistics of the previous observation are taken instead (the perturbed pass in reference
-        mode: the detector tensor does not depend on the adapted values, spec §5.1, so nothing is sent again).
+        With ``reuse`` the statistics the previous observation tested are tested again, or nothing when it tested
+        nothing (the perturbed pass in reference mode: the detector tensor does not depend on the adapted values,
+        spec §5.1, so nothing is sent again). With ``pooled`` (a small batch) the sums join the pending chunk, which
+        is tested once it holds ``min_batch`` images; without, the batch is tested alone and any pending chunk dropped.
         """
-        if not reuse or self._last is None:
-            self._last = detector_statistics(output, kind, num_prefix_tokens, reduce_fn)
+        if reuse and self._observed:
+            return self._last is not None and bool(self.step(*self._last))
+        self._observed = True
+        stats = detector_sums(output, kind, num_prefix_tokens, reduce_fn)
+        if pooled:
+            self.pending.add_(stats.to(self.pending.device))
+            if float(self.pending[-1]) < self.min_batch:
+                self._last = None
+                return False
+            stats = self.pending.clone()
+        self.pending.zero_()
+        self._last = finish_sums(stats)
         return bool(self.step(*self._last))
 
     def end_batch(self) -> None:
         """Forget the statistics kept for reuse."""
         self._last = None
+        self._observed = False
 
     def divergence(self, mean: Tensor, var: Tensor) -> float:
         """Symmetric KL divergence between the running statistics and ``(mean, var)``, averaged over channels."""
@@ -128,6 +164,10 @@ class DomainShiftDetector(nn.Module):
             self.var.copy_(var)
             self.ready.fill_(True)
         return shift
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        state_dict.setdefault(prefix + "pending", torch.zeros_like(self.pending))  # from before pooling existed
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _warn_small(self, images: int) -> None:
         if self._full_batch_seen or self._warned:

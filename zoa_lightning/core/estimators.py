@@ -204,6 +204,7 @@ def per_sample_gradients(
     rank: int = 0,
     world_size: int = 1,
     first_tap: Tensor | None = None,
+    images: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The per-sample estimates of the loss gradient in the mixing logits and the epsilons, from one perturbed pass.
 
@@ -212,7 +213,8 @@ def per_sample_gradients(
             features ``(B, F)``, loss logits ``(B, classes)`` and loss (a scalar, for the caller's checks).
         features: this process's clean-pass features ``(B, F)``.
         logits: the clean pass's loss logits.
-        stats: the clean pass's reduced loss statistics ``[Σf, Σf², ΣH, n]``.
+        stats: the reduced loss statistics ``[Σf, Σf², ΣH, n]`` the clean pass's loss read (a small batch's pooled
+            with earlier batches': ``n`` then counts them too, and only this batch's images are perturbed).
         source_mean: source means.
         source_std: source stds.
         tap_dims: loss tap widths.
@@ -229,18 +231,20 @@ def per_sample_gradients(
         world_size: the number of processes.
         first_tap: for tap attribution, the index of the first loss tap (``tap_dims`` order, the head last) each
             epsilon's layer runs before, ``(P,)``; ``None``: every epsilon is credited with the whole difference.
+        images: the batch's image count over all processes (default ``n``, the batch alone).
 
     Returns:
         ``(grad_alpha, grad_theta, loss_plus)``.
     """
     dim = features.shape[1]
     n = float(stats[-1])
+    batch = int(n) if images is None else int(images)
     sizes = reduce_fn(torch.zeros(world_size, dtype=torch.float64, device=stats.device).index_fill_(
         0, torch.tensor([rank], device=stats.device), float(features.shape[0])
     ))  # fmt: skip
     start, rows = int(sizes[:rank].sum()), features.shape[0]
-    u_alpha = draw_perturbations(int(n), alpha.numel(), kind, generator).to(alpha.device, alpha.dtype)
-    u_theta = draw_perturbations(int(n), theta.numel(), kind, generator).to(theta.device, theta.dtype)
+    u_alpha = draw_perturbations(batch, alpha.numel(), kind, generator).to(alpha.device, alpha.dtype)
+    u_theta = draw_perturbations(batch, theta.numel(), kind, generator).to(theta.device, theta.dtype)
     local_alpha, local_theta = u_alpha[start : start + rows], u_theta[start : start + rows]
     features_plus, logits_plus, loss_plus = pass_at(alpha + c_alpha * local_alpha, theta + c * local_theta)
     mean, var = finish(stats[-1], stats[:dim], stats[dim : 2 * dim])
@@ -249,7 +253,7 @@ def per_sample_gradients(
         local = sample_differences(weights, features, features_plus, logits, logits_plus, n)
     else:
         local = tap_differences(weights, features, features_plus, logits, logits_plus, n, tap_dims)
-    rows_of_batch = torch.zeros((int(n), *local.shape[1:]), dtype=torch.float64, device=local.device)
+    rows_of_batch = torch.zeros((batch, *local.shape[1:]), dtype=torch.float64, device=local.device)
     differences = reduce_fn(rows_of_batch.index_copy_(0, torch.arange(start, start + rows, device=local.device), local))
     second = perturbation_second_moment(kind)
     total = differences if differences.ndim == 1 else differences.sum(1)  # the logits mix every layer: all taps
@@ -283,6 +287,11 @@ class PassOutput(Protocol):
     logits: Tensor
     loss: Tensor
     stats: Tensor
+
+    @property
+    def images(self) -> int:
+        """The batch's image count over all processes (``stats`` may pool earlier batches)."""
+        ...
 
 
 class GradientEstimator:
@@ -364,7 +373,7 @@ class GradientEstimator:
                 cfg.lambda_bp, alpha, theta, c=cfg.spsa_c, c_alpha=cfg.spsa_c_alpha,
                 kind=cfg.perturbation or "rademacher", generator=self.generator, reduce_fn=self.reduce_fn,
                 rank=self.rank, world_size=self.world_size,
-                first_tap=self.first_tap if cfg.tap_attribution else None,
+                first_tap=self.first_tap if cfg.tap_attribution else None, images=base.images,
             )  # fmt: skip
             check(loss_plus, base.loss)
             sums[0].add_(grad_alpha)

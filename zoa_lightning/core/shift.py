@@ -45,10 +45,14 @@ class ActivationShift(nn.Module):
         """Forget the running mean (a detected domain shift); the next :meth:`update` starts it anew."""
         self.ready.fill_(False)
 
-    def update(self, batch_mean: Tensor) -> None:
-        """Fold one batch's mean in: ``h = m·h + (1 - m)·batch_mean``, or ``h = batch_mean`` after a reset."""
+    def update(self, batch_mean: Tensor, momentum: float | None = None) -> None:
+        """Fold one batch's mean in: ``h = m·h + (1 - m)·batch_mean``, or ``h = batch_mean`` after a reset.
+
+        ``momentum`` overrides ``m`` for this batch (a small batch's, scaled to its size).
+        """
+        m = self.momentum if momentum is None else momentum
         if bool(self.ready):
-            self.mean.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+            self.mean.mul_(m).add_(batch_mean, alpha=1 - m)
         else:
             self.mean.copy_(batch_mean)
             self.ready.fill_(True)

@@ -48,7 +48,9 @@ class PassRecord:
 class PassResult:
     """One recorded pass with its loss: logits, record, loss, unshifted final mean, reduced statistics, features.
 
-    ``features`` (per image) are kept only for the per-sample estimator.
+    ``stats`` are those the loss read (pooled with earlier batches' for a small batch), ``own`` the batch's alone
+    (``None``: the same), ``final_mean`` the batch's own. ``features`` (per image) are kept only for the per-sample
+    estimator.
     """
 
     logits: Tensor
@@ -57,6 +59,12 @@ class PassResult:
     final_mean: Tensor
     stats: Tensor
     features: Tensor | None = None
+    own: Tensor | None = None
+
+    @property
+    def images(self) -> int:
+        """The batch's image count over all processes."""
+        return int((self.stats if self.own is None else self.own)[-1])
 
 
 class NetworkTaps:

@@ -56,8 +56,14 @@ class ZOAUpdate(nn.Module):
             state_dict.setdefault(prefix + name, torch.zeros((), dtype=getattr(self, name).dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def step(self, bank: KnowledgeBank, entries: int, grad_alpha: Tensor, grad_theta: Tensor) -> str | None:
+    def step(
+        self, bank: KnowledgeBank, entries: int, grad_alpha: Tensor, grad_theta: Tensor, share: float = 1.0
+    ) -> str | None:
         """Update ``bank.theta`` and the first ``entries`` mixing logits in place.
+
+        ``share`` (a pooled small batch's ``n / N``, ``docs/small_batches.md``) scales both learning rates and divides
+        the epsilons' estimate: the loss-gradient part of the step keeps its size, weight decay and the logits' step
+        shrink to the batch's share.
 
         Returns:
             ``None``, or why the batch must be rolled back (a non-finite value, an epsilon beyond the bound).
@@ -65,15 +71,18 @@ class ZOAUpdate(nn.Module):
         cfg = self.config
         if not bool(torch.isfinite(grad_theta).all()) or not bool(torch.isfinite(grad_alpha).all()):
             return "gradient estimate is not finite"
+        lr, lr_alpha = cfg.lr, cfg.lr_alpha
+        if share != 1.0:
+            grad_theta, lr, lr_alpha = grad_theta / share, lr * share, lr_alpha * share
         if cfg.normalize_step:
             grad_theta = self.normalized(grad_theta)
         momentum = self.momentum_buffer if cfg.momentum else None
-        sgd_step_(bank.theta, grad_theta, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+        sgd_step_(bank.theta, grad_theta, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                   momentum_buffer=momentum, first_step=not bool(self.momentum_ready))  # fmt: skip
         self.momentum_ready.fill_(bool(cfg.momentum))
         if entries > 1:  # the logits move only once there is stored knowledge
             alpha = bank.alpha[:entries]
-            adamw_first_step_(alpha, grad_alpha, lr=cfg.lr_alpha, weight_decay=cfg.weight_decay_alpha)
+            adamw_first_step_(alpha, grad_alpha, lr=lr_alpha, weight_decay=cfg.weight_decay_alpha)
         if not bool(torch.isfinite(bank.theta).all()) or not bool(torch.isfinite(bank.alpha[:entries]).all()):
             return "updated parameter is not finite"
         largest = float(bank.theta.abs().max())

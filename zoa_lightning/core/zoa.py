@@ -3,11 +3,13 @@
 Per batch: pass A predicts and yields ``L0``; pass B, every adapted value perturbed, yields ``L+``; their difference is
 the gradient estimate (``config.estimator``) that updates the epsilons and mixing logits, with nothing back-propagated.
 ``ZOA`` composes the parts of ``zoa_lightning.core`` (taps, bank, loss, detector, shift, source statistics,
-estimators, update, transaction); every statistic is a sum passed through ``reduce_fn``, so a sum all-reduce makes N
-processes adapt as one on their concatenated batch. Failures: a malformed or non-finite input raises ``ValueError``
-before anything changes; a non-finite loss, estimate or update, or an epsilon beyond ``config.max_abs_epsilon``, rolls
-the batch back (:class:`~zoa_lightning.core.transaction.BatchGuard`) and predicts with pass A's logits (or the
-unadapted network's); ``config.max_consecutive_skips`` rollbacks in a row raise :class:`AdaptationDiverged`.
+estimators, update, transaction, and small-batch pooling: a batch below ``config.pool_images`` images, down to one,
+pools its statistics with the batches before it, ``docs/small_batches.md``); every statistic is a sum passed through
+``reduce_fn``, so a sum all-reduce makes N processes adapt as one on their concatenated batch. Failures: a malformed
+or non-finite input raises ``ValueError`` before anything changes; a non-finite loss, estimate or update, or an
+epsilon beyond ``config.max_abs_epsilon``, rolls the batch back (:class:`~zoa_lightning.core.transaction.BatchGuard`)
+and predicts with pass A's logits (or the unadapted network's); ``config.max_consecutive_skips`` rollbacks in a row
+raise :class:`AdaptationDiverged`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from zoa_lightning.core.layout import ModelLayout, check_image_batch, default_in
 from zoa_lightning.core.loss import ZOALoss, loss_statistics
 from zoa_lightning.core.policies import UnadaptedPredictions, on_shift
 from zoa_lightning.core.shift import ActivationShift
+from zoa_lightning.core.small_batch import SmallBatches
 from zoa_lightning.core.source import SourceStatistics
 from zoa_lightning.core.stats import CountedReduce, ReduceFn
 from zoa_lightning.core.taps import NetworkTaps, PassRecord, PassResult
@@ -117,6 +120,7 @@ class ZOA(CountingAdapter):
             probe.detector_channels, cfg.domain_t, cfg.detector_momentum, cfg.detector_min_batch, device, dtype
         )
         self.shift = ActivationShift(self.final_dim, cfg.shift_momentum, device, dtype)
+        self.small = SmallBatches(2 * self.loss.dim + 2, cfg.pool_images, device)  # batches below pool_images
         self.update = ZOAUpdate(cfg, self.bank.size, device)
         self.estimator = GradientEstimator(
             cfg, self.loss.tap_dims, self.source, self.generator, self.reduce, rank, world_size
@@ -124,7 +128,7 @@ class ZOA(CountingAdapter):
         if cfg.tap_attribution:  # the first loss tap after each adapted layer (docs/estimators.md)
             self.estimator.set_layer_taps(self.taps.first_taps(zeros, self.layout.norms), self.bank.widths)
         self._init_counters(device)
-        self.unadapted = UnadaptedPredictions(model, self.bank, self.counters, self.predict)
+        self.unadapted = UnadaptedPredictions(model, self.bank, self.counters)
 
     # ------------------------------------------------------------------ passes, detector, shift
     def _pass(self, images: Tensor, pass_index: int, shift: Tensor | None, mode: str = "adapt") -> PassResult:
@@ -138,13 +142,18 @@ class ZOA(CountingAdapter):
             record.head_input = record.final() + applied
             logits = self.taps.head(record.head_input)
         features = record.features()
-        stats = self.reduce(loss_statistics(features, logits))
+        own = self.reduce(loss_statistics(features, logits))
         if mode == "adapt":
             record.taps.clear()  # the statistics are all the loss needs: free the features before the next pass
+        stats = self.small.pooled(own)  # a small batch: with the recent batches' statistics
         loss, mean = self.loss(stats, self.source.mean, self.source.std)
+        if stats is not own:  # the batch's own final mean (the activation shift's EMA tracks batches)
+            dim = self.loss.dim
+            mean = own[dim - self.final_dim : dim] / own[-1]
         final = mean[-self.final_dim :].to(self.shift.mean.dtype)
         kept = features if self.config.estimator == "per_sample" else None
-        return PassResult(logits, record, loss, final if applied is None else final - applied, stats, kept)
+        applied_own = None if stats is own else own
+        return PassResult(logits, record, loss, final if applied is None else final - applied, stats, kept, applied_own)
 
     def fitness(self, images: Tensor, shift: Tensor | None = None) -> PassResult:
         """One pass's loss on ``images`` with the current parameters, touching no adaptation state (no detector).
@@ -161,7 +170,10 @@ class ZOA(CountingAdapter):
         if (record.mode == "source" and not cfg.seed_detector_from_source) or (perturbed and cfg.detector_passes == 1):
             return
         layout = self.layout
-        record.detected = self.detector.observe(output, layout.kind, layout.num_prefix_tokens, self.reduce, perturbed)
+        record.detected = self.detector.observe(
+            output, layout.kind, layout.num_prefix_tokens, self.reduce, perturbed,
+            pooled=self.small.active or record.mode == "source",  # source batches seed it in chunks too
+        )  # fmt: skip
         if record.detected:  # spec §5.3 and §5.7: only the prediction pass stores
             self.events.append(on_shift(self.bank, self.counters, record.pass_index > 0, cfg.use_bank))
 
@@ -191,7 +203,7 @@ class ZOA(CountingAdapter):
             return self.taps.run(images.to(self.bank.theta.device), "source")[1].features()
 
         self.source.collect(loader, features, self.reduce, max_batches)
-
+        self.detector.pending.zero_()  # a chunk of clean images left over is not the stream's
     def set_source_statistics(self, mean: Tensor, std: Tensor) -> None:
         """Install precomputed source statistics (concatenated over the loss taps, network order)."""
         self.source.set(mean, std)
@@ -215,32 +227,43 @@ class ZOA(CountingAdapter):
         check_image_batch(images, self.model, self.layout, self.input_size)
         if not bool(self.source.ready):
             raise RuntimeError("ZOA has no source statistics: call collect_source_statistics(clean_loader) first")
-        if images.shape[0] < 2:
-            return self.unadapted.single(images)
         guard = BatchGuard(self, self.generator, self.events, self.counters)
         self.reduce.begin_batch()
+        self._begin_batch(images)
         try:
             with torch.no_grad():
-                prediction = self._adapt(images)
+                prediction, own, detected = self._adapt(images)
             guard.commit()
         except Rollback as failure:
             guard.rollback(failure.what)
-            fallback = failure.prediction
+            own, detected, fallback = None, False, failure.prediction
             finite = fallback is not None and bool(torch.isfinite(fallback).all())
             prediction = fallback if fallback is not None and finite else self.unadapted.pretrained(images)
         except BaseException:
             guard.rollback()
+            self.small.active = False
             raise
         finally:
             self.detector.end_batch()
             self.reduce.end_batch()  # communication happens even when rolled back
+            self.bank.batch_prior = None
+        self.small.finish(own, detected)  # the pool of recent statistics (docs/small_batches.md)
         self.counters.add("batches")
         cfg = self.config
         guard.check_limit(cfg.max_consecutive_skips, f"Lower the learning rate (lr={cfg.lr}) or spsa_c ({cfg.spsa_c})")
         return prediction
 
     # ------------------------------------------------------------------ one batch (spec §3.4)
-    def _adapt(self, images: Tensor) -> Tensor:
+    def _begin_batch(self, images: Tensor) -> None:
+        """Count the batch's images over all processes and decide whether it is pooled (docs/small_batches.md)."""
+        count = images.shape[0]
+        if self.world_size > 1:
+            count = int(self.reduce(torch.tensor([float(count)], dtype=torch.float64, device=images.device)))
+        self.small.begin(count)
+        pooled = self.small.active and self.config.bn_prior > 0
+        self.bank.batch_prior = self.config.bn_prior if pooled else None
+
+    def _adapt(self, images: Tensor) -> tuple[Tensor, Tensor, bool]:
         cfg = self.config
         shift = self.shift_vector()  # 1. the shift vector from the batches so far
         a = self._pass(images, 0, shift)  # 2. pass A: prediction and L0; the detector may store knowledge
@@ -248,16 +271,18 @@ class ZOA(CountingAdapter):
         prediction = a.logits if late is None else self.taps.head(a.record.final() + late)
         loss0, final_mean, detected = a.loss, a.final_mean, a.record.detected
         a.record.head_input = None  # free pass A's activations before pass B (the per-sample estimator keeps features)
-        if not bool(torch.isfinite(loss0)) or not bool(torch.isfinite(prediction).all()):
+        steps = cfg.steps if float(a.stats[-1]) >= 2 else 0  # one image so far: no variance, no step
+        if not bool(torch.isfinite(prediction).all()) or (steps and not bool(torch.isfinite(loss0))):
             raise Rollback("unperturbed loss is not finite", prediction)
         if detected:
             self.shift.reset()  # 3. a new domain: the running test mean starts again
-        self.last_losses = (float(loss0),)
+        self.last_losses = (float(loss0),) if steps else ()
+        self.counters.add("unadapted_batches", int(not steps and cfg.steps > 0))
         k = self.bank.num_entries  # 4. after a possible store in pass A
-        for step in range(cfg.steps):  # 5-6. perturbed pass(es), estimate, update
+        for step in range(steps):  # 5-6. perturbed pass(es), estimate, update
             self._step(images, shift, k, prediction, a if step == 0 else None)
-        self.shift.update(final_mean)  # 7. fold this batch's mean into the activation shift
-        return prediction  # 8.
+        self.shift.update(final_mean, self.small.momentum(cfg.shift_momentum))  # 7. the activation shift's EMA
+        return prediction, a.stats if a.own is None else a.own, detected  # 8.
 
     def _step(self, images: Tensor, shift: Tensor | None, k: int, prediction: Tensor, clean: PassResult | None) -> None:
         """One step: ``sp_avg`` gradient estimates (spec §3.2; ``config.estimator``), then the updates (spec §3.3)."""
@@ -273,7 +298,7 @@ class ZOA(CountingAdapter):
                 raise Rollback("perturbed loss is not finite", prediction)
 
         grad_alpha, grad_theta = self.estimator.estimate(run, bank.alpha[:k].clone(), bank.theta.clone(), clean, check)
-        failure = self.update.step(bank, k, grad_alpha, grad_theta)
+        failure = self.update.step(bank, k, grad_alpha, grad_theta, self.small.share)
         if failure is not None:
             raise Rollback(failure, prediction)
 
