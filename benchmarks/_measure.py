@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import statistics
 import time
 import types
@@ -84,7 +85,12 @@ def method_parser() -> LightningArgumentParser:
 
 
 def build_method(
-    method: str, network: nn.Module, num_classes: int, source: SourceData, method_dir: Path | None = None
+    method: str,
+    network: nn.Module,
+    num_classes: int,
+    source: SourceData,
+    method_dir: Path | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> StreamModule:
     """Build ``configs/methods/<method>.yaml``'s module around a copy of ``network`` and run its setup.
 
@@ -99,6 +105,7 @@ def build_method(
         num_classes: classifier size.
         source: clean source batches.
         method_dir: folder of the method configs (default :func:`zoa_lightning.methods.default_method_dir`).
+        overrides: ``init_args`` set over the config's (``{"lr": 0.005}`` as ``--model.init_args.lr 0.005``).
 
     Returns:
         The ready module.
@@ -109,8 +116,9 @@ def build_method(
             other refusals (``ValueError`` for a bad hyperparameter).
     """
     parser = method_parser()
+    flags = [f"--model.init_args.{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
     config = parser.parse_args(
-        ["--config", str(method_config(method, method_dir)), "--model.init_args.num_classes", str(num_classes)]
+        ["--config", str(method_config(method, method_dir)), "--model.init_args.num_classes", str(num_classes), *flags]
     )
     config.model.init_args.network = copy.deepcopy(network)  # instead of building the config's network by name
     try:
