@@ -6,7 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,15 @@ def make_resnet(seed: int = 0) -> nn.Module:
 
 
 MODEL_FACTORIES: dict[str, Callable[[int], nn.Module]] = {"vit": make_vit, "resnet": make_resnet}
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Two processes share two cores: keep the single-process reference run to one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

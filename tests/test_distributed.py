@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,15 +25,6 @@ from tests.conftest import corrupt_noise, make_resnet, make_stream, make_trainer
 from zoa_lightning import ZOAModule
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.module import _check_sharded_loaders
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Two processes share two cores: keep the single-process reference run to one thread too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fake_trainer(world_size: int, rank: int, use_distributed_sampler: bool = False) -> Any:

@@ -1,0 +1,127 @@
+"""Deployment streams end to end: every batch size from 1 to 64, ViT and CNN, one process and two (issue 14)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import MODEL_FACTORIES, corrupt_noise, make_resnet, make_stream, make_trainer, make_vit
+from tests.test_distributed import _load, _RecordPerBatch, _run_ranks, _split, _ThreadAllReduce
+from zoa_lightning import ZOAModule
+from zoa_lightning.core import ZOA, ZOAConfig
+
+ORDERS: dict[str, dict[str, Any]] = {
+    "continual": {},
+    "label_dirichlet": {"label_dirichlet": 0.1},
+    "mixed": {"mixed_domains": True},
+    "gradual": {"gradual": True},
+}
+FAST_SIZES = (1, 2, 3, 8, 17, 64)
+CONFIG = ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, detector_min_batch=16, pool_images=16)
+
+
+def _stream(digits: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """48 clean then 48 noisy images (a shift the detector must see), cut into batches within each domain."""
+    clean, noisy = digits[512:560], corrupt_noise(digits[600:648])
+    return [*clean.split(batch), *noisy.split(batch)]
+
+
+def _single_and_sharded(kind: str, digits: torch.Tensor, batch: int) -> None:
+    """One engine on the stream, then (for batches of two or more) two thread 'processes' on halves of each batch."""
+    stream = _stream(digits, batch)
+    source = digits[:128].split(32)
+    single = ZOA(MODEL_FACTORIES[kind](0), CONFIG)
+    single.collect_source_statistics(source)
+    want = [(single(x), single.bank.theta.clone(), single.bank.alpha.clone()) for x in stream]
+    assert all(torch.isfinite(logits).all() for logits, _, _ in want)
+    assert single.counter("stores") >= 1, f"batch {batch}: the shift should be detected and stored"
+    assert single.skipped_batches == 0
+    if batch < 2:  # two processes need an image each
+        return
+    world = 2
+    comm = _ThreadAllReduce(world)
+    networks = [MODEL_FACTORIES[kind](0) for _ in range(world)]  # built here: building seeds the global generator
+    got: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(world)]
+
+    def rank_work(rank: int) -> None:
+        engine = ZOA(networks[rank], CONFIG, reduce_fn=comm.for_rank(rank), rank=rank, world_size=world)
+        engine.collect_source_statistics([_split(x, world, rank) for x in source])
+        for x in stream:
+            logits = engine(_split(x, world, rank))
+            got[rank].append((logits, engine.bank.theta.clone(), engine.bank.alpha.clone()))
+
+    _run_ranks(rank_work, world)
+    for i, (logits, theta, alpha) in enumerate(want):
+        r0, r1 = got[0][i], got[1][i]
+        assert torch.equal(r0[1], r1[1]), f"batch size {batch}: ranks' epsilons differ after batch {i}"
+        assert torch.equal(r0[2], r1[2]), f"batch size {batch}: ranks' mixing logits differ after batch {i}"
+        torch.testing.assert_close(r0[1], theta, rtol=0, atol=1e-5)
+        torch.testing.assert_close(r0[2], alpha, rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.cat([r0[0], r1[0]]), logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+@pytest.mark.parametrize("batch", FAST_SIZES)
+def test_batch_sizes_adapt_store_and_shard_exactly(
+    kind: str, batch: int, digits: torch.Tensor, one_thread: None
+) -> None:
+    _single_and_sharded(kind, digits, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_every_batch_size_from_1_to_64_adapts_stores_and_shards_exactly(
+    kind: str, digits: torch.Tensor, one_thread: None
+) -> None:
+    for batch in range(1, 65):
+        _single_and_sharded(kind, digits, batch)
+
+
+@pytest.mark.parametrize("order", sorted(ORDERS))
+@pytest.mark.parametrize(("make", "batch"), [(make_vit, 1), (make_resnet, 1), (make_vit, 8), (make_resnet, 64)])
+def test_every_stream_order_runs_end_to_end(order: str, make: Any, batch: int, cache_dir: Path) -> None:
+    module = ZOAModule(network=make(0), lr=0.005, spsa_c=0.05)
+    results = make_trainer(batches=3).test(module, datamodule=make_stream(cache_dir, batch_size=batch, **ORDERS[order]))
+    assert results
+    rows = module.stream_results()
+    assert rows
+    assert all(row["n"] == 3 * batch for row in rows)  # three batches of every domain, each predicted
+    assert module.skipped_batches() == 0
+
+
+def _ddp_states(tmp_path: Path, tag: str, step: int) -> list[dict[str, Any]]:
+    return [_load(tmp_path / f"{tag}{rank}_batch{step}.pt") for rank in range(2)]
+
+
+@pytest.mark.ddp
+def test_two_gloo_processes_adapt_a_batchnorm_network_on_small_mixed_batches_exactly_as_one(
+    cache_dir: Path, tmp_path: Path, one_thread: None
+) -> None:
+    # Global batches of 6 (3 per process) from the mixed-domain stream: pooled loss statistics, chunked detection and
+    # the BatchNorm prior, all from sums over both processes.
+    batch, batches = 6, 24
+    options = {"lr": 0.005, "spsa_c": 0.05, "domain_t": 0.2, "lambda_bp": 1.0, "detector_min_batch": 12}
+    data = {"batch_size": batch, "mixed_domains": True}
+    single = make_trainer([_RecordPerBatch(tmp_path, "single")], batches=batches)
+    single.test(ZOAModule(network=make_resnet(0), **options), datamodule=make_stream(cache_dir, **data))
+    ddp = make_trainer(
+        [_RecordPerBatch(tmp_path, "ddp")],
+        batches=batches,
+        strategy="ddp_spawn",
+        devices=2,
+        use_distributed_sampler=False,
+    )
+    ddp.test(ZOAModule(network=make_resnet(0), **options), datamodule=make_stream(cache_dir, **data))
+    for i in range(batches):
+        ref = _load(tmp_path / f"single0_batch{i}.pt")
+        r0, r1 = _ddp_states(tmp_path, "ddp", i)
+        assert (len(r0["labels"]), len(r1["labels"])) == (3, 3)
+        assert torch.equal(r0["theta"], r1["theta"]), f"ranks' epsilons differ after batch {i}"
+        assert torch.equal(r0["alpha"], r1["alpha"]), f"ranks' mixing logits differ after batch {i}"
+        torch.testing.assert_close(r0["theta"], ref["theta"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(r0["alpha"], ref["alpha"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.cat([r0["logits"], r1["logits"]]), ref["logits"], rtol=0, atol=1e-4)
+    assert float(ref["theta"].abs().max()) > 0, "the single process should have adapted"
