@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,33 @@ def test_two_gloo_processes_adapt_a_batchnorm_network_on_small_mixed_batches_exa
         torch.testing.assert_close(r0["alpha"], ref["alpha"], rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.cat([r0["logits"], r1["logits"]]), ref["logits"], rtol=0, atol=1e-4)
     assert float(ref["theta"].abs().max()) > 0, "the single process should have adapted"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["demo_vit", "demo_cnn"])
+def test_the_bank_stores_on_the_demo_streams_shifts_at_batch_size_8(name: str, cache_dir: Path) -> None:
+    # The demo stream (15 corruptions, severity 5), the first 128 images of every domain. At batch 8 the detector tests
+    # 64-image chunks: it sees the same corruption changes as at batch 64 and the bank stores at each of them.
+    from datamodules import CorruptionStreamDataModule
+    from zoa_lightning.demo import load_demo_model
+
+    cache = os.environ.get("ZOA_CACHE_DIR") or str(cache_dir.parent / "demo")
+    data = CorruptionStreamDataModule(dataset="mnist", num_source_images=512, cache_dir=cache)
+    data.prepare_data()
+    data.setup("test")
+    source = [images for images, _ in data.source_dataloader()]
+    domains = [torch.stack([loader.dataset[i][0] for i in range(128)]) for loader in data.test_dataloader().values()]
+    kind = {"lambda_bp": 1.0, "domain_t": 0.2} if name == "demo_cnn" else {}
+    stores: dict[int, list[int]] = {}
+    for batch in (64, 8):
+        adapter = ZOA(load_demo_model(name), ZOAConfig(lr=0.005, spsa_c=0.05, **kind))  # type: ignore[arg-type]
+        adapter.collect_source_statistics(source)
+        stores[batch] = []
+        for images in domains:
+            before = adapter.counter("stores")
+            for x in images.split(batch):
+                assert torch.isfinite(adapter(x)).all()
+            stores[batch].append(adapter.counter("stores") - before)
+        assert adapter.skipped_batches == 0
+    assert stores[8] == stores[64], f"stores per domain: batch 8 {stores[8]}, batch 64 {stores[64]}"
+    assert sum(stores[8]) >= 7, f"the bank should store at most corruption changes: {stores[8]}"
