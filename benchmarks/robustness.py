@@ -84,7 +84,7 @@ def stream(data: CorruptionStreamDataModule, stride: int) -> list[tuple[str, Ten
     domains = []
     for name, loader in data.test_dataloader().items():
         dataset = loader.dataset
-        items = [dataset[i] for i in range(0, len(dataset), stride)]
+        items = [dataset[i] for i in range(0, len(dataset), stride)]  # type: ignore[arg-type]
         domains.append((str(name), torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])))
     return domains
 

@@ -17,7 +17,7 @@ from tests.conftest import make_resnet, make_vit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import accuracy, cost, estimators  # noqa: E402
+from benchmarks import accuracy, cost, estimators, robustness  # noqa: E402
 from benchmarks._measure import SourceData, build_method, peak_step_bytes, resident_bytes, step  # noqa: E402
 from zoa_lightning.methods import method_names  # noqa: E402
 
@@ -203,3 +203,40 @@ def test_estimator_quality_is_measured_against_the_exact_gradient(digits: torch.
     cosine = {name: r["cosine"] for name, r in row["estimators"].items()}
     assert cosine["per_sample/rademacher"] > 3 * abs(cosine[estimators.REFERENCE]), cosine
     assert all(r["relative_error"] > 0 for r in row["estimators"].values())
+
+
+def _robustness_run(out: Path, method: str, accuracy_: float | None, status: str = "ok", batch: int = 4) -> None:
+    row = {"model": "demo_vit", "order": "mixed", "batch_size": batch, "method": method, "status": status}
+    if accuracy_ is not None:
+        row["accuracy"] = accuracy_
+    if status != "ok":
+        row["error"] = "TypeError: refuses" if status == "refused" else "ValueError: collapsed"
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / f"{method}_{batch}.json").write_text(json.dumps(row))
+
+
+def test_robustness_report_checks_the_target_and_lists_every_fall(tmp_path: Path) -> None:
+    for method, acc in [("no_adapt", 60.0), ("zoa", 59.6), ("zoa_per_sample", 61.0), ("tent", 40.0)]:
+        _robustness_run(tmp_path, method, acc)
+    _robustness_run(tmp_path, "foa", None, status="failed")
+    _robustness_run(tmp_path, "zoa_shift_only", None, status="refused")
+    result = robustness.report(tmp_path)
+    assert result["target_met"]  # zoa 0.4 below: within the 0.5 tolerance; tent and foa may fall
+    assert {(e["method"], e["status"]) for e in result["below_no_adapt"]} == {("tent", "ok"), ("foa", "failed")}
+    text = robustness.markdown(result)
+    assert "| mixed | 4 | 60.00 | n/a | 59.60 | 61.00 | fails | 40.00 ↓ |" in text
+    robustness.plot(result, tmp_path / "robustness.png")
+    assert (tmp_path / "robustness.png").stat().st_size > 0
+
+    _robustness_run(tmp_path, "zoa", 59.4)  # 0.6 below: the target is missed, and said
+    result = robustness.report(tmp_path)
+    assert not result["target_met"]
+    assert [e["method"] for e in result["target_missed"]] == ["zoa"]
+    assert "missed on 1 setting(s)" in robustness.markdown(result)
+
+
+def test_robustness_batches_cut_within_domains() -> None:
+    domains = [("a", torch.zeros(5, 1), torch.arange(5)), ("b", torch.ones(3, 1), torch.arange(3))]
+    sizes = [(name, len(y)) for name, _, y in robustness.batches(domains, 2)]
+    assert sizes == [("a", 2), ("a", 2), ("a", 1), ("b", 2), ("b", 1)]
