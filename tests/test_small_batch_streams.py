@@ -97,17 +97,12 @@ def _ddp_states(tmp_path: Path, tag: str, step: int) -> list[dict[str, Any]]:
     return [_load(tmp_path / f"{tag}{rank}_batch{step}.pt") for rank in range(2)]
 
 
-@pytest.mark.ddp
-def test_two_gloo_processes_adapt_a_batchnorm_network_on_small_mixed_batches_exactly_as_one(
-    cache_dir: Path, tmp_path: Path, one_thread: None
+def _gloo_against_one_process(
+    tmp_path: Path, cache_dir: Path, make: Any, data: dict[str, Any], batches: int, options: dict[str, Any]
 ) -> None:
-    # Global batches of 6 (3 per process) from the mixed-domain stream: pooled loss statistics, chunked detection and
-    # the BatchNorm prior, all from sums over both processes.
-    batch, batches = 6, 24
-    options = {"lr": 0.005, "spsa_c": 0.05, "domain_t": 0.2, "lambda_bp": 1.0, "detector_min_batch": 12}
-    data = {"batch_size": batch, "mixed_domains": True}
+    """Run ``make(0)`` under ZOAModule on one process and on two gloo processes; compare after every batch."""
     single = make_trainer([_RecordPerBatch(tmp_path, "single")], batches=batches)
-    single.test(ZOAModule(network=make_resnet(0), **options), datamodule=make_stream(cache_dir, **data))
+    single.test(ZOAModule(network=make(0), **options), datamodule=make_stream(cache_dir, **data))
     ddp = make_trainer(
         [_RecordPerBatch(tmp_path, "ddp")],
         batches=batches,
@@ -115,17 +110,42 @@ def test_two_gloo_processes_adapt_a_batchnorm_network_on_small_mixed_batches_exa
         devices=2,
         use_distributed_sampler=False,
     )
-    ddp.test(ZOAModule(network=make_resnet(0), **options), datamodule=make_stream(cache_dir, **data))
-    for i in range(batches):
+    ddp.test(ZOAModule(network=make(0), **options), datamodule=make_stream(cache_dir, **data))
+    steps = len(list(tmp_path.glob("single0_batch*.pt")))
+    assert steps >= batches
+    for i in range(steps):
         ref = _load(tmp_path / f"single0_batch{i}.pt")
         r0, r1 = _ddp_states(tmp_path, "ddp", i)
-        assert (len(r0["labels"]), len(r1["labels"])) == (3, 3)
+        half = data["batch_size"] // 2
+        assert (len(r0["labels"]), len(r1["labels"])) == (half, data["batch_size"] - half)
         assert torch.equal(r0["theta"], r1["theta"]), f"ranks' epsilons differ after batch {i}"
         assert torch.equal(r0["alpha"], r1["alpha"]), f"ranks' mixing logits differ after batch {i}"
         torch.testing.assert_close(r0["theta"], ref["theta"], rtol=0, atol=1e-5)
         torch.testing.assert_close(r0["alpha"], ref["alpha"], rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.cat([r0["logits"], r1["logits"]]), ref["logits"], rtol=0, atol=1e-4)
+        assert [e["batch"] for e in r0["events"]] == [e["batch"] for e in ref["events"]]
     assert float(ref["theta"].abs().max()) > 0, "the single process should have adapted"
+
+
+@pytest.mark.ddp
+def test_two_gloo_processes_adapt_a_batchnorm_network_on_small_mixed_batches_exactly_as_one(
+    cache_dir: Path, tmp_path: Path, one_thread: None
+) -> None:
+    # Global batches of 6 (3 per process) from the mixed-domain stream: pooled loss statistics, chunked detection and
+    # the BatchNorm prior, all from sums over both processes.
+    options = {"lr": 0.005, "spsa_c": 0.05, "domain_t": 0.2, "lambda_bp": 1.0, "detector_min_batch": 12}
+    _gloo_against_one_process(tmp_path, cache_dir, make_resnet, {"batch_size": 6, "mixed_domains": True}, 24, options)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("order", sorted(ORDERS))
+@pytest.mark.parametrize("make", [make_vit, make_resnet])
+def test_two_gloo_processes_with_one_image_each_adapt_every_order_exactly_as_one(
+    order: str, make: Any, cache_dir: Path, tmp_path: Path, one_thread: None
+) -> None:
+    options = {"lr": 0.005, "spsa_c": 0.05, "detector_min_batch": 8}
+    _gloo_against_one_process(tmp_path, cache_dir, make, {"batch_size": 2, **ORDERS[order]}, 12, options)
 
 
 @pytest.mark.slow
