@@ -203,7 +203,7 @@ def report(out: Path) -> dict[str, Any]:
             accuracy = row.get("accuracy")
             gap = None if accuracy is None else accuracy - base
             if gap is None or gap < -TOLERANCE:
-                entry = {"setting": key, "method": method, "gap": gap, "status": row["status"]}
+                entry = {"setting": key, "method": method, "gap": gap, "status": row["status"], "error": row.get("error")}
                 below.append(entry)
                 if method in GUARDED:
                     missed.append(entry)
@@ -248,7 +248,7 @@ def markdown(result: dict[str, Any]) -> str:
     verdict = "met" if result["target_met"] else f"missed on {len(result['target_missed'])} setting(s)"
     lines.append(f"Target (reference ZOA and zoa_per_sample never more than {TOLERANCE} below no_adapt): {verdict}")
     for entry in result["below_no_adapt"]:
-        gap = "failed" if entry["gap"] is None else f"{entry['gap']:+.2f}"
+        gap = f"failed ({entry['error']})" if entry["gap"] is None else f"{entry['gap']:+.2f}"
         lines.append(f"- {entry['setting']}: {entry['method']} {gap}")
     return "\n".join(lines)
 
