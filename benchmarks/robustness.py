@@ -203,7 +203,8 @@ def report(out: Path) -> dict[str, Any]:
             accuracy = row.get("accuracy")
             gap = None if accuracy is None else accuracy - base
             if gap is None or gap < -TOLERANCE:
-                entry = {"setting": key, "method": method, "gap": gap, "status": row["status"], "error": row.get("error")}
+                entry = {"setting": key, "method": method, "gap": gap, "status": row["status"]}
+                entry["error"] = row.get("error")
                 below.append(entry)
                 if method in GUARDED:
                     missed.append(entry)
