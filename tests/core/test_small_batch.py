@@ -153,20 +153,31 @@ def test_batches_of_the_paper_size_are_untouched_by_pooling(digits: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- BatchNorm prior
-def test_batchnorm_prior_mixes_source_and_batch_statistics() -> None:
+def test_batchnorm_prior_mixes_the_running_estimate_and_the_batch_statistics() -> None:
     bank = KnowledgeBank([2], torch.tensor([1.0, 1.0, 0.0, 0.0]))
-    x = torch.randn(2, 2, 3, 3) * 3 + 1
     source_mean, source_var = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.5])
-    bank.batch_prior = 16.0
-    out = batch_statistics_norm(x, 1e-5, bank, source_mean, source_var)
+    offset = bank.add_norm_statistics(source_mean, source_var)  # the estimate starts at the source statistics
+    x = torch.randn(2, 2, 3, 3) * 3 + 1
     mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-    w = 2 / (2 + 16)
-    mixed_mean, mixed_var = w * mean + (1 - w) * source_mean, w * var + (1 - w) * source_var
-    expected = (x - mixed_mean.view(1, 2, 1, 1)) / torch.sqrt(mixed_var.view(1, 2, 1, 1) + 1e-5)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    bank.batch_prior = None  # one value per channel: the source mixed in with weight 1 instead of failing
-    one = torch.randn(1, 2, 1, 1)
-    assert torch.isfinite(batch_statistics_norm(one, 1e-5, bank, source_mean, source_var)).all()
+
+    def expected(running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+        w = 2 / (2 + 16)
+        mixed_mean, mixed_var = w * mean + (1 - w) * running_mean, w * var + (1 - w) * running_var
+        return (x - mixed_mean.view(1, 2, 1, 1)) / torch.sqrt(mixed_var.view(1, 2, 1, 1) + 1e-5)
+
+    bank.batch_prior, bank.record_norms = 16.0, True
+    out = batch_statistics_norm(x, 1e-5, bank, offset)
+    torch.testing.assert_close(out, expected(source_mean, source_var), rtol=1e-5, atol=1e-5)
+    bank.commit_norm_statistics(8)  # 2 images of an 8-image window: a quarter of the way to the batch's statistics
+    moved = bank.norm_statistics[offset : offset + 4].float()
+    torch.testing.assert_close(moved, torch.cat([0.75 * source_mean + 0.25 * mean, 0.75 * source_var + 0.25 * var]))
+    bank.record_norms = False
+    out = batch_statistics_norm(x, 1e-5, bank, offset)  # not recorded: the estimate stays
+    torch.testing.assert_close(out, expected(moved[:2], moved[2:]), rtol=1e-5, atol=1e-5)
+    bank.commit_norm_statistics(8)
+    assert torch.equal(bank.norm_statistics[offset : offset + 4].float(), moved)
+    bank.end_batch()  # one value per channel: the estimate mixed in with weight 1 instead of failing
+    assert torch.isfinite(batch_statistics_norm(torch.randn(1, 2, 1, 1), 1e-5, bank, offset)).all()
 
 
 def test_a_pooled_batch_sets_the_prior_only_while_it_runs(digits: torch.Tensor) -> None:

@@ -80,8 +80,12 @@ class KnowledgeBank(nn.Module):
     ) -> None:
         super().__init__()
         self.batch_reduce = batch_reduce  # fused BatchNorms: batch statistics summed over processes (None: one)
-        # BatchNorms of a pooled small batch mix in their source statistics with this prior strength (None: not)
+        # BatchNorms of a pooled small batch mix in a running estimate of their test statistics (started from the
+        # source statistics) with this prior strength (None: not); see batch_statistics_norm
         self.batch_prior: float | None = None
+        self.record_norms = False  # the prediction pass of a pooled batch: BatchNorms record their statistics
+        self._norm_pending: list[tuple[int, Tensor, Tensor, float]] = []
+        self.register_buffer("norm_statistics", torch.zeros(0, dtype=torch.float64, device=base.device))
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         if not widths or min(widths) < 1:
@@ -116,6 +120,36 @@ class KnowledgeBank(nn.Module):
         self._fused_key: tuple[tuple[int, int, int], ...] | None = None
         self._use_base = False
         self._override: Tensor | None = None
+
+    def add_norm_statistics(self, mean: Tensor, var: Tensor) -> int:
+        """Append a BatchNorm's running test statistics, started at ``(mean, var)``; returns their offset."""
+        offset = self.norm_statistics.numel()
+        start = torch.cat([mean.detach().reshape(-1), var.detach().reshape(-1)]).to(self.norm_statistics)
+        self.norm_statistics = torch.cat([self.norm_statistics, start])
+        return offset
+
+    def commit_norm_statistics(self, images_per_window: int) -> None:
+        """Fold the statistics the BatchNorms recorded in this batch's prediction pass into their running estimates.
+
+        A batch of ``n`` images moves an estimate by ``n / images_per_window`` of the way to its own statistics.
+        """
+        for offset, mean, var, images in self._norm_pending:
+            c = mean.numel()
+            weight = min(1.0, images / images_per_window)
+            row = self.norm_statistics[offset : offset + 2 * c]
+            row.mul_(1 - weight).add_(torch.cat([mean, var]).to(row), alpha=weight)
+        self._norm_pending.clear()
+
+    def end_batch(self) -> None:
+        """Forget the batch settings of the BatchNorms and anything they recorded (a batch ended or was rolled back)."""
+        self.batch_prior, self.record_norms = None, False
+        self._norm_pending.clear()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "norm_statistics"
+        if key not in state_dict:  # a state dict from before the running estimates: keep their starting values
+            state_dict[key] = self.norm_statistics.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def size(self) -> int:
@@ -351,9 +385,6 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
         source: the replaced layer's ``(running_mean, running_var)``, or ``None`` (then zeros and ones).
     """
 
-    source_mean: Tensor
-    source_var: Tensor
-
     def __init__(
         self,
         num_features: int,
@@ -368,7 +399,7 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
         self.eps = eps
         self.post = post
         self._attach(bank, index)
-        _register_source(self, num_features, source, bank.base.device)
+        self._norm_offset = _add_norm_statistics(bank, num_features, source)
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise with batch statistics over (N, H, W) and the fused affine parameters."""
@@ -376,7 +407,7 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
         bank: KnowledgeBank = self._bank  # type: ignore[assignment]
         if _needs_own_norm(x, bank):  # several processes, a pooled small batch, or one value per channel
             shape = (*weight.shape, 1, 1) if weight.ndim == 2 else (1, -1, 1, 1)
-            normed = batch_statistics_norm(x, self.eps, bank, self.source_mean, self.source_var)
+            normed = batch_statistics_norm(x, self.eps, bank, self._norm_offset)
             out = _affine(normed, weight.view(shape), bias.view(shape))
         elif weight.ndim == 1:
             out = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
@@ -392,13 +423,10 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
         return f"{self.num_features}, eps={self.eps}, bank_index={self._index}"
 
 
-def _register_source(
-    module: nn.Module, channels: int, source: tuple[Tensor, Tensor] | None, device: torch.device
-) -> None:
-    """Non-persistent ``source_mean``/``source_var`` buffers (checkpoints are unchanged: they come with the network)."""
+def _add_norm_statistics(bank: KnowledgeBank, channels: int, source: tuple[Tensor, Tensor] | None) -> int:
+    """Give a BatchNorm its running test statistics in ``bank``, started at its source (running) statistics."""
     mean, var = source if source is not None else (torch.zeros(channels), torch.ones(channels))
-    module.register_buffer("source_mean", mean.detach().clone().float().to(device), persistent=False)
-    module.register_buffer("source_var", var.detach().clone().float().to(device), persistent=False)
+    return bank.add_norm_statistics(mean, var)
 
 
 def _needs_own_norm(x: Tensor, bank: KnowledgeBank) -> bool:
@@ -406,16 +434,16 @@ def _needs_own_norm(x: Tensor, bank: KnowledgeBank) -> bool:
     return bank.batch_reduce is not None or bank.batch_prior is not None or x.numel() == x.shape[1]
 
 
-def batch_statistics_norm(
-    x: Tensor, eps: float, bank: KnowledgeBank, source_mean: Tensor, source_var: Tensor
-) -> Tensor:
+def batch_statistics_norm(x: Tensor, eps: float, bank: KnowledgeBank, offset: int) -> Tensor:
     """Normalise ``x`` ``(B, C, H, W)`` with its batch's per-channel statistics, as the bank's batch settings say.
 
     The sums go through ``bank.batch_reduce`` when several processes share the batch (:func:`reduced_batch_norm`).
-    With ``bank.batch_prior = N₀`` (a pooled small batch) the batch's mean and biased variance over its ``n`` images
-    are mixed with the source statistics, ``(N₀·source + n·batch) / (N₀ + n)`` (Schneider et al., NeurIPS 2020); a
-    batch with one value per channel (one image of a ``1×1`` map) uses that mix with ``N₀ = 1`` when no prior is set,
-    since its own variance is zero.
+    With ``bank.batch_prior = N₀`` (a pooled small batch, ``docs/small_batches.md``) the batch's mean and biased
+    variance over its ``n`` images are mixed with a running estimate ``r`` of the layer's test statistics,
+    ``(N₀·r + n·batch) / (N₀ + n)``: Schneider et al.'s prior normalisation (NeurIPS 2020) with the prior kept as a
+    moving estimate over the last ``pool_images`` images, as RoTTA's robust BatchNorm keeps it (Yuan et al., CVPR 2023).
+    ``r`` starts at the layer's source statistics (``bank.norm_statistics`` at ``offset``). A batch with one value per
+    channel (one image of a ``1×1`` map) uses that mix with ``N₀ = 1`` when no prior is set (its variance is zero).
     """
     prior = bank.batch_prior
     if prior is None and x.numel() == x.shape[1] and bank.batch_reduce is None:
@@ -430,9 +458,13 @@ def batch_statistics_norm(
         stats = bank.batch_reduce(stats)
     mean = stats[:c] / stats[2 * c]
     var = (stats[c : 2 * c] / stats[2 * c] - mean * mean).clamp_min(0)
-    weight = float(stats[2 * c + 1]) / (float(stats[2 * c + 1]) + prior)
-    mean = weight * mean + (1 - weight) * source_mean.double()
-    var = weight * var + (1 - weight) * source_var.double()
+    images = float(stats[2 * c + 1])
+    if bank.record_norms:
+        bank._norm_pending.append((offset, mean, var, images))
+    running = bank.norm_statistics[offset : offset + 2 * c].to(mean.device)
+    weight = images / (images + prior)
+    mean = weight * mean + (1 - weight) * running[:c]
+    var = weight * var + (1 - weight) * running[c:]
     scale = torch.rsqrt(var + eps).to(x.dtype).view(1, c, 1, 1)
     return (x - mean.to(x.dtype).view(1, c, 1, 1)) * scale
 
@@ -460,14 +492,13 @@ class _BankBatchNorm:
     eps: float
     weight: Tensor | None
     bias: Tensor | None
-    source_mean: Tensor
-    source_var: Tensor
+    norm_offset: int
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise as :func:`batch_statistics_norm` says when needed, else as the layer itself (batch statistics)."""
         if not _needs_own_norm(x, self.bank):
             return super().forward(x)  # type: ignore[misc]
-        out = batch_statistics_norm(x, self.eps, self.bank, self.source_mean, self.source_var)
+        out = batch_statistics_norm(x, self.eps, self.bank, self.norm_offset)
         if self.weight is not None and self.bias is not None:
             out = torch.addcmul(self.bias.view(1, -1, 1, 1), out, self.weight.view(1, -1, 1, 1))
         post = _post_norm(self)  # type: ignore[arg-type]
@@ -535,8 +566,8 @@ def fuse_norms(model: nn.Module, layout: ModelLayout, **bank_options: Any) -> Kn
             bn.track_running_stats = False
             bn.running_mean = None
             bn.running_var = None
-            _register_source(bn, bn.num_features, source, bank.base.device)
             _bank_batch_norm(bn, bank)
+            object.__setattr__(bn, "norm_offset", _add_norm_statistics(bank, bn.num_features, source))
     return bank
 
 

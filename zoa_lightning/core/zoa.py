@@ -204,6 +204,7 @@ class ZOA(CountingAdapter):
 
         self.source.collect(loader, features, self.reduce, max_batches)
         self.detector.pending.zero_()  # a chunk of clean images left over is not the stream's
+
     def set_source_statistics(self, mean: Tensor, std: Tensor) -> None:
         """Install precomputed source statistics (concatenated over the loss taps, network order)."""
         self.source.set(mean, std)
@@ -246,7 +247,7 @@ class ZOA(CountingAdapter):
         finally:
             self.detector.end_batch()
             self.reduce.end_batch()  # communication happens even when rolled back
-            self.bank.batch_prior = None
+            self.bank.end_batch()
         self.small.finish(own, detected)  # the pool of recent statistics (docs/small_batches.md)
         self.counters.add("batches")
         cfg = self.config
@@ -266,7 +267,9 @@ class ZOA(CountingAdapter):
     def _adapt(self, images: Tensor) -> tuple[Tensor, Tensor, bool]:
         cfg = self.config
         shift = self.shift_vector()  # 1. the shift vector from the batches so far
+        self.bank.record_norms = self.bank.batch_prior is not None  # a pooled batch's BatchNorm statistics
         a = self._pass(images, 0, shift)  # 2. pass A: prediction and L0; the detector may store knowledge
+        self.bank.record_norms = False
         late = None if cfg.loss_on_shifted else shift  # (loss_on_shifted: pass A's logits are shifted already)
         prediction = a.logits if late is None else self.taps.head(a.record.final() + late)
         loss0, final_mean, detected = a.loss, a.final_mean, a.record.detected
@@ -282,6 +285,7 @@ class ZOA(CountingAdapter):
         for step in range(steps):  # 5-6. perturbed pass(es), estimate, update
             self._step(images, shift, k, prediction, a if step == 0 else None)
         self.shift.update(final_mean, self.small.momentum(cfg.shift_momentum))  # 7. the activation shift's EMA
+        self.bank.commit_norm_statistics(cfg.pool_images)  # (pooled batches: the BatchNorms' running estimates)
         return prediction, a.stats if a.own is None else a.own, detected  # 8.
 
     def _step(self, images: Tensor, shift: Tensor | None, k: int, prediction: Tensor, clean: PassResult | None) -> None:
