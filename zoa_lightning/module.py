@@ -517,8 +517,8 @@ class ZOAModule(StreamModule):
         tap_attribution: per-sample estimator only: credit each epsilon with the loss taps after its layer only.
         pool_images: batches with fewer images (down to one) pool their loss and detector statistics with the batches
             before them up to this many images, and step by their share (``docs/small_batches.md``).
-        bn_prior: prior strength of the source statistics a pooled small batch's BatchNorms mix in (Schneider et
-            al. 2020); 0: the batch's statistics alone.
+        bn_prior: prior strength of the running test statistics a pooled small batch's BatchNorms mix in (Schneider
+            et al. 2020, the estimate kept as in RoTTA); 0: the batch's statistics alone.
         source_batches: clean batches used for source statistics (``None``: the whole source loader).
         adapt_norms: qualified names of the normalization layers to adapt (``blocks.4.norm2``, ``layer2.0.bn1``, ...),
             replacing the spec's choice for the model kind (:func:`~zoa_lightning.core.layout.resolve_layout`); any

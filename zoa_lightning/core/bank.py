@@ -373,7 +373,8 @@ class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
     """BatchNorm2d that normalises with the current batch's statistics and fused affine parameters.
 
     Running statistics are not updated (spec §1.2), so the layer behaves the same in train and eval mode. The replaced
-    layer's running statistics are kept as the source statistics a small batch mixes in (:func:`batch_statistics_norm`).
+    layer's running statistics start the bank's running estimate of its test statistics, which a small batch mixes in
+    (:func:`batch_statistics_norm`).
 
     Args:
         num_features: channel count.

@@ -81,9 +81,10 @@ class ZOAConfig:
             ``detector_min_batch`` images, and its step is scaled to its share (``docs/small_batches.md``). A batch of
             this many or more, or a small one right after such a batch (a domain's short last batch), stands alone as
             in the reference.
-        bn_prior: in a pooled small batch every BatchNorm mixes the batch's statistics with the layer's source
-            statistics at this prior strength ``N₀`` (Schneider et al., NeurIPS 2020: ``(N₀·source + n·batch) /
-            (N₀ + n)``); 0: the batch's statistics alone.
+        bn_prior: in a pooled small batch every BatchNorm mixes the batch's statistics with a running estimate of
+            the layer's test statistics (started at its source statistics) at this prior strength ``N₀``:
+            ``(N₀·estimate + n·batch) / (N₀ + n)`` (Schneider et al., NeurIPS 2020; the estimate as in RoTTA's
+            robust BatchNorm, CVPR 2023); 0: the batch's statistics alone.
         max_consecutive_skips: stop with :class:`~zoa_lightning.core.zoa.AdaptationDiverged` after this many batches
             in a row were rolled back (a run that can no longer adapt must not exit looking fine). ``None``: never.
     """

@@ -18,9 +18,11 @@ both need many images. A batch of fewer than ``pool_images`` images (64 by defau
   independent perturbation directions instead of one;
 * the activation shift's running mean uses the momentum ``m^(n / pool_images)``, the time constant in images of the
   paper's ``m`` per 64-image batch;
-* every BatchNorm mixes the batch's statistics with the layer's source (running) statistics,
-  ``μ = (N₀·μ_s + n·μ_b) / (N₀ + n)`` and likewise the variance, ``N₀ = bn_prior`` (Schneider et al., "Improving
-  robustness against common corruptions by covariate shift adaptation", NeurIPS 2020).
+* every BatchNorm mixes the batch's statistics with a running estimate ``r`` of the layer's test statistics,
+  ``μ = (N₀·r_μ + n·μ_b) / (N₀ + n)`` and likewise the variance, ``N₀ = bn_prior`` (Schneider et al., "Improving
+  robustness against common corruptions by covariate shift adaptation", NeurIPS 2020); ``r`` starts at the source
+  statistics and follows the last ``pool_images`` images (as RoTTA's robust BatchNorm, Yuan et al., CVPR 2023):
+  :func:`~zoa_lightning.core.bank.batch_statistics_norm`.
 
 A batch of ``pool_images`` or more stands alone, exactly as in the reference, and empties the pool. So does a small
 batch right after such a full batch (the short last batch of a domain in the paper's 64-image protocol), so the
