@@ -191,3 +191,23 @@ def test_a_pooled_batch_sets_the_prior_only_while_it_runs(digits: torch.Tensor) 
     assert seen[2:] == [None, None]
     assert adapter.bank.batch_prior is None
     assert math.isclose(adapter.config.bn_prior, 16.0)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_a_run_resumed_in_the_middle_of_a_pool_continues_bit_identically(kind: str, digits: torch.Tensor) -> None:
+    # The pool, the detector's pending chunk and the BatchNorms' running estimates are all in the state dict.
+    stream = [*digits[512:600].split(5), *corrupt_noise(digits[600:700]).split(5)]
+    adapter = _adapter(kind, digits)
+    for batch in stream[:9]:
+        adapter(batch)
+    assert int(adapter.small.filled) > 0
+    assert float(adapter.detector.pending[-1]) > 0
+    state = copy.deepcopy(adapter.state_dict())
+    rest = [adapter(batch) for batch in stream[9:]]
+    resumed = _adapter(kind, digits)
+    resumed.load_state_dict(state)
+    for batch, logits in zip(stream[9:], rest, strict=True):
+        assert torch.equal(resumed(batch), logits)
+    assert torch.equal(resumed.bank.theta, adapter.bank.theta)
+    assert torch.equal(resumed.bank.norm_statistics, adapter.bank.norm_statistics)
+    assert resumed.counter("stores") == adapter.counter("stores") >= 1
