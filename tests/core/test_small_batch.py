@@ -162,7 +162,8 @@ def test_batchnorm_prior_mixes_the_running_estimate_and_the_batch_statistics() -
 
     def expected(running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
         w = 2 / (2 + 16)
-        mixed_mean, mixed_var = w * mean + (1 - w) * running_mean, w * var + (1 - w) * running_var
+        spread = w * (1 - w) * (mean - running_mean) ** 2  # the variance of the mixture of the two
+        mixed_mean, mixed_var = w * mean + (1 - w) * running_mean, w * var + (1 - w) * running_var + spread
         return (x - mixed_mean.view(1, 2, 1, 1)) / torch.sqrt(mixed_var.view(1, 2, 1, 1) + 1e-5)
 
     bank.batch_prior, bank.record_norms = 16.0, True

@@ -441,8 +441,9 @@ def batch_statistics_norm(x: Tensor, eps: float, bank: KnowledgeBank, offset: in
     The sums go through ``bank.batch_reduce`` when several processes share the batch (:func:`reduced_batch_norm`).
     With ``bank.batch_prior = N₀`` (a pooled small batch, ``docs/small_batches.md``) the batch's mean and biased
     variance over its ``n`` images are mixed with a running estimate ``r`` of the layer's test statistics,
-    ``(N₀·r + n·batch) / (N₀ + n)``: Schneider et al.'s prior normalisation (NeurIPS 2020) with the prior kept as a
-    moving estimate over the last ``pool_images`` images, as RoTTA's robust BatchNorm keeps it (Yuan et al., CVPR 2023).
+    ``(N₀·r + n·batch) / (N₀ + n)``, the variance that of the mixture (with the spread of the two means): Schneider
+    et al.'s prior normalisation (NeurIPS 2020) with the prior kept as a moving estimate over the last
+    ``pool_images`` images, as RoTTA's robust BatchNorm keeps it (Yuan et al., CVPR 2023).
     ``r`` starts at the layer's source statistics (``bank.norm_statistics`` at ``offset``). A batch with one value per
     channel (one image of a ``1×1`` map) uses that mix with ``N₀ = 1`` when no prior is set (its variance is zero).
     """
@@ -464,8 +465,9 @@ def batch_statistics_norm(x: Tensor, eps: float, bank: KnowledgeBank, offset: in
         bank._norm_pending.append((offset, mean, var, images))
     running = bank.norm_statistics[offset : offset + 2 * c].to(mean.device)
     weight = images / (images + prior)
+    spread = weight * (1 - weight) * (mean - running[:c]) ** 2  # the mixture's variance includes its means' spread
     mean = weight * mean + (1 - weight) * running[:c]
-    var = weight * var + (1 - weight) * running[c:]
+    var = weight * var + (1 - weight) * running[c:] + spread
     scale = torch.rsqrt(var + eps).to(x.dtype).view(1, c, 1, 1)
     return (x - mean.to(x.dtype).view(1, c, 1, 1)) * scale
 
