@@ -62,6 +62,7 @@ class KnowledgeBank(nn.Module):
     alpha: Tensor
     count: Tensor
     similarity: Tensor
+    norm_statistics: Tensor
     _segment: Tensor
     constant_buffers = ("base", "_segment")  # never changed by a batch: a batch transaction need not copy them
 
