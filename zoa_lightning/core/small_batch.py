@@ -27,7 +27,8 @@ both need many images. A batch of fewer than ``pool_images`` images (64 by defau
 A batch of ``pool_images`` or more stands alone, exactly as in the reference, and empties the pool. So does a small
 batch right after such a full batch (the short last batch of a domain in the paper's 64-image protocol), so the
 paper's protocol runs exactly as before. A batch whose pooled count is still one image (the first batch of a
-one-image stream) predicts and is recorded, but takes no step (a variance needs two images).
+one-image stream, or the first after a detected shift) predicts and is recorded, but takes no step (a variance
+needs two images).
 """
 
 from __future__ import annotations
