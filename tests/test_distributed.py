@@ -132,6 +132,47 @@ def _split(batch: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     return batch[b * rank // world : b * (rank + 1) // world]
 
 
+Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # logits, epsilons, mixing logits after a batch
+
+
+def _thread_ranks(
+    networks: list[torch.nn.Module], config: ZOAConfig, source: Any, stream: list[torch.Tensor]
+) -> tuple[list[ZOA], list[list[Step]]]:
+    """One engine per network, each in a thread 'process' on its slice of every batch.
+
+    Engines are built inside their rank (a BatchNorm network's probe forward already reduces); build the networks
+    outside, since building seeds the global generator and threads would race.
+    """
+    world = len(networks)
+    comm = _ThreadAllReduce(world)
+    engines: list[ZOA | None] = [None] * world
+    got: list[list[Step]] = [[] for _ in range(world)]
+
+    def rank_work(rank: int) -> None:
+        engine = ZOA(networks[rank], config, reduce_fn=comm.for_rank(rank), rank=rank, world_size=world)
+        engines[rank] = engine
+        engine.collect_source_statistics([_split(x, world, rank) for x in source])
+        for x in stream:
+            logits = engine(_split(x, world, rank))
+            got[rank].append((logits, engine.bank.theta.clone(), engine.bank.alpha.clone()))
+
+    _run_ranks(rank_work, world)
+    return [e for e in engines if e is not None], got
+
+
+def _assert_ranks_step_as_one(
+    want: list[Step], got: list[list[Step]], atol: float = 1e-5, logits_atol: float = 1e-4, label: str = ""
+) -> None:
+    """Two ranks' epsilons and mixing logits equal each other and, within ``atol``, one engine's after every batch."""
+    for i, (logits, theta, alpha) in enumerate(want):
+        r0, r1 = got[0][i], got[1][i]
+        assert torch.equal(r0[1], r1[1]), f"{label}ranks' epsilons differ after batch {i}"
+        assert torch.equal(r0[2], r1[2]), f"{label}ranks' mixing logits differ after batch {i}"
+        torch.testing.assert_close(r0[1], theta, rtol=0, atol=atol, msg=lambda m: f"{label}{m}")
+        torch.testing.assert_close(r0[2], alpha, rtol=0, atol=atol, msg=lambda m: f"{label}{m}")
+        torch.testing.assert_close(torch.cat([r0[0], r1[0]]), logits, rtol=0, atol=logits_atol)
+
+
 @pytest.mark.parametrize("estimator", ["spsa", "per_sample", "per_sample+taps"])
 def test_sharded_engine_steps_as_one_engine_on_the_global_batch(
     digits: torch.Tensor, one_thread: None, estimator: str
@@ -283,28 +324,8 @@ def test_sharded_batchnorm_network_steps_as_one_engine_on_the_global_batch(
     single.collect_source_statistics(source)
     want = [(single(x), single.bank.theta.clone(), single.bank.alpha.clone()) for x in stream]
 
-    comm = _ThreadAllReduce(world)
-    engines: list[ZOA | None] = [None] * world
-    got: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in range(world)]
-
-    networks = [make_resnet(0) for _ in range(world)]  # here: building seeds the global generator, threads would race
-
-    def rank_work(rank: int) -> None:  # the engine is built inside the rank: its probe forward already reduces
-        engine = ZOA(networks[rank], config, reduce_fn=comm.for_rank(rank), rank=rank, world_size=world)
-        engines[rank] = engine
-        engine.collect_source_statistics([_split(x, world, rank) for x in source])
-        for x in stream:
-            logits = engine(_split(x, world, rank))
-            got[rank].append((logits, engine.bank.theta.clone(), engine.bank.alpha.clone()))
-
-    _run_ranks(rank_work, world)
-    for i, (logits, theta, alpha) in enumerate(want):
-        r0, r1 = got[0][i], got[1][i]
-        assert torch.equal(r0[1], r1[1]), f"ranks' epsilons differ after batch {i}"
-        assert torch.equal(r0[2], r1[2]), f"ranks' mixing logits differ after batch {i}"
-        torch.testing.assert_close(r0[1], theta, rtol=0, atol=1e-5)
-        torch.testing.assert_close(r0[2], alpha, rtol=0, atol=1e-5)
-        torch.testing.assert_close(torch.cat([r0[0], r1[0]]), logits, rtol=0, atol=1e-4)
+    networks = [make_resnet(0) for _ in range(world)]
+    engines, got = _thread_ranks(networks, config, source, stream)
+    _assert_ranks_step_as_one(want, got)
     assert float(want[-1][1].abs().max()) > 0  # the single engine did adapt
-    assert engines[0] is not None
     assert [e["batch"] for e in engines[0].events] == [e["batch"] for e in single.events]
