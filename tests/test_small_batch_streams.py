@@ -59,6 +59,35 @@ def _single_and_sharded(kind: str, digits: torch.Tensor, batch: int) -> None:
     _assert_ranks_step_as_one(want, got, tolerance, 5e-4, f"batch size {batch}: ")
 
 
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+@pytest.mark.parametrize("batch", FAST_SIZES)
+def test_batch_sizes_adapt_store_and_shard_exactly(
+    kind: str, batch: int, digits: torch.Tensor, one_thread: None
+) -> None:
+    _single_and_sharded(kind, digits, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_every_batch_size_from_1_to_64_adapts_stores_and_shards_exactly(
+    kind: str, digits: torch.Tensor, one_thread: None
+) -> None:
+    for batch in range(1, 65):
+        _single_and_sharded(kind, digits, batch)
+
+
+@pytest.mark.parametrize("order", sorted(ORDERS))
+@pytest.mark.parametrize(("make", "batch"), [(make_vit, 1), (make_resnet, 1), (make_vit, 8), (make_resnet, 64)])
+def test_every_stream_order_runs_end_to_end(order: str, make: Any, batch: int, cache_dir: Path) -> None:
+    module = ZOAModule(network=make(0), lr=0.005, spsa_c=0.05)
+    results = make_trainer(batches=3).test(module, datamodule=make_stream(cache_dir, batch_size=batch, **ORDERS[order]))
+    assert results
+    rows = module.stream_results()
+    assert rows
+    assert all(row["n"] == 3 * batch for row in rows)  # three batches of every domain, each predicted
+    assert module.skipped_batches() == 0
+
+
 def _ddp_states(tmp_path: Path, tag: str, step: int) -> list[dict[str, Any]]:
     return [_load(tmp_path / f"{tag}{rank}_batch{step}.pt") for rank in range(2)]
 
