@@ -20,11 +20,12 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only; never wait on a model hub
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from zoa_lightning.module import StreamModule
+from zoa_lightning.methods import StreamModule
 
 __all__ = ["ZOACLI", "main", "make_cli"]
 
@@ -61,7 +62,7 @@ def _resumed_model_section(config: Any) -> dict[str, Any] | None:
     if not subcommand or not config[subcommand].get("ckpt_path"):
         return None
     model = config[subcommand].get("model")
-    return model.as_dict() if hasattr(model, "as_dict") else None
+    return model.as_dict() if isinstance(model, Namespace) else None
 
 
 def _refuse_replaced_model_settings(config: Any, requested: dict[str, Any] | None) -> None:

@@ -1,7 +1,7 @@
 """Measurement helpers shared by the benchmark scripts: methods built from their configs, tensor memory, timing.
 
 Methods are built as ``zoa test`` builds them: the method config (``configs/methods/<name>.yaml``, listed by
-:mod:`zoa_lightning.methods`) goes through the model and trainer part of LightningCLI's parser
+:mod:`zoa_lightning.method_configs`) goes through the model and trainer part of LightningCLI's parser
 (:func:`method_parser`), which validates it, fills in the defaults and instantiates the class it names.
 
 Memory on a CPU has no ``torch.cuda.max_memory_allocated``, and a process's peak RSS is a lifetime maximum dominated
@@ -36,8 +36,8 @@ from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningArgumentParser
 from torch import Tensor, nn
 
-from zoa_lightning.methods import method_config
-from zoa_lightning.module import StreamModule
+from zoa_lightning.method_configs import method_config
+from zoa_lightning.methods import StreamModule
 
 __all__ = [
     "SourceData",
@@ -70,7 +70,8 @@ class SourceData:
 def method_parser() -> LightningArgumentParser:
     """The ``model`` and ``trainer`` part of the ``zoa`` CLI's parser, as LightningCLI builds it (no data section).
 
-    ``model`` takes any :class:`~zoa_lightning.module.StreamModule` subclass by ``class_path`` (``subclass_mode``);
+    ``model`` takes any :class:`~zoa_lightning.methods.base.StreamModule` subclass by ``class_path``
+    (``subclass_mode``);
     ``trainer`` accepts the Trainer flags a method config may set (``tent.yaml`` sets ``inference_mode``), which
     the benchmarks do not use: they call the module directly.
 
@@ -96,15 +97,16 @@ def build_method(
 
     The config is parsed and instantiated by :func:`method_parser` (LightningCLI's machinery: validation, defaults,
     the class its ``class_path`` names, with its ``init_args``), with ``num_classes`` and the given network in place
-    of the config's network name; setup runs the same :meth:`~zoa_lightning.module.StreamModule.setup_method` as
+    of the config's network name; setup runs the same :meth:`~zoa_lightning.methods.base.StreamModule.setup_method` as
     under a Trainer (adapter and source statistics).
 
     Args:
-        method: method config name (``zoa``, ``no_adapt``, ``tent``, ...: :func:`zoa_lightning.methods.method_names`).
+        method: method config name (``zoa``, ``no_adapt``, ``tent``, ...:
+            :func:`zoa_lightning.method_configs.method_names`).
         network: the (possibly quantized) network; deep-copied, so methods never share state.
         num_classes: classifier size.
         source: clean source batches.
-        method_dir: folder of the method configs (default :func:`zoa_lightning.methods.default_method_dir`).
+        method_dir: folder of the method configs (default :func:`zoa_lightning.method_configs.default_method_dir`).
         overrides: ``init_args`` set over the config's (``{"lr": 0.005}`` as ``--model.init_args.lr 0.005``).
 
     Returns:

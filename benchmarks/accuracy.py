@@ -1,7 +1,7 @@
 """Accuracy of every method on the MNIST corruption stream, demo ViT at W8A8 and W4A4, over 1 and 3 rounds.
 
 Run ``python benchmarks/accuracy.py [--json] [--bits 8 4] [--methods ...] [--jobs 2] [--out runs/accuracy]``.
-The methods are those of ``configs/methods/`` (:func:`zoa_lightning.methods.method_names`) unless ``--methods``
+The methods are those of ``configs/methods/`` (:func:`zoa_lightning.method_configs.method_names`) unless ``--methods``
 names some.
 
 For each bit width the script runs ``zoa compare`` (every method a ``zoa test`` process with
@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from zoa_lightning.compare import compare, results_file
-from zoa_lightning.methods import method_names
+from zoa_lightning.method_configs import method_names
 from zoa_lightning.reporting import plot_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]

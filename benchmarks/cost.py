@@ -3,12 +3,12 @@
 Run ``python benchmarks/cost.py [--json] [--models ...] [--methods ...] [--batch 64] [--repeats 7]``, or
 ``--scaling`` for ZOA against ``no_adapt`` over batch sizes 16/64/256 and two model sizes.
 
-The methods are those of ``configs/methods/`` (:func:`zoa_lightning.methods.method_names`) unless ``--methods`` names
-some; a method that refuses a network at construction (FOA on a CNN) is skipped for that model. Every method is the
-LightningModule ``zoa test`` runs, built from ``configs/methods/<name>.yaml`` through LightningCLI's parser around a
-copy of the same network and set up on the same clean source batches; one batch is exactly what its ``test_step``
-does (``adapt_step`` under ``torch.no_grad``). For each model the methods take turns batch by batch (interleaved), so
-machine noise hits them alike, and the median seconds per batch is reported. Per method:
+The methods are those of ``configs/methods/`` (:func:`zoa_lightning.method_configs.method_names`) unless ``--methods``
+names some; a method that refuses a network at construction (FOA on a CNN) is skipped for that model. Every method is
+the LightningModule ``zoa test`` runs, built from ``configs/methods/<name>.yaml`` through LightningCLI's parser around a
+copy of the same network and set up on the same clean source batches; one batch is exactly what its ``test_step`` does
+(``adapt_step`` under ``torch.no_grad``). For each model the methods take turns batch by batch (interleaved), so machine
+noise hits them alike, and the median seconds per batch is reported. Per method:
 
 * forward passes per batch (the method's own counter; ZOA's floor is 2, FOA's population is 28);
 * seconds per batch and its ratio to ``no_adapt``;
@@ -52,8 +52,8 @@ from benchmarks._measure import (
     resident_bytes,
     step,
 )
-from zoa_lightning.methods import method_names
-from zoa_lightning.module import StreamModule
+from zoa_lightning.method_configs import method_names
+from zoa_lightning.methods import StreamModule
 from zoa_lightning.networks import build_network
 
 TARGETS = {"zoa_passes": 2, "zoa_time_goal": 2.05, "zoa_time_max": 2.3, "zoa_memory_goal": 1.05, "zoa_memory_max": 1.1}

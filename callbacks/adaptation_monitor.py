@@ -9,9 +9,7 @@ index as the step, so the curves continue across domains and across a resume. Wi
 from __future__ import annotations
 
 import logging
-import re
-import warnings
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -41,15 +39,6 @@ METRIC_NAMES: tuple[str, ...] = (
 """Metrics logged after every batch (the bank's only for a method with a knowledge bank), plus ``adapt/<loss>`` for
 every loss value the adapter reports in ``last_losses`` (e.g. ``adapt/loss_0`` and ``adapt/loss_1``: ZOA's L0, L+)."""
 
-#: State keys under which earlier versions stored this callback's history: ``DomainBankCallback[dirpath=...,...]``.
-_LEGACY_KEY = re.compile(r"^DomainBankCallback\[.*\]$")
-#: Lightning's warning about checkpoint callback states no callback claims, when the only ones are states this
-#: callback maps (an earlier version's ``DomainBankCallback`` or this class's own key read by the alias).
-_MAPPED_STATES_WARNING = (
-    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided.*"
-    r"Please add the following callbacks: \[('(DomainBankCallback\[[^']*\]|AdaptationMonitor)'(, )?)+\]\.$"
-)
-
 
 class AdaptationMonitor(Callback):
     """Report knowledge-bank events and log the bank and adaptation metrics after every batch.
@@ -63,9 +52,8 @@ class AdaptationMonitor(Callback):
       current mixing weights (methods with a bank only);
     * ``bank/shifts``, ``bank/stores``, ``bank/evictions``, ``bank/perturbed_detections``: cumulative event counts;
     * ``adapt/skipped_batches``: batches whose adaptation was rolled back so far;
-    * ``adapt/<name>``: the last batch's loss values, if the module's adapter reports them as ``last_losses``: a
-      mapping of names to numbers, a sequence (ZOA's ``(L0, L+)`` as ``adapt/loss_0``, ``adapt/loss_1``) or one
-      number (``adapt/loss``).
+    * ``adapt/loss_<i>``: the last batch's loss values, if the method reports any (ZOA's ``(L0, L+)`` as
+      ``adapt/loss_0``, ``adapt/loss_1``).
 
     At the end of every domain it prints the bank's size, largest mixing weight and mixing entropy.
 
@@ -103,15 +91,11 @@ class AdaptationMonitor(Callback):
                 f"{type(self).__name__} needs a stream module (e.g. ZOAModule); {type(pl_module).__name__} lacks "
                 f"{missing_members(pl_module, AdaptationModule)}"
             )
-        # This callback maps an earlier version's state itself (see on_load_checkpoint): Lightning's warning that
-        # the checkpoint holds the state of a callback missing from this run would be wrong for exactly that state.
-        warnings.filterwarnings("ignore", message=_MAPPED_STATES_WARNING)
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Batches of the domains a resumed run already finished: the steps continue where the checkpoint stopped.
-        finished = getattr(pl_module, "stream_results", None)
-        self._batch = sum(int(row.get("batches", 0)) for row in finished()) if callable(finished) else 0
+        self._batch = sum(int(row["batches"]) for row in _observed(pl_module).stream_results())
 
     @override
     def on_test_batch_end(
@@ -146,8 +130,9 @@ class AdaptationMonitor(Callback):
             The new events, each with its ``domain_index``.
         """
         new = []
-        for event in _observed(pl_module).pop_adaptation_events():
-            event = {**event, "domain_index": getattr(pl_module, "start_domain", 0) + dataloader_idx}
+        module = _observed(pl_module)
+        for event in module.pop_adaptation_events():
+            event = {**event, "domain_index": module.start_domain + dataloader_idx}
             self.history.append(event)
             new.append(event)
             if self.verbose:
@@ -164,8 +149,9 @@ class AdaptationMonitor(Callback):
         Returns:
             ``{name: value}``; bank metrics only for a method with a bank, losses only if the adapter reports them.
         """
-        metrics: dict[str, float] = {"stream/domain": float(getattr(pl_module, "start_domain", 0) + dataloader_idx)}
-        weights = _observed(pl_module).mixing_weights()
+        module = _observed(pl_module)
+        metrics: dict[str, float] = {"stream/domain": float(module.start_domain + dataloader_idx)}
+        weights = module.mixing_weights()
         if weights is not None and weights.numel() > 0:
             entropy, largest = self.mixing_statistics(weights)
             metrics.update(
@@ -187,10 +173,8 @@ class AdaptationMonitor(Callback):
                     ),
                 }
             )
-        skipped = getattr(pl_module, "skipped_batches", None)
-        if callable(skipped):
-            metrics["adapt/skipped_batches"] = float(skipped())
-        metrics.update(_loss_metrics(getattr(getattr(pl_module, "adapter", None), "last_losses", None)))
+        metrics["adapt/skipped_batches"] = float(module.skipped_batches())
+        metrics.update(_loss_metrics(module.last_losses()))
         return metrics
 
     @staticmethod
@@ -222,59 +206,15 @@ class AdaptationMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(e) for e in state_dict.get("history", [])]
 
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """Take the history from an earlier version's ``DomainBankCallback[...]`` state if the file has none of ours.
-
-        Lightning calls ``load_state_dict`` afterwards only with a state under this callback's own key, so a stream
-        checkpoint written before the callback was split resumes with its full event history.
-        """
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
-            return
-        mapped = [key for key in states if _maps_from(key) and key != self.state_key]
-        if not mapped:
-            return
-        if len(mapped) > 1:
-            log.warning(
-                "the checkpoint holds %d bank histories (%s); %s continues the first", len(mapped), mapped, self
-            )
-        self.load_state_dict(states[mapped[0]])
-
 
 def _observed(pl_module: pl.LightningModule) -> AdaptationModule:
     """The module as an :class:`~zoa_lightning.core.protocols.AdaptationModule` (checked in ``setup``)."""
     return cast(AdaptationModule, pl_module)
 
 
-def _maps_from(key: Any) -> bool:
-    """Whether checkpoint callback state ``key`` holds an adaptation history this callback can continue."""
-    return isinstance(key, str) and (key == AdaptationMonitor.__qualname__ or bool(_LEGACY_KEY.match(key)))
-
-
-def _loss_metrics(losses: Any) -> dict[str, float]:
-    """``adapt/<name>`` for an adapter's last loss values.
-
-    A mapping gives its names; a sequence (e.g. ZOA's ``(L0, L+)``) ``loss_0``, ``loss_1``, ...; one number ``loss``.
-    Values that are not numbers are left out.
-    """
-    if losses is None:
-        return {}
-    if isinstance(losses, Mapping):
-        items = [(str(name), value) for name, value in losses.items()]
-    elif isinstance(losses, list | tuple):
-        items = [(f"loss_{i}", value) for i, value in enumerate(losses)]
-    else:
-        items = [("loss", losses)]
-    metrics = {}
-    for name, value in items:
-        try:
-            metrics[f"adapt/{name}"] = float(value.detach().item() if isinstance(value, torch.Tensor) else value)
-        except (TypeError, ValueError, RuntimeError):
-            continue  # not a number (e.g. a tensor of several values): not a loss value to log
-    return metrics
+def _loss_metrics(losses: Sequence[float]) -> dict[str, float]:
+    """``adapt/loss_<i>`` for an adapter's last loss values (e.g. ZOA's ``(L0, L+)``: ``loss_0``, ``loss_1``)."""
+    return {f"adapt/loss_{i}": float(value) for i, value in enumerate(losses)}
 
 
 def _describe(event: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from zoa_lightning.core.layout import resolve_layout
-from zoa_lightning.core.protocols import QuantizableModule, missing_members
+from zoa_lightning.core.protocols import QuantizableModule, StreamDataModule, missing_members
 from zoa_lightning.core.quant import MQBENCH_BITS, PTQ4VIT_BITS
 
 __all__ = ["SUPPORTED_BITS", "QuantizationCallback", "default_quant_cache_dir"]
@@ -132,9 +132,12 @@ class QuantizationCallback(Callback):
                 f"QuantizationCallback needs get_network()/set_network(); {type(pl_module).__name__} lacks "
                 f"{missing_members(pl_module, QuantizableModule)}"
             )
-        datamodule = getattr(trainer, "datamodule", None)  # set by Lightning at run time, unknown to type checkers
-        if datamodule is None or not hasattr(datamodule, "calibration_images"):
-            raise TypeError("QuantizationCallback needs a data module with calibration_images(n)")
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning at run time
+        if not isinstance(datamodule, StreamDataModule):
+            raise TypeError(
+                f"QuantizationCallback needs a stream data module for its calibration images; "
+                f"{type(datamodule).__name__} lacks {missing_members(datamodule, StreamDataModule)}"
+            )
         device = trainer.strategy.root_device
         network = pl_module.get_network().to(device).eval()
         images = datamodule.calibration_images(self.calib_images).to(device)

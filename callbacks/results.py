@@ -1,19 +1,18 @@
 """Report a test-time adaptation stream at the end of ``trainer.test``.
 
-:class:`ResultsCallback` reads the finished (round, corruption) domains from a LightningModule implementing
-:class:`StreamResults`, measures wall time and peak memory itself, and writes ``results.json``, ``results.csv`` and
-``accuracy.png`` (rank zero only), then prints a rich table. The schema, the writers, the table and the plot live in
-:mod:`zoa_lightning.reporting` (no Lightning), which ``zoa compare`` uses too; this module only wires them to the
-test hooks.
+:class:`ResultsCallback` reads the finished (round, corruption) domains from a stream module (a LightningModule
+implementing :class:`~zoa_lightning.core.protocols.ResultsModule`), measures wall time and peak memory itself, and
+writes ``results.json``, ``results.csv`` and ``accuracy.png`` (rank zero only), then prints a rich table. The schema,
+the writers, the table and the plot live in :mod:`zoa_lightning.reporting` (no Lightning), which ``zoa compare`` uses
+too; this module only wires them to the test hooks.
 """
 
 import resource
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -21,46 +20,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from zoa_lightning import reporting
+from zoa_lightning.core.protocols import ResultsModule, missing_members
 from zoa_lightning.reporting import RUN_COLUMNS, DomainRow, remove_stale_results, results_table, write_results
 
-__all__ = ["ResultsCallback", "StreamResults"]
-
-_PROTOCOL_METHODS: tuple[str, ...] = ("stream_results", "run_info")
-#: Names this module defined before the schema, writers and plot moved to :mod:`zoa_lightning.reporting`.
-_MOVED_TO_REPORTING = frozenset(
-    {"ROW_COLUMNS", "SUMMARY_KEYS", "RESULT_FILES", "plot_accuracy", "summarize", "write_results"}
-)
+__all__ = ["ResultsCallback"]
 
 
-def __getattr__(name: str) -> Any:
-    """Keep the names that moved to :mod:`zoa_lightning.reporting` importable from here, with a warning."""
-    if name in _MOVED_TO_REPORTING:
-        warnings.warn(
-            f"callbacks.results.{name} moved to zoa_lightning.reporting.{name}; import it from there",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(reporting, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@runtime_checkable
-class StreamResults(Protocol):
-    """What :class:`ResultsCallback` needs from the LightningModule it observes."""
-
-    def stream_results(self) -> list[dict[str, Any]]:
-        """One dict per finished domain, in stream order, keyed like :class:`zoa_lightning.reporting.DomainRow`."""
-        ...
-
-    def run_info(self) -> dict[str, Any]:
-        """``method``, ``model`` and ``bits`` strings, plus optional extra scalar entries."""
-        ...
-
-
-def _observed(pl_module: "pl.LightningModule") -> StreamResults:
-    """The module as a :class:`StreamResults` (checked in ``setup``)."""
-    return cast(StreamResults, pl_module)
+def _observed(pl_module: "pl.LightningModule") -> ResultsModule:
+    """The module as an :class:`~zoa_lightning.core.protocols.ResultsModule` (checked in ``setup``)."""
+    return cast(ResultsModule, pl_module)
 
 
 def _peak_rss_mb() -> float:
@@ -72,13 +40,14 @@ def _peak_rss_mb() -> float:
 class ResultsCallback(Callback):
     """Report the domain stream of ``trainer.test``: JSON, CSV, accuracy plot and a rich table.
 
-    The observed LightningModule must implement :class:`StreamResults`. At ``on_test_end`` the callback reads its
-    finished domains and, on global rank zero, writes ``<prefix>results.json`` (summary and per-domain rows),
-    ``<prefix>results.csv`` (one row per domain plus the run-constant ``method``, ``model``, ``bits`` columns) and
-    ``<prefix>accuracy.png`` into ``out_dir``, overwriting earlier files. The mean is unweighted over domain
-    entries. It measures the wall time from ``on_test_start`` to ``on_test_end`` (accumulated across a checkpoint
-    resume through its state) and peak memory: ``torch.cuda.max_memory_allocated`` since ``on_test_start`` on CUDA
-    (``memory_kind="cuda_allocated"``), otherwise the process's lifetime peak RSS (``"cpu_max_rss"``), in MiB.
+    The observed LightningModule must report its stream (:class:`~zoa_lightning.core.protocols.ResultsModule`). At
+    ``on_test_end`` the callback reads its finished domains and, on global rank zero, writes ``<prefix>results.json``
+    (summary and per-domain rows), ``<prefix>results.csv`` (one row per domain plus the run-constant ``method``,
+    ``model``, ``bits`` columns) and ``<prefix>accuracy.png`` into ``out_dir``, overwriting earlier files. The mean is
+    unweighted over domain entries. It measures the wall time from ``on_test_start`` to ``on_test_end`` (accumulated
+    across a checkpoint resume through its state) and peak memory: ``torch.cuda.max_memory_allocated`` since
+    ``on_test_start`` on CUDA (``memory_kind="cuda_allocated"``), otherwise the process's lifetime peak RSS
+    (``"cpu_max_rss"``), in MiB.
 
     Args:
         out_dir: Folder for the result files; created if missing, files in it are overwritten. ``None`` means
@@ -91,7 +60,8 @@ class ResultsCallback(Callback):
 
     Raises:
         ValueError: If ``out_dir`` is empty or ``filename_prefix`` contains a path separator.
-        TypeError: In ``setup``, if the LightningModule does not implement :class:`StreamResults`.
+        TypeError: In ``setup``, if the LightningModule is no stream module (it lacks
+            :class:`~zoa_lightning.core.protocols.ResultsModule`).
 
     Example::
 
@@ -134,11 +104,10 @@ class ResultsCallback(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if not isinstance(pl_module, StreamResults):
-            missing = [name for name in _PROTOCOL_METHODS if not callable(getattr(pl_module, name, None))]
+        if not isinstance(pl_module, ResultsModule):
             raise TypeError(
-                f"{type(self).__name__} needs a LightningModule implementing `StreamResults`; "
-                f"{type(pl_module).__name__} lacks {', '.join(f'`{name}()`' for name in missing)}."
+                f"{type(self).__name__} needs a stream module (e.g. ZOAModule); {type(pl_module).__name__} lacks "
+                f"{missing_members(pl_module, ResultsModule)}"
             )
         if stage == "test":
             # A fresh test starts at zero; a checkpoint restore calls `load_state_dict` after this, before the start.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -59,7 +59,7 @@ class StreamCheckpoint(Callback):
 
     def checkpoint_path(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
         """Where the checkpoint is written: ``<dirpath>/<filename>``, by default in the run folder."""
-        folder = self.dirpath or str(Path(trainer.default_root_dir) / getattr(pl_module, "run_name", "run"))
+        folder = self.dirpath or str(Path(trainer.default_root_dir) / cast(AdaptationModule, pl_module).run_name)
         return Path(folder) / self.filename
 
     @override
@@ -89,7 +89,7 @@ class StreamCheckpoint(Callback):
         The event history of every :class:`~callbacks.AdaptationMonitor` is brought up to date first, so the file
         holds the last batch's events whichever callback runs first.
         """
-        for callback in getattr(trainer, "callbacks", []):
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, AdaptationMonitor):
                 callback.collect_events(pl_module, dataloader_idx)
         path = self.checkpoint_path(trainer, pl_module)

@@ -11,10 +11,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from callbacks import DomainBankCallback
+from callbacks import StreamCheckpoint
 from tests.conftest import STREAM_CORRUPTIONS, make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule
-from zoa_lightning.baselines import FOAModule, NormAdaptModule, T3AModule, TentModule
+from zoa_lightning.methods import FOAModule, NormAdaptModule, T3AModule, TentModule
 
 CORRUPTIONS = STREAM_CORRUPTIONS
 
@@ -82,7 +82,7 @@ def test_baseline_runs_the_stream_with_its_pass_count(method: str, make: Any, pa
 def test_norm_adapt_on_a_vit_is_no_adapt_and_says_so(cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     plain, adapted = _Record(), _Record()
     make_trainer([plain], batches=1).test(NoAdaptModule(network=make_vit(0)), datamodule=make_stream(cache_dir))
-    with caplog.at_level(logging.WARNING, logger="zoa_lightning.baselines"):
+    with caplog.at_level(logging.WARNING, logger="zoa_lightning.methods.norm_adapt"):
         make_trainer([adapted], batches=1).test(NormAdaptModule(network=make_vit(0)), datamodule=make_stream(cache_dir))
     assert any("identical to no_adapt" in r.message for r in caplog.records)
     assert all(torch.equal(a, b) for a, b in zip(plain.logits, adapted.logits, strict=True))
@@ -143,11 +143,11 @@ def test_stream_split_in_two_runs_gives_the_same_predictions(method: str, cache_
     full = _Record()
     make_trainer([full], batches=2).test(build(), datamodule=make_stream(cache_dir, **kwargs))
     first = _Record()
-    make_trainer([first, DomainBankCallback(dirpath=str(tmp_path), verbose=False)], batches=2).test(
+    make_trainer([first, StreamCheckpoint(dirpath=str(tmp_path))], batches=2).test(
         build(), datamodule=make_stream(cache_dir, stop_domain=2, **kwargs)
     )
     second = _Record()
-    make_trainer([second, DomainBankCallback(dirpath=str(tmp_path / "b"), verbose=False)], batches=2).test(
+    make_trainer([second, StreamCheckpoint(dirpath=str(tmp_path / "b"))], batches=2).test(
         build(), datamodule=make_stream(cache_dir, **kwargs), ckpt_path=str(tmp_path / "stream-last.ckpt")
     )
     split = first.logits + second.logits

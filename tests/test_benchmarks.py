@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import accuracy, cost, estimators, robustness  # noqa: E402
 from benchmarks._measure import SourceData, build_method, peak_step_bytes, resident_bytes, step  # noqa: E402
-from zoa_lightning.methods import method_names  # noqa: E402
+from zoa_lightning.method_configs import method_names  # noqa: E402
 
 MB = 2**20
 

@@ -72,7 +72,7 @@ def test_help_documents_every_zoa_hyperparameter(capsys: pytest.CaptureFixture[s
     text = capsys.readouterr().out
     for name in ("lr", "spsa_c", "spsa_c_alpha", "lambda_bp", "domain_t", "max_weight_nums", "mode", "sp_avg"):
         assert f"--model.{name} " in text
-    assert "perturbation scale of the epsilons" in text
+    assert "perturbation scale ``c`` of ``θ``" in text  # ZOAConfig's own description of spsa_c
 
 
 def test_missing_imagenet_c_root_fails_fast_naming_the_path(tmp_path: Path) -> None:

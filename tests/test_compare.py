@@ -14,7 +14,7 @@ import yaml
 import zoa_lightning.compare as compare_mod
 from cli import main as cli_main
 from zoa_lightning.compare import COMPARE_SETTINGS, compare, main, parse_args, results_file
-from zoa_lightning.methods import method_names
+from zoa_lightning.method_configs import method_names
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ROOT / "configs" / "methods"

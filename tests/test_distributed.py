@@ -24,7 +24,7 @@ from datamodules._common import GlobalBatchShardSampler, make_loader
 from tests.conftest import corrupt_noise, make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import ZOAModule
 from zoa_lightning.core import ZOA, ZOAConfig
-from zoa_lightning.module import _check_sharded_loaders
+from zoa_lightning.loop import check_sharded_loaders
 
 
 def _fake_trainer(world_size: int, rank: int, use_distributed_sampler: bool = False) -> Any:
@@ -77,10 +77,10 @@ def test_stream_setup_checks_the_sampler_flag_and_the_global_batch(cache_dir: Pa
 def test_module_rejects_unsharded_loaders_and_batchnorm_networks() -> None:
     data = TensorDataset(torch.zeros(10, 1), torch.zeros(10))
     with pytest.raises(ValueError, match="is not sharded"):
-        _check_sharded_loaders({"r1/fog": DataLoader(data, batch_size=4)}, 2)
+        check_sharded_loaders({"r1/fog": DataLoader(data, batch_size=4)}, 2)
     with pytest.raises(ValueError, match="DistributedSampler"):
-        _check_sharded_loaders([DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0))], 2)
-    _check_sharded_loaders([make_loader(data, 6, 0, trainer=_fake_trainer(2, 0))], 2)
+        check_sharded_loaders([DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0))], 2)
+    check_sharded_loaders([make_loader(data, 6, 0, trainer=_fake_trainer(2, 0))], 2)
 
     network = make_resnet(0)
     network.fc = torch.nn.Sequential(torch.nn.BatchNorm1d(network.fc.in_features), network.fc)  # not synchronised

@@ -13,19 +13,14 @@ import pytest
 import torch
 import yaml
 
-import zoa_lightning.baselines
 from benchmarks._measure import SourceData, build_method, step
 from cli import make_cli
 from tests.conftest import make_stream, make_trainer, make_vit
-from zoa_lightning.methods import method_config, method_names
-from zoa_lightning.module import StreamModule
+from zoa_lightning.method_configs import method_config, method_names
+from zoa_lightning.methods import StreamModule
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
-#: Forward passes per batch of each shipped method with its config's settings.
-PASSES = {"foa": 28, "no_adapt": 1, "norm_adapt": 1, "t3a": 1, "tent": 1}
-#: Methods whose adapter holds no state of its own: the network stays the module's ``net``.
-PLAIN_ADAPTERS = {"no_adapt", "norm_adapt"}
 
 
 @pytest.fixture(autouse=True)
@@ -59,10 +54,11 @@ def test_every_method_config_builds_through_the_cli_and_runs(method: str, cache_
         assert module.hparams[key] == value, key
     rows = _run(module, cache_dir)
     assert len(rows) == 3
-    per_batch = PASSES.get(method, 2)  # ZOA and its ablations: 2
+    assert module.adapter is not None
+    per_batch = module.adapter.passes_per_batch  # what the method says a batch costs with this config
     assert [(r["batches"], r["forward_passes"]) for r in rows] == [(1, per_batch)] * 3
     assert module.run_info()["method"] == method
-    assert {key.split(".")[0] for key in module.state_dict()} == {"net" if method in PLAIN_ADAPTERS else "adapter"}
+    assert {key.split(".")[0] for key in module.state_dict()} == {"adapter"}
 
 
 # ------------------------------------------------------------------------------------ CONTRIBUTING's example
@@ -97,11 +93,10 @@ def test_the_contributing_example_builds_from_its_yaml_and_runs(
     method_dir = tmp_path / "configs" / "methods"
     method_dir.mkdir(parents=True)
     (method_dir / "flip_average.yaml").write_text(blocks["config"])
-    # As if the files were in place: the adapter file as zoa_lightning.core.methods.flip_average, the class in
-    # zoa_lightning.baselines (where the config's class_path looks for it).
+    # As if the files were in place: the adapter as zoa_lightning.core.methods.flip_average, the LightningModule as
+    # zoa_lightning.methods.flip_average (where the config's class_path looks for it).
     adapter_file = _load("zoa_lightning.core.methods.flip_average", tmp_path / "flip_average.py", monkeypatch)
-    glue = _load("flip_average_module", tmp_path / "flip_average_module.py", monkeypatch)
-    monkeypatch.setattr(zoa_lightning.baselines, "FlipAverageModule", glue.FlipAverageModule, raising=False)
+    glue = _load("zoa_lightning.methods.flip_average", tmp_path / "flip_average_module.py", monkeypatch)
 
     assert method_names(method_dir) == ["flip_average"]
     cli = make_cli(["-c", str(DEMO), "-c", str(method_config("flip_average", method_dir))], run=False)
@@ -111,7 +106,8 @@ def test_the_contributing_example_builds_from_its_yaml_and_runs(
     assert [r["forward_passes"] for r in rows] == [2, 2, 2]
     assert module.run_info()["flip_weight"] == 0.5
     assert isinstance(module.adapter, adapter_file.FlipAverage)
-    assert "adapter.passes" in module.state_dict()
+    assert module.adapter.passes_per_batch == 2
+    assert "adapter.counters.forward_passes" in module.state_dict()
     with pytest.raises(ValueError, match="flip_weight must be in"):
         make_cli(["-c", str(DEMO), "-c", str(method_dir / "flip_average.yaml"), "--model.flip_weight", "2"], run=False)
 

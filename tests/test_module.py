@@ -13,10 +13,11 @@ import pytest
 import torch
 import yaml
 
-from callbacks import DomainBankCallback
+from callbacks import AdaptationMonitor, StreamCheckpoint
 from tests.conftest import STREAM_CORRUPTIONS, make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule, StreamModule, ZOAModule
 from zoa_lightning.core import ZOAConfig
+from zoa_lightning.core.methods import Adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,8 +84,7 @@ def test_stream_split_in_two_runs_gives_the_same_predictions(cache_dir: Path, tm
     _trainer([full], batches=3).test(_zoa(make_vit(0), detector_min_batch=16), datamodule=_data(cache_dir))
 
     first = _Record()
-    bank = DomainBankCallback(dirpath=str(tmp_path))
-    _trainer([first, bank], batches=3).test(
+    _trainer([first, StreamCheckpoint(dirpath=str(tmp_path))], batches=3).test(
         _zoa(make_vit(0), detector_min_batch=16), datamodule=_data(cache_dir, stop_domain=2)
     )
     ckpt = tmp_path / "stream-last.ckpt"
@@ -92,7 +92,7 @@ def test_stream_split_in_two_runs_gives_the_same_predictions(cache_dir: Path, tm
 
     second = _Record()
     resumed = _zoa(make_vit(0), detector_min_batch=16)
-    _trainer([second, DomainBankCallback(dirpath=str(tmp_path / "b"))], batches=3).test(
+    _trainer([second, StreamCheckpoint(dirpath=str(tmp_path / "b"))], batches=3).test(
         resumed, datamodule=_data(cache_dir), ckpt_path=str(ckpt)
     )
     split = first.logits + second.logits
@@ -103,9 +103,11 @@ def test_stream_split_in_two_runs_gives_the_same_predictions(cache_dir: Path, tm
 
 
 def test_bank_callback_reports_stores(cache_dir: Path, tmp_path: Path) -> None:
-    bank = DomainBankCallback(dirpath=str(tmp_path), verbose=False)
+    bank = AdaptationMonitor(verbose=False)
     module = _zoa(make_vit(0), detector_min_batch=16, domain_t=0.05)
-    _trainer([bank], batches=3).test(module, datamodule=_data(cache_dir, batch_size=32))
+    _trainer([bank, StreamCheckpoint(dirpath=str(tmp_path))], batches=3).test(
+        module, datamodule=_data(cache_dir, batch_size=32)
+    )
     stores = [e for e in bank.history if e["event"] == "shift"]
     assert stores, "the corruption changes should be detected"
     assert all(e["domain_index"] >= 1 for e in stores)
@@ -169,7 +171,8 @@ def test_ablation_configs_label_their_runs_with_their_own_name(cache_dir: Path, 
     from callbacks import ResultsCallback
 
     module = _zoa(lr=0.0, lr_alpha=0.0, use_bank=False, name="zoa_shift_only")
-    trainer = _trainer(callbacks=[ResultsCallback(), DomainBankCallback()], batches=1, default_root_dir=tmp_path)
+    callbacks = [ResultsCallback(), AdaptationMonitor(), StreamCheckpoint()]
+    trainer = _trainer(callbacks=callbacks, batches=1, default_root_dir=tmp_path)
     trainer.test(module, datamodule=_data(cache_dir))
     assert module.run_info()["method"] == "zoa_shift_only"
     assert (tmp_path / "zoa_shift_only" / "results.json").is_file()
@@ -206,22 +209,27 @@ def test_a_last_batch_of_one_image_is_predicted_by_a_batchnorm_network(cache_dir
 
 
 # ------------------------------------------------------------------------------------------------ the template
-class _Counting:
+class _Counting(Adapter):
     """A minimal adapter with every optional capability but the bank: 3 passes per batch, records its source calls."""
 
+    COUNTERS = ("batches", "forward_passes", "skipped_batches")
+
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.forward_passes = 0
-        self.skipped_batches = 0
+        super().__init__(model)
         self.source_calls: list[tuple[int, int | None, set[torch.device]]] = []
+
+    @property
+    def passes_per_batch(self) -> int:
+        return 3
 
     def collect_source_statistics(self, loader: Iterable[torch.Tensor], max_batches: int | None = None) -> None:
         batches = list(loader)
         self.source_calls.append((len(batches), max_batches, {b.device for b in batches}))
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        self.forward_passes += 3
-        self.skipped_batches += 1
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.counters.add("batches")
+        self.counters.add("forward_passes", 3)
+        self.counters.add("skipped_batches")
         return self.model(images)
 
     def run_info(self) -> dict[str, Any]:
@@ -276,9 +284,10 @@ def test_the_template_counts_passes_rollbacks_source_batches_and_reports_through
     }
     assert module.pop_adaptation_events() == []
     assert module.mixing_weights() is None
-    # A plain-object adapter leaves the network the module's own child: checkpoint keys net.*
-    assert {key.split(".")[0] for key in module.state_dict()} == {"net"}
-    assert module.get_network() is adapter.model is module.net
+    # The adapter owns the network: checkpoint keys adapter.*
+    assert {key.split(".")[0] for key in module.state_dict()} == {"adapter"}
+    assert module.get_network() is adapter.model
+    assert module.net is None
 
 
 def test_a_module_adapter_takes_over_the_network_and_its_checkpoint_keys(cache_dir: Path) -> None:
@@ -286,7 +295,7 @@ def test_a_module_adapter_takes_over_the_network_and_its_checkpoint_keys(cache_d
     keys = {f"adapter.{k}" for k in net.state_dict()}
     module = ZOAModule(network=net)
     _trainer(batches=1).test(module, datamodule=_data(cache_dir))
-    assert not hasattr(module, "net")
+    assert module.net is None
     assert module.get_network() is net
     assert {key.split(".")[0] for key in module.state_dict()} == {"adapter"}
     assert not keys <= set(module.state_dict())  # ZOA fused its norm layers: the network's keys changed in place
@@ -300,12 +309,12 @@ def test_source_batches_is_checked_at_construction() -> None:
         ZOAModule(network=make_vit(0), source_batches=0)
 
 
-def test_build_adapter_must_return_a_stream_adapter(cache_dir: Path) -> None:
+def test_build_adapter_must_return_an_adapter(cache_dir: Path) -> None:
     class Wrong(StreamModule):
         def build_adapter(self, network: torch.nn.Module) -> Any:
             return network  # an nn.Module is callable, but counts no passes
 
-    with pytest.raises(TypeError, match=r"Wrong.build_adapter returned a VisionTransformer, which lacks \['forward_"):
+    with pytest.raises(TypeError, match=r"Wrong.build_adapter returned a VisionTransformer: return a subclass of"):
         _trainer(batches=1).test(Wrong(network=make_vit(0)), datamodule=_data(cache_dir))
     with pytest.raises(NotImplementedError, match="must implement build_adapter"):
         _trainer(batches=1).test(StreamModule(network=make_vit(0)), datamodule=_data(cache_dir))
@@ -344,6 +353,16 @@ def test_every_zoa_config_field_is_a_zoa_module_argument_with_the_same_type_and_
         assert argument_types[name] == field_types[name], name
         assert f"        {name}: " in (ZOAModule.__doc__ or ""), f"{name} is not documented in ZOAModule's Args:"
     assert ZOAModule(network=make_vit(0)).config == ZOAConfig()
+
+
+def test_zoa_module_documents_every_config_field_with_the_config_s_own_text() -> None:
+    from docstring_parser import parse
+
+    config = {p.arg_name: p.description for p in parse(ZOAConfig.__doc__ or "").params}
+    module = {p.arg_name: p.description for p in parse(ZOAModule.__doc__ or "").params}
+    assert set(config) == {f.name for f in dataclasses.fields(ZOAConfig)}
+    assert {name: module.get(name) for name in config} == config
+    assert set(module) - set(config) == {"network", "weights", "num_classes", "source_batches", "adapt_norms", "name"}
 
 
 def test_a_config_file_sets_every_zoa_config_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

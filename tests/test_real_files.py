@@ -32,7 +32,7 @@ from torch import nn
 from datamodules import ImageNetCDataModule, corrupt_images
 from zoa_lightning import NoAdaptModule, ZOAModule
 from zoa_lightning.core import ZOA, ZOAConfig
-from zoa_lightning.module import StreamModule
+from zoa_lightning.methods import StreamModule
 from zoa_lightning.networks import build_network
 
 pytestmark = pytest.mark.slow

@@ -211,12 +211,3 @@ def test_reporting_imports_no_lightning() -> None:
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {name for name in imported if name.split(".")[0] in ("lightning", "pytorch_lightning", "torch")}
-
-
-def test_moved_names_still_import_from_the_callback_module() -> None:
-    import callbacks.results as old
-
-    with pytest.warns(DeprecationWarning, match=r"moved to zoa_lightning\.reporting\.plot_accuracy"):
-        assert old.plot_accuracy is plot_accuracy
-    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
-        _ = old.nonsense

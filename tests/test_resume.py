@@ -9,20 +9,20 @@ import pytest
 import torch
 import yaml
 
-import zoa_lightning.module as module_mod
-from callbacks import DomainBankCallback, ResultsCallback
+import zoa_lightning.methods.base as module_mod
+from callbacks import AdaptationMonitor, ResultsCallback, StreamCheckpoint
 from cli import make_cli
 from datamodules import CorruptionStreamDataModule
 from tests.conftest import STREAM_CORRUPTIONS, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule, ZOAModule
-from zoa_lightning.module import _fingerprint_differences
+from zoa_lightning.resume import fingerprint_differences
 
 
 def _first_domain(cache_dir: Path, tmp_path: Path, module: Any = None, **data: Any) -> Path:
     """Run the first domain of the three-domain stream (one batch) and return its stream checkpoint."""
     module = module if module is not None else NoAdaptModule(network=make_vit(0))
-    bank = DomainBankCallback(dirpath=str(tmp_path / "first"), verbose=False)
-    make_trainer([bank], batches=1).test(module, datamodule=make_stream(cache_dir, stop_domain=1, **data))
+    bank = [AdaptationMonitor(verbose=False), StreamCheckpoint(dirpath=str(tmp_path / "first"))]
+    make_trainer(bank, batches=1).test(module, datamodule=make_stream(cache_dir, stop_domain=1, **data))
     return tmp_path / "first" / "stream-last.ckpt"
 
 
@@ -68,7 +68,7 @@ def test_fingerprint_names_every_identifying_data_setting(cache_dir: Path) -> No
     }
     for key, value in changes.items():
         other = CorruptionStreamDataModule(**base, **{key: value}).stream_fingerprint()
-        differences = _fingerprint_differences({"data": reference}, {"data": other})
+        differences = fingerprint_differences({"data": reference}, {"data": other})
         assert any(d.startswith(f"data.{key}:") for d in differences), (key, differences)
     # Not part of the stream: where the cache lives, how it is read, which window runs, the source subset.
     same = CorruptionStreamDataModule(
@@ -92,7 +92,7 @@ def test_fingerprint_identifies_a_folder_by_content(tmp_path: Path) -> None:
     assert fingerprint["dataset"] == "folder"
     assert CorruptionStreamDataModule(dataset=copy, image_size=8).stream_fingerprint() == fingerprint
     changed = CorruptionStreamDataModule(dataset=other, image_size=8).stream_fingerprint()
-    assert _fingerprint_differences({"data": fingerprint}, {"data": changed}) == [
+    assert fingerprint_differences({"data": fingerprint}, {"data": changed}) == [
         f"data.test_images: checkpoint {fingerprint['test_images']!r}, this run {changed['test_images']!r}"
     ]
 
@@ -101,7 +101,7 @@ def test_resuming_a_finished_stream_says_so_and_leaves_the_results(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "results"
-    callbacks = [DomainBankCallback(dirpath=str(tmp_path), verbose=False), ResultsCallback(out_dir=out, plot=False)]
+    callbacks = [StreamCheckpoint(dirpath=str(tmp_path)), ResultsCallback(out_dir=out, plot=False)]
     make_trainer(callbacks, batches=1).test(NoAdaptModule(network=make_vit(0)), datamodule=make_stream(cache_dir))
     written = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
     assert "results.json" in written
@@ -109,7 +109,7 @@ def test_resuming_a_finished_stream_says_so_and_leaves_the_results(
     messages: list[str] = []
     monkeypatch.setattr(module_mod, "rank_zero_info", messages.append)
     resumed = NoAdaptModule(network=make_vit(0))
-    callbacks = [DomainBankCallback(dirpath=str(tmp_path), verbose=False), ResultsCallback(out_dir=out, plot=False)]
+    callbacks = [StreamCheckpoint(dirpath=str(tmp_path)), ResultsCallback(out_dir=out, plot=False)]
     results = make_trainer(callbacks, batches=1).test(
         resumed, datamodule=make_stream(cache_dir), ckpt_path=str(tmp_path / "stream-last.ckpt")
     )
@@ -119,15 +119,14 @@ def test_resuming_a_finished_stream_says_so_and_leaves_the_results(
     assert [r["domain"] for r in resumed.stream_results()] == [f"r1/{c}" for c in STREAM_CORRUPTIONS]
 
 
-def test_checkpoint_without_fingerprint_still_resumes_with_a_warning(cache_dir: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_without_fingerprint_is_refused(cache_dir: Path, tmp_path: Path) -> None:
     ckpt = _first_domain(cache_dir, tmp_path)
     state = torch.load(ckpt, weights_only=True)
-    state["zoa_stream"].pop("fingerprint", None)  # as written before fingerprints existed
+    state["zoa_stream"].pop("fingerprint", None)  # not a stream checkpoint this project wrote
     torch.save(state, ckpt)
     resumed = NoAdaptModule(network=make_vit(0))
-    with pytest.warns(UserWarning, match="no stream fingerprint"):
+    with pytest.raises(ValueError, match="holds no stream fingerprint"):
         make_trainer(batches=1).test(resumed, datamodule=make_stream(cache_dir), ckpt_path=str(ckpt))
-    assert [r["domain"] for r in resumed.stream_results()] == [f"r1/{c}" for c in STREAM_CORRUPTIONS]
 
 
 # ---------------------------------------------------------------------------------------------------------- the CLI
@@ -146,10 +145,8 @@ def _config(tmp_path: Path, cache_dir: Path) -> Path:
             "limit_test_batches": 1,
             "default_root_dir": str(tmp_path / "run"),
             "callbacks": [
-                {
-                    "class_path": "callbacks.DomainBankCallback",
-                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "verbose": False},
-                },
+                {"class_path": "callbacks.AdaptationMonitor", "init_args": {"verbose": False}},
+                {"class_path": "callbacks.StreamCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}},
                 {
                     "class_path": "callbacks.ResultsCallback",
                     "init_args": {"out_dir": str(tmp_path / "results"), "plot": False, "table": False},

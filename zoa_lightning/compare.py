@@ -30,7 +30,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 from rich.console import Console
 
-from zoa_lightning.methods import method_config, method_names
+from zoa_lightning.method_configs import method_config, method_names
 from zoa_lightning.reporting import write_comparison
 
 __all__ = ["COMPARE_SETTINGS", "build_parser", "compare", "main", "parse_args", "results_file"]
@@ -89,11 +89,11 @@ def compare(
 
     Args:
         configs: stream config files (data, network, trainer), composed in order as ``zoa test -c`` composes them.
-        methods: method names (:func:`zoa_lightning.methods.method_names`).
+        methods: method names (:func:`zoa_lightning.method_configs.method_names`).
         out: output folder; each method runs with ``default_root_dir = out/<method>``, and a logger of the configs
             with a ``save_dir`` logs there too.
         extra: further ``zoa test`` arguments applied to every method (e.g. ``["--model.init_args.lr", "0.01"]``).
-        method_dir: where the method configs live (default :func:`zoa_lightning.methods.default_method_dir`).
+        method_dir: where the method configs live (default :func:`zoa_lightning.method_configs.default_method_dir`).
         resume: reuse a method's ``results.json`` already under ``out/<method>`` instead of running it again (the
             caller vouches that it came from the same configs).
         jobs: methods run at once; with more than one, each process gets ``cpu_count // jobs`` threads.
@@ -332,8 +332,3 @@ def main(argv: Sequence[str]) -> None:
         jobs=settings.jobs,
         log_to_files=settings.log_to_files,
     )
-
-
-# Deprecated private spellings, kept until the benchmarks import the public names.
-_results_file = results_file
-_method_config = method_config

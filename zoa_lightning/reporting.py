@@ -43,6 +43,7 @@ __all__ = [
     "DomainRow",
     "RunSummary",
     "comparison_table",
+    "mean_of",
     "plot_accuracy",
     "remove_stale_results",
     "results_table",
@@ -271,6 +272,17 @@ def _numel(value: Any) -> int | None:
 
 def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
+
+
+def mean_of(rows: Sequence[Mapping[str, Any] | DomainRow], column: str = "acc1") -> float:
+    """The unweighted mean of a column over domain rows (the stream's mean top-1 by default; NaN without rows).
+
+    Example:
+        >>> rows = [{"acc1": 50.0}, {"acc1": 70.0}]
+        >>> mean_of(rows)
+        60.0
+    """
+    return _mean([float(row[column] if isinstance(row, Mapping) else getattr(row, column)) for row in rows])
 
 
 def _domain_rows(rows: Sequence[Mapping[str, Any] | DomainRow]) -> list[DomainRow]:

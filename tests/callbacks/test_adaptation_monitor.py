@@ -1,33 +1,25 @@
-"""AdaptationMonitor and StreamCheckpoint (and their earlier combination, DomainBankCallback): events, metrics through
-the trainer's loggers, checkpoints, and old checkpoints' callback state."""
+"""AdaptationMonitor and StreamCheckpoint: events, metrics through the trainer's loggers, checkpoints."""
 
 from __future__ import annotations
 
 import csv
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from jsonargparse import ArgumentParser
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from callbacks import AdaptationMonitor, DomainBankCallback, StreamCheckpoint
+from callbacks import AdaptationMonitor, StreamCheckpoint
 from tests.conftest import make_stream, make_trainer, make_vit
 from zoa_lightning import ZOAModule
 
 BATCHES = 3  # per domain, two domains
-
-
-class _Adapter:
-    def __init__(self) -> None:
-        self.last_losses: dict[str, Any] = {}
 
 
 class FakeStream(BoringModel):
@@ -35,7 +27,7 @@ class FakeStream(BoringModel):
 
     def __init__(self) -> None:
         super().__init__()
-        self.adapter = _Adapter()
+        self.losses: tuple[float, ...] = ()
         self.start_domain = 0
         self.run_name = "fake"
         self._seen = 0
@@ -43,7 +35,7 @@ class FakeStream(BoringModel):
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._seen += 1
-        self.adapter.last_losses = {"loss": torch.tensor(1.0 / self._seen), "loss_plus": 2.0 / self._seen}
+        self.losses = (1.0 / self._seen, 2.0 / self._seen)
         if self._seen in (2, 6):
             self._events.append({"event": "shift", "batch": self._seen, "entries": 2, "scale_factor": 1.0,
                                  "alpha_new": 0.5, "evicted": self._seen == 6})  # fmt: skip
@@ -64,6 +56,12 @@ class FakeStream(BoringModel):
 
     def stream_results(self) -> list[dict[str, Any]]:
         return []
+
+    def run_info(self) -> dict[str, Any]:
+        return {"method": "fake", "model": "boring", "bits": "float"}
+
+    def last_losses(self) -> tuple[float, ...]:
+        return self.losses
 
 
 def _trainer(root: Path, callbacks: list[Any], **kwargs: Any) -> Trainer:
@@ -97,8 +95,8 @@ def test_metrics_land_in_a_csv_logger_with_the_stream_batch_as_step(tmp_path: Pa
     assert [float(r["bank/shifts"]) for r in rows] == [0, 1, 1, 1, 1, 2]
     assert [float(r["bank/evictions"]) for r in rows] == [0, 0, 0, 0, 0, 1]
     assert [float(r["adapt/skipped_batches"]) for r in rows] == [0, 0, 0, 1, 1, 1]
-    assert float(rows[3]["adapt/loss"]) == pytest.approx(0.25)
-    assert float(rows[3]["adapt/loss_plus"]) == pytest.approx(0.5)
+    assert float(rows[3]["adapt/loss_0"]) == pytest.approx(0.25)
+    assert float(rows[3]["adapt/loss_1"]) == pytest.approx(0.5)
     assert float(rows[1]["bank/largest_weight"]) == pytest.approx(0.5)
     assert float(rows[1]["bank/mixing_entropy"]) == pytest.approx(0.6931, abs=1e-4)
 
@@ -134,47 +132,6 @@ def test_stream_checkpoint_defaults_to_the_run_folder_and_checks_its_arguments(t
         _trainer(tmp_path, [AdaptationMonitor()]).test(BoringModel())
 
 
-def test_domain_bank_callback_keeps_its_arguments_files_and_state_key(tmp_path: Path) -> None:
-    legacy = DomainBankCallback(dirpath=str(tmp_path), verbose=False)
-    assert legacy.state_key == f"DomainBankCallback[dirpath={tmp_path},filename=stream-last.ckpt]"
-    _trainer(tmp_path, [legacy]).test(FakeStream())
-    states = torch.load(tmp_path / "stream-last.ckpt", weights_only=True)["callbacks"]
-    assert [e["batch"] for e in states[legacy.state_key]["history"]] == [2, 6]
-    off = DomainBankCallback(dirpath=str(tmp_path / "off"), save=False, verbose=False)
-    _trainer(tmp_path, [off]).test(FakeStream())
-    assert not (tmp_path / "off").exists()
-    assert off.checkpoint_path(Trainer(logger=False), FakeStream()) is None
-    parser = ArgumentParser()
-    parser.add_class_arguments(DomainBankCallback, "bank")
-    cfg = parser.parse_args(["--bank.dirpath=runs/x", "--bank.save=false", "--bank.verbose=false"])
-    assert (cfg.bank.dirpath, cfg.bank.save, cfg.bank.verbose) == ("runs/x", False, False)
-
-
-def _resume_history(tmp_path: Path, writer: list[Any], reader: list[Any]) -> list[dict[str, Any]]:
-    """Write a checkpoint with the ``writer`` callbacks, resume it with the ``reader`` ones; the reader's history."""
-    _trainer(tmp_path, writer).test(FakeStream())
-    module = FakeStream()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # Lightning's "callbacks used to create the checkpoint" would be wrong here
-        warnings.filterwarnings("ignore", message=r".*(LeafSpec|weights_only|num_workers|does not have many workers)")
-        _trainer(tmp_path, reader).test(module, ckpt_path=str(tmp_path / "stream-last.ckpt"))
-    monitor = next(cb for cb in reader if isinstance(cb, AdaptationMonitor))
-    return monitor.history
-
-
-def test_an_old_domain_bank_checkpoint_resumes_with_the_split_callbacks(tmp_path: Path) -> None:
-    old = [DomainBankCallback(dirpath=str(tmp_path), verbose=False)]
-    new = [AdaptationMonitor(verbose=False), StreamCheckpoint(dirpath=str(tmp_path / "new"))]
-    history = _resume_history(tmp_path, old, new)
-    assert [e["batch"] for e in history] == [2, 6, 2, 6]  # the old run's events, then the resumed run's
-
-
-def test_a_new_checkpoint_resumes_with_the_old_callback(tmp_path: Path) -> None:
-    new = [AdaptationMonitor(verbose=False), StreamCheckpoint(dirpath=str(tmp_path))]
-    history = _resume_history(tmp_path, new, [DomainBankCallback(dirpath=str(tmp_path / "old"), verbose=False)])
-    assert [e["batch"] for e in history] == [2, 6, 2, 6]
-
-
 def test_zoa_stream_logs_bank_metrics_and_resumes_the_step(cache_dir: Path, tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="logs", version=0)
     monitor, checkpoint = AdaptationMonitor(verbose=False), StreamCheckpoint(dirpath=str(tmp_path))
@@ -186,8 +143,7 @@ def test_zoa_stream_logs_bank_metrics_and_resumes_the_step(cache_dir: Path, tmp_
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
     assert float(rows[-1]["bank/stores"]) == len([e for e in monitor.history if "entries" in e])
     assert float(rows[-1]["bank/entries"]) >= 1
-    if hasattr(module.adapter, "last_losses"):  # ZOA's (L0, L+) of the batch
-        assert all(r["adapt/loss_0"] and r["adapt/loss_1"] for r in rows)
+    assert all(r["adapt/loss_0"] and r["adapt/loss_1"] for r in rows)  # ZOA's (L0, L+) of the batch
 
     resumed_logger = CSVLogger(tmp_path, name="logs", version=1)
     resumed = ZOAModule(network=make_vit(0), source_batches=1, detector_min_batch=16, domain_t=0.05)
@@ -204,29 +160,11 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 def test_configs_list_the_monitor_before_the_checkpoint_and_demo_configs_log_to_csv(config: Path) -> None:
     trainer = yaml.safe_load(config.read_text())["trainer"]
     names = [c["class_path"] for c in trainer["callbacks"]]
-    assert "callbacks.DomainBankCallback" not in names
     assert names.index("callbacks.AdaptationMonitor") < names.index("callbacks.StreamCheckpoint")
     if config.name.startswith("demo"):
         logger = trainer["logger"]
         assert logger["class_path"] == "lightning.pytorch.loggers.CSVLogger"
         assert logger["init_args"]["save_dir"] == trainer["default_root_dir"]
-
-
-@pytest.mark.parametrize(
-    ("losses", "expected"),
-    [
-        ((0.5, torch.tensor(0.25)), {"adapt/loss_0": 0.5, "adapt/loss_1": 0.25}),
-        ({"entropy": 1.0, "bad": torch.ones(3)}, {"adapt/entropy": 1.0}),
-        (2.0, {"adapt/loss": 2.0}),
-        ((), {}),
-        (None, {}),
-    ],
-)
-def test_loss_values_of_any_shape_the_adapter_reports(losses: Any, expected: dict[str, float]) -> None:
-    module = FakeStream()
-    module.adapter.last_losses = losses
-    metrics = AdaptationMonitor().metrics(module)
-    assert {k: v for k, v in metrics.items() if k.startswith("adapt/loss") or k == "adapt/entropy"} == expected
 
 
 def test_a_model_seed_other_than_the_streams_runs_with_a_logger(cache_dir: Path, tmp_path: Path) -> None:

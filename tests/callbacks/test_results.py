@@ -13,7 +13,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 import callbacks.results as results_mod
-from callbacks.results import ResultsCallback, StreamResults
+from callbacks.results import ResultsCallback
+from zoa_lightning.core.protocols import ResultsModule
 from zoa_lightning.reporting import ROW_COLUMNS, RUN_COLUMNS, write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -143,11 +144,11 @@ def test_files_are_overwritten(tmp_path: Path) -> None:
 
 
 def test_protocol_is_checked_in_setup(tmp_path: Path) -> None:
-    assert isinstance(StreamModel(), StreamResults)
-    assert not isinstance(BoringModel(), StreamResults)
-    with pytest.raises(TypeError, match=r"BoringModel lacks `stream_results\(\)`, `run_info\(\)`"):
+    assert isinstance(StreamModel(), ResultsModule)
+    assert not isinstance(BoringModel(), ResultsModule)
+    with pytest.raises(TypeError, match=r"BoringModel lacks \[.stream_results., .run_info.\]"):
         _trainer(tmp_path, ResultsCallback(out_dir=tmp_path)).test(BoringModel())
-    with pytest.raises(TypeError, match=r"HalfStreamModel lacks `run_info\(\)`\.$"):
+    with pytest.raises(TypeError, match=r"HalfStreamModel lacks \[.run_info.\]$"):
         _trainer(tmp_path, ResultsCallback(out_dir=tmp_path)).test(HalfStreamModel())
     assert not list(tmp_path.glob("results.*"))
 

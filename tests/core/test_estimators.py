@@ -235,6 +235,3 @@ def test_the_normalised_step_bounds_a_huge_learning_rate(digits: torch.Tensor) -
     rms = float(normed.bank.theta.pow(2).mean().sqrt())
     assert rms == pytest.approx(0.05, rel=1e-4)  # the first step: exactly lr in root-mean-square
     assert float(normed.update.spread) > 0
-    state = normed.state_dict()
-    del state["update.spread"], state["update.spread_ready"]  # a checkpoint from before the option existed
-    _adapter(digits, estimator="per_sample").load_state_dict(state)

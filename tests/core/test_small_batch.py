@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
 
 from tests.conftest import MODEL_FACTORIES, corrupt_noise
 from zoa_lightning.core import ZOA, ZOAConfig
-from zoa_lightning.core.bank import KnowledgeBank, batch_statistics_norm
 from zoa_lightning.core.loss import loss_statistics
 from zoa_lightning.core.small_batch import SmallBatches
 
@@ -79,34 +77,6 @@ def test_a_detected_shift_and_a_rolled_back_batch_leave_the_right_pool() -> None
     assert int(pool.filled) == 0
 
 
-def test_state_dicts_from_before_pooling_load_with_an_empty_pool() -> None:
-    pool = SmallBatches(6, pool_images=8)
-    pool.load_state_dict({})
-    assert int(pool.filled) == 0
-    assert pool.history.shape == (7, 6)
-    with pytest.raises(ValueError, match="pool_images must be >= 2"):
-        SmallBatches(6, pool_images=1)
-
-
-# ---------------------------------------------------------------------------------------------- the engine
-@pytest.mark.parametrize("kind", ["vit", "resnet"])
-def test_one_image_batches_are_predicted_and_adapted_on(kind: str, digits: torch.Tensor) -> None:
-    adapter = _adapter(kind, digits)
-    theta0 = adapter.bank.theta.clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning: one-image batches are a supported stream
-        first = adapter(digits[600:601])
-        assert adapter.counter("unadapted_batches") == 1  # one image so far: no variance, no step
-        assert torch.equal(adapter.bank.theta, theta0)
-        logits = [adapter(digits[601 + i : 602 + i]) for i in range(6)]
-    assert first.shape == (1, 10)
-    assert all(torch.isfinite(z).all() for z in [first, *logits])
-    assert adapter.counter("unadapted_batches") == 1
-    assert adapter.counter("forward_passes") == 1 + 2 * 6
-    assert not torch.equal(adapter.bank.theta, theta0)
-    assert int(adapter.small.filled) == 7
-
-
 def test_a_pooled_batch_steps_by_its_share(digits: torch.Tensor) -> None:
     # The same batch of 8 after 56 earlier images, with lr and the estimate scaled by 8/64: the loss-gradient part of
     # the step keeps the size the pooled loss gives it, weight decay shrinks to the share.
@@ -153,44 +123,18 @@ def test_batches_of_the_paper_size_are_untouched_by_pooling(digits: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- BatchNorm prior
-def test_batchnorm_prior_mixes_the_running_estimate_and_the_batch_statistics() -> None:
-    bank = KnowledgeBank([2], torch.tensor([1.0, 1.0, 0.0, 0.0]))
-    source_mean, source_var = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.5])
-    offset = bank.add_norm_statistics(source_mean, source_var)  # the estimate starts at the source statistics
-    x = torch.randn(2, 2, 3, 3) * 3 + 1
-    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-
-    def expected(running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
-        w = 2 / (2 + 16)
-        spread = w * (1 - w) * (mean - running_mean) ** 2  # the variance of the mixture of the two
-        mixed_mean, mixed_var = w * mean + (1 - w) * running_mean, w * var + (1 - w) * running_var + spread
-        return (x - mixed_mean.view(1, 2, 1, 1)) / torch.sqrt(mixed_var.view(1, 2, 1, 1) + 1e-5)
-
-    bank.batch_prior, bank.record_norms = 16.0, True
-    out = batch_statistics_norm(x, 1e-5, bank, offset)
-    torch.testing.assert_close(out, expected(source_mean, source_var), rtol=1e-5, atol=1e-5)
-    bank.commit_norm_statistics(8)  # 2 images of an 8-image window: a quarter of the way to the batch's statistics
-    moved = bank.norm_statistics[offset : offset + 4].float()
-    torch.testing.assert_close(moved, torch.cat([0.75 * source_mean + 0.25 * mean, 0.75 * source_var + 0.25 * var]))
-    bank.record_norms = False
-    out = batch_statistics_norm(x, 1e-5, bank, offset)  # not recorded: the estimate stays
-    torch.testing.assert_close(out, expected(moved[:2], moved[2:]), rtol=1e-5, atol=1e-5)
-    bank.commit_norm_statistics(8)
-    assert torch.equal(bank.norm_statistics[offset : offset + 4].float(), moved)
-    bank.end_batch()  # one value per channel: the estimate mixed in with weight 1 instead of failing
-    assert torch.isfinite(batch_statistics_norm(torch.randn(1, 2, 1, 1), 1e-5, bank, offset)).all()
 
 
 def test_a_pooled_batch_sets_the_prior_only_while_it_runs(digits: torch.Tensor) -> None:
     adapter = _adapter("resnet", digits)
     seen: list[float | None] = []
     bn = next(m for m in adapter.model.modules() if type(m).__name__ == "FusedBatchNorm2d")
-    bn.register_forward_hook(lambda *_: seen.append(adapter.bank.batch_prior))
+    bn.register_forward_hook(lambda *_: seen.append(adapter.batch_statistics.prior))
     adapter(digits[600:604])
     adapter(digits[512:576])
     assert seen[:2] == [16.0, 16.0]
     assert seen[2:] == [None, None]
-    assert adapter.bank.batch_prior is None
+    assert adapter.batch_statistics.prior is None
     assert math.isclose(adapter.config.bn_prior, 16.0)
 
 
@@ -210,5 +154,5 @@ def test_a_run_resumed_in_the_middle_of_a_pool_continues_bit_identically(kind: s
     for batch, logits in zip(stream[9:], rest, strict=True):
         assert torch.equal(resumed(batch), logits)
     assert torch.equal(resumed.bank.theta, adapter.bank.theta)
-    assert torch.equal(resumed.bank.norm_statistics, adapter.bank.norm_statistics)
+    assert torch.equal(resumed.batch_statistics.running, adapter.batch_statistics.running)
     assert resumed.counter("stores") == adapter.counter("stores") >= 1

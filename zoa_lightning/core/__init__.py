@@ -1,6 +1,7 @@
 """Pure-torch ZOA engine: no Lightning import anywhere below this package."""
 
-from zoa_lightning.core.bank import FusedBatchNorm2d, FusedLayerNorm, KnowledgeBank
+from zoa_lightning.core.bank import FusedLayerNorm, KnowledgeBank
+from zoa_lightning.core.batch_norm import BatchStatistics, FusedBatchNorm2d
 from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.layout import ModelLayout, resolve_layout
 from zoa_lightning.core.spsa import adamw_first_step_, estimate_gradient, segmented_uniform, sgd_step_, spsa_estimate
@@ -10,6 +11,7 @@ from zoa_lightning.core.zoa import ZOA, AdaptationDiverged
 __all__ = [
     "ZOA",
     "AdaptationDiverged",
+    "BatchStatistics",
     "FusedBatchNorm2d",
     "FusedLayerNorm",
     "KnowledgeBank",

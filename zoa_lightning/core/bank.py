@@ -13,12 +13,15 @@ Every tensor has a fixed shape, so ``state_dict`` shapes never change as the ban
 (``copy_``, index assignment), which keeps the bank usable under ``torch.inference_mode`` (see lightning-notes §1).
 
 The effective parameters of layer ℓ are ``base + softmax(s·alpha[:K]) @ deltas[:K] + theta`` restricted to the layer's
-slice. :class:`FusedLayerNorm` and :class:`FusedBatchNorm2d` compute them at every forward from a reference to the bank.
+slice. :class:`FusedLayerNorm` and :class:`~zoa_lightning.core.batch_norm.FusedBatchNorm2d` read them at every forward
+from the bank (the BatchNorm side, batch statistics and their running estimates, is
+:mod:`zoa_lightning.core.batch_norm`); :func:`fuse_norms` puts them into a network.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,10 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoa_lightning.core.batch_norm import (
+    BatchStatistics,
+    FusedBatchNorm2d,
+    affine,
+    post_norm,
+    running_statistics,
+    use_batch_statistics_norms,
+)
 from zoa_lightning.core.layout import ModelLayout
-from zoa_lightning.core.stats import ReduceFn
 
-__all__ = ["FusedBatchNorm2d", "FusedLayerNorm", "KnowledgeBank", "fuse_norms"]
+__all__ = ["FusedLayerNorm", "KnowledgeBank", "fuse_norms"]
 
 
 class KnowledgeBank(nn.Module):
@@ -62,7 +72,6 @@ class KnowledgeBank(nn.Module):
     alpha: Tensor
     count: Tensor
     similarity: Tensor
-    norm_statistics: Tensor
     _segment: Tensor
     constant_buffers = ("base", "_segment")  # never changed by a batch: a batch transaction need not copy them
 
@@ -77,16 +86,8 @@ class KnowledgeBank(nn.Module):
         alpha_clip: float = 10.0,
         compact_similarity: bool = False,
         initial_alpha: float = 0.0,
-        batch_reduce: ReduceFn | None = None,
     ) -> None:
         super().__init__()
-        self.batch_reduce = batch_reduce  # fused BatchNorms: batch statistics summed over processes (None: one)
-        # BatchNorms of a pooled small batch mix in a running estimate of their test statistics (started from the
-        # source statistics) with this prior strength (None: not); see batch_statistics_norm
-        self.batch_prior: float | None = None
-        self.record_norms = False  # the prediction pass of a pooled batch: BatchNorms record their statistics
-        self._norm_pending: list[tuple[int, Tensor, Tensor, float]] = []
-        self.register_buffer("norm_statistics", torch.zeros(0, dtype=torch.float64, device=base.device))
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         if not widths or min(widths) < 1:
@@ -121,36 +122,6 @@ class KnowledgeBank(nn.Module):
         self._fused_key: tuple[tuple[int, int, int], ...] | None = None
         self._use_base = False
         self._override: Tensor | None = None
-
-    def add_norm_statistics(self, mean: Tensor, var: Tensor) -> int:
-        """Append a BatchNorm's running test statistics, started at ``(mean, var)``; returns their offset."""
-        offset = self.norm_statistics.numel()
-        start = torch.cat([mean.detach().reshape(-1), var.detach().reshape(-1)]).to(self.norm_statistics)
-        self.norm_statistics = torch.cat([self.norm_statistics, start])
-        return offset
-
-    def commit_norm_statistics(self, images_per_window: int) -> None:
-        """Fold the statistics the BatchNorms recorded in this batch's prediction pass into their running estimates.
-
-        A batch of ``n`` images moves an estimate by ``n / images_per_window`` of the way to its own statistics.
-        """
-        for offset, mean, var, images in self._norm_pending:
-            c = mean.numel()
-            weight = min(1.0, images / images_per_window)
-            row = self.norm_statistics[offset : offset + 2 * c]
-            row.mul_(1 - weight).add_(torch.cat([mean, var]).to(row), alpha=weight)
-        self._norm_pending.clear()
-
-    def end_batch(self) -> None:
-        """Forget the batch settings of the BatchNorms and anything they recorded (a batch ended or was rolled back)."""
-        self.batch_prior, self.record_norms = None, False
-        self._norm_pending.clear()
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "norm_statistics"
-        if key not in state_dict:  # a state dict from before the running estimates: keep their starting values
-            state_dict[key] = self.norm_statistics.clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def size(self) -> int:
@@ -317,13 +288,6 @@ class KnowledgeBank(nn.Module):
         return {"evicted": evicted, "scale_factor": s_f, "alpha_new": alpha_new, "entries": k + 1}
 
 
-def _affine(normed: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``normed · weight + bias`` for per-image affine parameters; in place on ``normed`` when no gradient needs it."""
-    if torch.is_grad_enabled() and (normed.requires_grad or weight.requires_grad or bias.requires_grad):
-        return torch.addcmul(bias, normed, weight)
-    return torch.addcmul(bias, normed, weight, out=normed)  # the same values as the out-of-place call
-
-
 class _FusedNormMixin:
     """Shared plumbing: the bank is held by reference (not as a submodule), so it is registered once."""
 
@@ -361,7 +325,7 @@ class FusedLayerNorm(_FusedNormMixin, nn.Module):
         if weight.ndim == 1:
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         shape = (weight.shape[0],) + (1,) * (x.ndim - 2) + (weight.shape[1],)  # one affine per image
-        return _affine(
+        return affine(
             F.layer_norm(x, self.normalized_shape, None, None, self.eps), weight.view(shape), bias.view(shape)
         )
 
@@ -370,174 +334,18 @@ class FusedLayerNorm(_FusedNormMixin, nn.Module):
         return f"{self.normalized_shape}, eps={self.eps}, bank_index={self._index}"
 
 
-class FusedBatchNorm2d(_FusedNormMixin, nn.Module):
-    """BatchNorm2d that normalises with the current batch's statistics and fused affine parameters.
-
-    Running statistics are not updated (spec §1.2), so the layer behaves the same in train and eval mode. The replaced
-    layer's running statistics start the bank's running estimate of its test statistics, which a small batch mixes in
-    (:func:`batch_statistics_norm`).
-
-    Args:
-        num_features: channel count.
-        eps: variance epsilon.
-        bank: the bank holding this layer's slice.
-        index: the layer's position among the bank's adapted layers.
-        post: what the replaced layer applied after normalising (timm's ``BatchNormAct2d`` carries its dropout and
-            activation inside the norm layer); ``None`` for a plain BatchNorm.
-        source: the replaced layer's ``(running_mean, running_var)``, or ``None`` (then zeros and ones).
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float,
-        bank: KnowledgeBank,
-        index: int,
-        post: nn.Module | None = None,
-        source: tuple[Tensor, Tensor] | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.post = post
-        self._attach(bank, index)
-        self._norm_offset = _add_norm_statistics(bank, num_features, source)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalise with batch statistics over (N, H, W) and the fused affine parameters."""
-        weight, bias = self.fused_affine()
-        bank: KnowledgeBank = self._bank  # type: ignore[assignment]
-        if _needs_own_norm(x, bank):  # several processes, a pooled small batch, or one value per channel
-            shape = (*weight.shape, 1, 1) if weight.ndim == 2 else (1, -1, 1, 1)
-            normed = batch_statistics_norm(x, self.eps, bank, self._norm_offset)
-            out = _affine(normed, weight.view(shape), bias.view(shape))
-        elif weight.ndim == 1:
-            out = F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        else:  # one affine per image
-            shape = (*weight.shape, 1, 1)
-            out = _affine(
-                F.batch_norm(x, None, None, None, None, True, 0.0, self.eps), weight.view(shape), bias.view(shape)
-            )
-        return out if self.post is None else self.post(out)
-
-    def extra_repr(self) -> str:
-        """Channels, epsilon and bank slot, for ``print(model)``."""
-        return f"{self.num_features}, eps={self.eps}, bank_index={self._index}"
-
-
-def _add_norm_statistics(bank: KnowledgeBank, channels: int, source: tuple[Tensor, Tensor] | None) -> int:
-    """Give a BatchNorm its running test statistics in ``bank``, started at its source (running) statistics."""
-    mean, var = source if source is not None else (torch.zeros(channels), torch.ones(channels))
-    return bank.add_norm_statistics(mean, var)
-
-
-def _needs_own_norm(x: Tensor, bank: KnowledgeBank) -> bool:
-    """Whether ``torch``'s batch norm will not do: a reduction over processes, a prior, or one value per channel."""
-    return bank.batch_reduce is not None or bank.batch_prior is not None or x.numel() == x.shape[1]
-
-
-def batch_statistics_norm(x: Tensor, eps: float, bank: KnowledgeBank, offset: int) -> Tensor:
-    """Normalise ``x`` ``(B, C, H, W)`` with its batch's per-channel statistics, as the bank's batch settings say.
-
-    The sums go through ``bank.batch_reduce`` when several processes share the batch (:func:`reduced_batch_norm`).
-    With ``bank.batch_prior = N₀`` (a pooled small batch, ``docs/small_batches.md``) the batch's mean and biased
-    variance over its ``n`` images are mixed with a running estimate ``r`` of the layer's test statistics,
-    ``(N₀·r + n·batch) / (N₀ + n)``, the variance that of the mixture (with the spread of the two means): Schneider
-    et al.'s prior normalisation (NeurIPS 2020) with the prior kept as a moving estimate over the last
-    ``pool_images`` images, as RoTTA's robust BatchNorm keeps it (Yuan et al., CVPR 2023).
-    ``r`` starts at the layer's source statistics (``bank.norm_statistics`` at ``offset``). A batch with one value per
-    channel (one image of a ``1×1`` map) uses that mix with ``N₀ = 1`` when no prior is set (its variance is zero).
-    """
-    prior = bank.batch_prior
-    if prior is None and x.numel() == x.shape[1] and bank.batch_reduce is None:
-        prior = 1.0
-    if prior is None:
-        return reduced_batch_norm(x, eps, bank.batch_reduce or (lambda stats: stats))
-    c = x.shape[1]
-    wide = x.double()
-    s1, s2 = wide.sum((0, 2, 3)), (wide * wide).sum((0, 2, 3))
-    stats = torch.cat([s1, s2, s1.new_tensor([x.numel() // c, x.shape[0]])])
-    if bank.batch_reduce is not None:
-        stats = bank.batch_reduce(stats)
-    mean = stats[:c] / stats[2 * c]
-    var = (stats[c : 2 * c] / stats[2 * c] - mean * mean).clamp_min(0)
-    images = float(stats[2 * c + 1])
-    if bank.record_norms:
-        bank._norm_pending.append((offset, mean, var, images))
-    running = bank.norm_statistics[offset : offset + 2 * c].to(mean.device)
-    weight = images / (images + prior)
-    spread = weight * (1 - weight) * (mean - running[:c]) ** 2  # the mixture's variance includes its means' spread
-    mean = weight * mean + (1 - weight) * running[:c]
-    var = weight * var + (1 - weight) * running[c:] + spread
-    scale = torch.rsqrt(var + eps).to(x.dtype).view(1, c, 1, 1)
-    return (x - mean.to(x.dtype).view(1, c, 1, 1)) * scale
-
-
-def reduced_batch_norm(x: Tensor, eps: float, reduce: ReduceFn) -> Tensor:
-    """Normalise ``x`` ``(B, C, H, W)`` with the per-channel mean and biased variance of the global batch.
-
-    The per-channel sums ``Σx``, ``Σx²`` and the count (float64) go through ``reduce``, a sum over processes, so N
-    processes holding slices of a batch normalise exactly as one process holding all of it (up to rounding).
-    """
-    c = x.shape[1]
-    wide = x.double()  # float64 squares: E[x²] − mean² must not lose the variance to rounding
-    s1, s2 = wide.sum((0, 2, 3)), (wide * wide).sum((0, 2, 3))
-    stats = reduce(torch.cat([s1, s2, s1.new_tensor([x.numel() // c])]))
-    mean = stats[:c] / stats[-1]
-    var = (stats[c : 2 * c] / stats[-1] - mean * mean).clamp_min(0)
-    scale = torch.rsqrt(var + eps).to(x.dtype).view(1, c, 1, 1)
-    return (x - mean.to(x.dtype).view(1, c, 1, 1)) * scale
-
-
-class _BankBatchNorm:
-    """Mixin for a network's own (not adapted) BatchNorms: the bank's batch settings (processes, small-batch prior)."""
-
-    bank: KnowledgeBank
-    eps: float
-    weight: Tensor | None
-    bias: Tensor | None
-    norm_offset: int
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalise as :func:`batch_statistics_norm` says when needed, else as the layer itself (batch statistics)."""
-        if not _needs_own_norm(x, self.bank):
-            return super().forward(x)  # type: ignore[misc]
-        out = batch_statistics_norm(x, self.eps, self.bank, self.norm_offset)
-        if self.weight is not None and self.bias is not None:
-            out = torch.addcmul(self.bias.view(1, -1, 1, 1), out, self.weight.view(1, -1, 1, 1))
-        post = _post_norm(self)  # type: ignore[arg-type]
-        return out if post is None else post(out)
-
-
-_BANK_CLASSES: dict[type, type] = {}
-
-
-def _bank_batch_norm(bn: nn.BatchNorm2d, bank: KnowledgeBank) -> None:
-    """Make ``bn`` (in place, keeping its parameters and state-dict keys) follow the bank's batch settings."""
-    cls = type(bn)
-    if cls not in _BANK_CLASSES:
-        _BANK_CLASSES[cls] = type(f"Bank{cls.__name__}", (_BankBatchNorm, cls), {})
-    object.__setattr__(bn, "bank", bank)  # a reference, not a submodule
-    bn.__class__ = _BANK_CLASSES[cls]
-
-
-def _post_norm(norm: nn.Module) -> nn.Module | None:
-    """What a norm layer applies after normalising, e.g. timm ``BatchNormAct2d``'s dropout and activation."""
-    act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
-    if isinstance(act, nn.Module) or isinstance(drop, nn.Module):
-        return nn.Sequential(*(m for m in (drop, act) if isinstance(m, nn.Module)))
-    return None
-
-
-def fuse_norms(model: nn.Module, layout: ModelLayout, **bank_options: Any) -> KnowledgeBank:
+def fuse_norms(
+    model: nn.Module, layout: ModelLayout, statistics: BatchStatistics | None = None, **bank_options: Any
+) -> KnowledgeBank:
     """Replace the layout's norm layers by fused layers reading one new bank; put every BatchNorm on batch statistics.
 
     Args:
         model: the network, modified in place.
         layout: which norm layers to adapt (``layout.norms``) and every BatchNorm (``layout.batch_norms``, spec §1.2).
-        **bank_options: keyword arguments of :class:`KnowledgeBank` (``max_entries``, ``alpha_scale``, ...). With
-            ``batch_reduce`` (several processes) every BatchNorm, adapted or not, normalises with the statistics of
-            the global batch summed through it.
+        statistics: the batch settings and running estimates every BatchNorm follows (a new
+            :class:`~zoa_lightning.core.batch_norm.BatchStatistics` of one process if ``None``; the caller keeps it
+            to set them per batch).
+        **bank_options: keyword arguments of :class:`KnowledgeBank` (``max_entries``, ``alpha_scale``, ...).
 
     Returns:
         The bank, its ``base`` the pretrained affine parameters of the adapted layers.
@@ -545,6 +353,7 @@ def fuse_norms(model: nn.Module, layout: ModelLayout, **bank_options: Any) -> Kn
     Raises:
         ValueError: if an adapted layer has no affine weight and bias.
     """
+    statistics = statistics if statistics is not None else BatchStatistics()
     modules = dict(model.named_modules())
     widths, bases, norms = [], [], []
     for name in layout.norms:
@@ -554,28 +363,15 @@ def fuse_norms(model: nn.Module, layout: ModelLayout, **bank_options: Any) -> Kn
         widths.append(m.weight.numel())
         bases.append(torch.cat([m.weight.detach().reshape(-1), m.bias.detach().reshape(-1)]))
         norms.append(m)
-    bank = KnowledgeBank(widths, torch.cat(bases).float(), **bank_options)  # type: ignore[arg-type]
+    bank = KnowledgeBank(widths, torch.cat(bases).float(), **bank_options)
     for index, (name, m) in enumerate(zip(layout.norms, norms, strict=True)):
         fused: nn.Module
         if isinstance(m, nn.LayerNorm):
             fused = FusedLayerNorm(tuple(m.normalized_shape), m.eps, bank, index)
         else:
-            fused = FusedBatchNorm2d(m.num_features, m.eps, bank, index, post=_post_norm(m), source=_running(m))
+            affine_of = functools.partial(bank.layer_affine, index)
+            fused = FusedBatchNorm2d(m.num_features, m.eps, affine_of, statistics, running_statistics(m), post_norm(m))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
-    for name in layout.batch_norms:
-        bn = model.get_submodule(name)
-        if isinstance(bn, nn.BatchNorm2d):
-            source = _running(bn)
-            bn.track_running_stats = False
-            bn.running_mean = None
-            bn.running_var = None
-            _bank_batch_norm(bn, bank)
-            object.__setattr__(bn, "norm_offset", _add_norm_statistics(bank, bn.num_features, source))
+    use_batch_statistics_norms(model, layout.batch_norms, statistics)
     return bank
-
-
-def _running(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
-    """A BatchNorm's ``(running_mean, running_var)`` (its source statistics), or ``None`` if it tracks none."""
-    mean, var = getattr(norm, "running_mean", None), getattr(norm, "running_var", None)
-    return (mean, var) if isinstance(mean, Tensor) and isinstance(var, Tensor) else None

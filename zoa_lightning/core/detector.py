@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -164,10 +164,6 @@ class DomainShiftDetector(nn.Module):
             self.var.copy_(var)
             self.ready.fill_(True)
         return shift
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        state_dict.setdefault(prefix + "pending", torch.zeros_like(self.pending))  # from before pooling existed
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _warn_small(self, images: int) -> None:
         if self._full_batch_seen or self._warned:

@@ -1,12 +1,11 @@
 """The contracts between the pieces, as structural protocols (checked with ``isinstance`` where they are used).
 
+* Core to glue: every method's adapter is a :class:`~zoa_lightning.core.methods.base.Adapter`; what some adapters
+  offer beyond it is a protocol here: :class:`SourceStatisticsAdapter` (clean-data statistics before the stream) and
+  :class:`BankAdapter` (a knowledge bank whose events are reported).
 * Glue to glue: callbacks never import the LightningModule and the module never imports callbacks; each side checks
-  in ``setup`` that the other implements what it needs (:class:`QuantizableModule`, :class:`AdaptationModule`,
-  :class:`StreamDataModule`) and fails early with a message naming the missing method.
-* Core to glue: a method's pure-torch adapter is a :class:`StreamAdapter` (call it on images, get logits; it counts
-  its forward passes). What else it offers is optional and detected: :class:`SourceStatisticsAdapter`,
-  :class:`RollbackAdapter`, :class:`BankAdapter`, :class:`ReportingAdapter`, and a ``requires_autograd`` flag.
-  :class:`~zoa_lightning.module.StreamModule` handles each capability once for every method.
+  in ``setup`` that the other implements what it needs (:class:`QuantizableModule`, :class:`ResultsModule`,
+  :class:`AdaptationModule`, :class:`StreamDataModule`, :class:`ResumableDataModule`) and fails early with a message naming what is missing.
 """
 
 from __future__ import annotations
@@ -21,45 +20,13 @@ __all__ = [
     "BankAdapter",
     "MixingBank",
     "QuantizableModule",
-    "ReportingAdapter",
-    "RollbackAdapter",
+    "ResultsModule",
+    "ResumableDataModule",
     "SourceDataModule",
     "SourceStatisticsAdapter",
-    "StreamAdapter",
     "StreamDataModule",
     "missing_members",
 ]
-
-
-@runtime_checkable
-class StreamAdapter(Protocol):
-    """A test-time adaptation method in pure torch, as a stream module runs it.
-
-    Calling it on a batch of images ``(B, C, H, W)`` returns the logits ``(B, classes)`` it predicts for them, adapting
-    on the batch first or afterwards as the method does. The stream module calls it under ``torch.no_grad`` (an adapter
-    that back-propagates enables grad itself and sets ``requires_autograd = True``: the module then refuses to run it
-    under ``torch.inference_mode``, naming the Trainer flag).
-
-    Ownership of the network: an adapter that is an ``nn.Module`` owns it (as its ``model``); the stream module
-    registers the adapter as its child ``adapter``, so the adapter's whole state, network included, is checkpointed
-    under ``adapter.*``. An adapter that holds no tensor of its own may be a plain object; the network then stays the
-    stream module's child ``net`` (checkpoint keys ``net.*``).
-
-    Examples: :class:`~zoa_lightning.core.ZOA`, :class:`~zoa_lightning.core.methods.t3a.T3A`,
-    :class:`~zoa_lightning.core.methods.no_adapt.NoAdapt`.
-    """
-
-    model: nn.Module
-    """The network it adapts (quantized or not)."""
-
-    @property
-    def forward_passes(self) -> int:
-        """Network forward passes spent so far (the cost reports' unit)."""
-        ...
-
-    def __call__(self, images: Tensor) -> Tensor:
-        """Predict the logits of ``images``, adapting on them if the method adapts."""
-        ...
 
 
 @runtime_checkable
@@ -76,16 +43,6 @@ class SourceStatisticsAdapter(Protocol):
         ...
 
 
-@runtime_checkable
-class RollbackAdapter(Protocol):
-    """An adapter that can decline to adapt on a batch (a rolled-back or skipped update), still predicting it."""
-
-    @property
-    def skipped_batches(self) -> int:
-        """Batches predicted but not adapted on, so far."""
-        ...
-
-
 class MixingBank(Protocol):
     """A knowledge bank that mixes stored adaptation states with softmax weights."""
 
@@ -96,22 +53,13 @@ class MixingBank(Protocol):
 
 @runtime_checkable
 class BankAdapter(Protocol):
-    """An adapter with a knowledge bank whose events a bank callback reports (ZOA)."""
+    """An adapter with a knowledge bank whose events a callback reports (ZOA)."""
 
     events: list[dict[str, Any]]
     """Adaptation events (stores, evictions, detections), oldest first; the stream module drains it."""
 
     bank: MixingBank
     """The knowledge bank."""
-
-
-@runtime_checkable
-class ReportingAdapter(Protocol):
-    """An adapter with facts of its own for the run's summary (support counts, backward passes, ...)."""
-
-    def run_info(self) -> dict[str, Any]:
-        """Plain values to add to the stream module's ``run_info()``."""
-        ...
 
 
 @runtime_checkable
@@ -128,8 +76,27 @@ class QuantizableModule(Protocol):
 
 
 @runtime_checkable
-class AdaptationModule(Protocol):
-    """A module whose adaptation events a bank callback reports."""
+class ResultsModule(Protocol):
+    """What a results callback reads from a stream module: the finished domains and the run's description."""
+
+    def stream_results(self) -> list[dict[str, Any]]:
+        """One row per finished domain, in stream order, keyed like :class:`zoa_lightning.reporting.DomainRow`."""
+        ...
+
+    def run_info(self) -> dict[str, Any]:
+        """``method``, ``model`` and ``bits`` strings, plus optional extra scalar entries."""
+        ...
+
+
+@runtime_checkable
+class AdaptationModule(ResultsModule, Protocol):
+    """What the adaptation monitor and the stream checkpoint read from a stream module (``StreamModule``)."""
+
+    run_name: str
+    """The run's method label (result folders, tables)."""
+
+    start_domain: int
+    """Index of the first domain this run tests (a resumed run starts after the finished ones)."""
 
     def pop_adaptation_events(self) -> list[dict[str, Any]]:
         """Events since the last call (knowledge stores, evictions, detections), oldest first."""
@@ -137,6 +104,14 @@ class AdaptationModule(Protocol):
 
     def mixing_weights(self) -> Tensor | None:
         """Current knowledge-mixing weights, or ``None`` for a method without a bank."""
+        ...
+
+    def skipped_batches(self) -> int:
+        """Batches whose adaptation was rolled back so far."""
+        ...
+
+    def last_losses(self) -> tuple[float, ...]:
+        """The last batch's loss values (empty for a method without a loss)."""
         ...
 
 
@@ -151,7 +126,7 @@ class SourceDataModule(Protocol):
 
 @runtime_checkable
 class StreamDataModule(Protocol):
-    """What the adaptation modules need from a data module."""
+    """What the stream modules need from a data module."""
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -172,10 +147,29 @@ class StreamDataModule(Protocol):
         ...
 
 
+@runtime_checkable
+class ResumableDataModule(Protocol):
+    """A stream data module that can start a run after the domains a checkpoint finished, and name its stream."""
+
+    start_domain: int
+    """Index of the first domain ``test_dataloader()`` yields."""
+
+    stop_domain: int | None
+    """Index after the last domain to run (``None``: the end of the stream)."""
+
+    def resume_from(self, next_domain: int) -> tuple[str, ...]:
+        """Start the stream at ``next_domain``; returns the domains left to run (empty: the stream is finished)."""
+        ...
+
+    def stream_fingerprint(self) -> dict[str, Any]:
+        """Plain values that identify the stream (images, corruptions and their order, batch size, ...)."""
+        ...
+
+
 def missing_members(obj: object, protocol: type) -> list[str]:
     """Names of the protocol's public members (methods, properties and annotated attributes) that ``obj`` lacks.
 
-    For error messages, e.g. ``missing_members(adapter, StreamAdapter) == ["forward_passes"]``.
+    For error messages, e.g. ``missing_members(object(), SourceDataModule) == ["source_dataloader"]``.
     """
     names = [*vars(protocol), *getattr(protocol, "__annotations__", {})]
     members = [n for n in dict.fromkeys(names) if not n.startswith("_") or n == "__call__"]

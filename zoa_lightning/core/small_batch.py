@@ -22,7 +22,7 @@ both need many images. A batch of fewer than ``pool_images`` images (64 by defau
   ``μ = (N₀·r_μ + n·μ_b) / (N₀ + n)`` and likewise the variance, ``N₀ = bn_prior`` (Schneider et al., "Improving
   robustness against common corruptions by covariate shift adaptation", NeurIPS 2020); ``r`` starts at the source
   statistics and follows the last ``pool_images`` images (as RoTTA's robust BatchNorm, Yuan et al., CVPR 2023):
-  :func:`~zoa_lightning.core.bank.batch_statistics_norm`.
+  :meth:`~zoa_lightning.core.batch_norm.BatchStatistics.normalize`.
 
 A batch of ``pool_images`` or more stands alone, exactly as in the reference, and empties the pool. So does a small
 batch right after such a full batch (the short last batch of a domain in the paper's 64-image protocol), so the
@@ -32,8 +32,6 @@ needs two images).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -141,10 +139,3 @@ class SmallBatches(nn.Module):
             self.head.copy_((self.head + 1) % self.history.shape[0])
             self.filled.copy_(torch.clamp(self.filled + 1, max=self.history.shape[0]))
         self.previous.fill_(self.images)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        if prefix + "history" not in state_dict:  # a state dict from before small-batch pooling: an empty pool
-            state_dict[prefix + "history"] = torch.zeros_like(self.history)
-            for name in ("filled", "head", "previous"):
-                state_dict[prefix + name] = torch.zeros((), dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

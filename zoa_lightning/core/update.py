@@ -6,8 +6,6 @@ own spread first, so that ``lr`` bounds the typical step whatever the scale of t
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -50,11 +48,6 @@ class ZOAUpdate(nn.Module):
             self.spread.copy_(rms)
             self.spread_ready.fill_(True)
         return grad / self.spread.clamp_min(self.config.normalize_floor).to(grad.dtype)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        for name in ("spread", "spread_ready"):  # state dicts from before normalize_step existed
-            state_dict.setdefault(prefix + name, torch.zeros((), dtype=getattr(self, name).dtype))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def step(
         self, bank: KnowledgeBank, entries: int, grad_alpha: Tensor, grad_theta: Tensor, share: float = 1.0

@@ -14,19 +14,20 @@ raise :class:`AdaptationDiverged`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from zoa_lightning.core.adapter import CountingAdapter
 from zoa_lightning.core.bank import fuse_norms
+from zoa_lightning.core.batch_norm import BatchStatistics
 from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.detector import DomainShiftDetector
 from zoa_lightning.core.estimators import GradientEstimator, check_estimator
 from zoa_lightning.core.layout import ModelLayout, check_image_batch, default_input_size, resolve_layout
 from zoa_lightning.core.loss import ZOALoss, loss_statistics
+from zoa_lightning.core.methods.base import Adapter
 from zoa_lightning.core.policies import UnadaptedPredictions, on_shift
 from zoa_lightning.core.shift import ActivationShift
 from zoa_lightning.core.small_batch import SmallBatches
@@ -39,7 +40,7 @@ from zoa_lightning.core.update import ZOAUpdate
 __all__ = ["ZOA", "AdaptationDiverged", "PassResult"]
 
 
-class ZOA(CountingAdapter):
+class ZOA(Adapter):
     """Zeroth-order test-time adaptation of a (quantized) classifier's normalization layers.
 
     The network is modified in place: its adapted norm layers become fused layers reading a
@@ -69,11 +70,6 @@ class ZOA(CountingAdapter):
 
     COUNTERS = ("batches", "forward_passes", "skipped_batches", "stores", "evictions", "perturbed_detections",
                 "unadapted_batches", "consecutive_skips")  # fmt: skip
-    RENAMED: ClassVar[Mapping[str, str]] = {  # old buffer name -> new
-        "src_mean": "source.mean", "src_std": "source.std", "src_ready": "source.ready",
-        "det_mean": "detector.mean", "det_var": "detector.var", "det_ready": "detector.ready",
-        "hist": "shift.mean", "hist_ready": "shift.ready",
-        "momentum_buffer": "update.momentum_buffer", "momentum_ready": "update.momentum_ready"}  # fmt: skip
     generator: torch.Generator
 
     def __init__(
@@ -87,23 +83,24 @@ class ZOA(CountingAdapter):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        super().__init__()
+        super().__init__(model)
         self.rank, self.world_size = rank, world_size
         self.layout = layout if layout is not None else resolve_layout(model)
         self.layout.check(model)
         cfg = self.config = (config or ZOAConfig()).resolved(self.layout.kind)
         self.reduce = CountedReduce(reduce_fn)  # counts what it hands over (not checkpointed)
-        self.last_losses: tuple[float, ...] = ()  # the last batch's L0 and L+ (diagnostics)
+        self.last_losses = ()  # the last batch's L0 and L+ (diagnostics)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.events: list[dict[str, Any]] = []
-        model.eval().requires_grad_(False)
-        self.model = model
+        model.requires_grad_(False)
+        # Every BatchNorm's batch settings (under DDP: global-batch statistics) and running test-statistics estimates
+        self.batch_statistics = BatchStatistics(self.reduce if world_size > 1 else None)
         self.bank = fuse_norms(
-            model, self.layout, max_entries=cfg.max_weight_nums, alpha_scale=cfg.alpha_scale,
+            model, self.layout, self.batch_statistics, max_entries=cfg.max_weight_nums, alpha_scale=cfg.alpha_scale,
             weight_margin=cfg.weight_margin, alpha_clip=cfg.alpha_clip, compact_similarity=bool(cfg.compact_similarity),
             initial_alpha=float(torch.randn(1, generator=self.generator)),
-            batch_reduce=self.reduce if world_size > 1 else None,  # BatchNorms: global-batch statistics
         )  # fmt: skip
+        self.batch_statistics.to(self.bank.theta.device)
         check_estimator(cfg, self.layout, world_size)
         self.taps = NetworkTaps(model, self.layout, self._on_detector)
         self.input_size = input_size or default_input_size(model, self.layout)
@@ -127,7 +124,6 @@ class ZOA(CountingAdapter):
         )
         if cfg.tap_attribution:  # the first loss tap after each adapted layer (docs/estimators.md)
             self.estimator.set_layer_taps(self.taps.first_taps(zeros, self.layout.norms), self.bank.widths)
-        self._init_counters(device)
         self.unadapted = UnadaptedPredictions(model, self.bank, self.counters)
 
     # ------------------------------------------------------------------ passes, detector, shift
@@ -247,7 +243,7 @@ class ZOA(CountingAdapter):
         finally:
             self.detector.end_batch()
             self.reduce.end_batch()  # communication happens even when rolled back
-            self.bank.end_batch()
+            self.batch_statistics.end_batch()
         self.small.finish(own, detected)  # the pool of recent statistics (docs/small_batches.md)
         self.counters.add("batches")
         cfg = self.config
@@ -262,14 +258,14 @@ class ZOA(CountingAdapter):
             count = int(self.reduce(torch.tensor([float(count)], dtype=torch.float64, device=images.device)))
         self.small.begin(count)
         pooled = self.small.active and self.config.bn_prior > 0
-        self.bank.batch_prior = self.config.bn_prior if pooled else None
+        self.batch_statistics.prior = self.config.bn_prior if pooled else None
 
     def _adapt(self, images: Tensor) -> tuple[Tensor, Tensor, bool]:
         cfg = self.config
         shift = self.shift_vector()  # 1. the shift vector from the batches so far
-        self.bank.record_norms = self.bank.batch_prior is not None  # a pooled batch's BatchNorm statistics
+        self.batch_statistics.record = self.batch_statistics.prior is not None  # a pooled batch's BatchNorm statistics
         a = self._pass(images, 0, shift)  # 2. pass A: prediction and L0; the detector may store knowledge
-        self.bank.record_norms = False
+        self.batch_statistics.record = False
         late = None if cfg.loss_on_shifted else shift  # (loss_on_shifted: pass A's logits are shifted already)
         prediction = a.logits if late is None else self.taps.head(a.record.final() + late)
         loss0, final_mean, detected = a.loss, a.final_mean, a.record.detected
@@ -285,7 +281,7 @@ class ZOA(CountingAdapter):
         for step in range(steps):  # 5-6. perturbed pass(es), estimate, update
             self._step(images, shift, k, prediction, a if step == 0 else None)
         self.shift.update(final_mean, self.small.momentum(cfg.shift_momentum))  # 7. the activation shift's EMA
-        self.bank.commit_norm_statistics(cfg.pool_images)  # (pooled batches: the BatchNorms' running estimates)
+        self.batch_statistics.commit(cfg.pool_images)  # (pooled batches: the BatchNorms' running estimates)
         return prediction, a.stats if a.own is None else a.own, detected  # 8.
 
     def _step(self, images: Tensor, shift: Tensor | None, k: int, prediction: Tensor, clean: PassResult | None) -> None:
@@ -306,6 +302,14 @@ class ZOA(CountingAdapter):
         if failure is not None:
             raise Rollback(failure, prediction)
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """The perturbation generator's state (plain types, safe for ``weights_only`` loading)."""
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the generator state saved by :meth:`get_extra_state`."""
+        self.generator.set_state(state["generator"])
+
     @property
     def config(self) -> ZOAConfig:
         """The resolved configuration; setting it (e.g. ``dataclasses.replace``) reaches every part that reads it."""
@@ -324,6 +328,7 @@ class ZOA(CountingAdapter):
         return self.config.estimator == "first_order"
 
     @property
-    def skipped_batches(self) -> int:
-        """Batches whose adaptation was rolled back because something was not finite or out of bounds."""
-        return self.counters["skipped_batches"]
+    def passes_per_batch(self) -> int:
+        """``1 + n + (S - 1)(n + 1)`` for ``S`` steps of ``n = sp_avg`` estimates (spec §3.2): 2 by default."""
+        steps, n = self.config.steps, self.config.sp_avg
+        return 1 + n + (steps - 1) * (n + 1) if steps else 1

@@ -99,19 +99,3 @@ def test_foa_rejects_a_cnn_and_needs_source_statistics() -> None:
     foa = FOA(make_vit(0), popsize=2)
     with pytest.raises(RuntimeError, match="source statistics"):
         foa(images(4))
-
-
-def test_foa_state_dicts_from_before_the_shared_engine_parts_still_load() -> None:
-    foa = _foa()
-    foa(images(8, 3))
-    foa(images(8, 4))
-    state = foa.state_dict()
-    old = {k: v for k, v in state.items() if not k.startswith(("source.", "shift.", "counters."))}
-    old.update({"src_mean": state["source.mean"], "src_std": state["source.std"], "src_ready": state["source.ready"]})
-    old.update({"hist": state["shift.mean"], "hist_ready": state["shift.ready"]})
-    old["counters"] = torch.stack([state["counters.batches"], state["counters.forward_passes"]])
-    resumed = FOA(make_vit(0), popsize=4)
-    resumed.load_state_dict(old)
-    assert (resumed.batches, resumed.forward_passes) == (2, 10)
-    x = images(8, 5)
-    torch.testing.assert_close(resumed(x), foa(x), rtol=0, atol=0)

@@ -101,15 +101,3 @@ def test_tent_counts_and_reports_once_the_steps_of_a_network_that_blocks_every_g
     assert "straight-through estimator" in reports[0]
     assert tent.run_info() == {"backward_passes": 2, "zero_gradient_steps": 2}
     assert tent.requires_autograd
-
-
-def test_tent_state_dicts_with_the_old_counter_vector_still_load() -> None:
-    tent = Tent(make_resnet(0))
-    tent(images(8))
-    state = tent.state_dict()
-    names = ["batches", "forward_passes", "backward_passes", "zero_gradient_steps", "skipped_batches"]
-    old = {k: v for k, v in state.items() if not k.startswith("counters.")}
-    old["counters"] = torch.stack([state[f"counters.{n}"] for n in names])
-    other = Tent(make_resnet(0))
-    other.load_state_dict(old)
-    assert (other.batches, other.forward_passes, other.backward_passes) == (1, 1, 1)

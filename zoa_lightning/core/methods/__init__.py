@@ -1,8 +1,8 @@
 """The pure-torch adapters of the baseline methods, one file per method (spec §8); no Lightning import.
 
-Each adapter follows :class:`~zoa_lightning.core.protocols.StreamAdapter`: called on a batch of images it returns the
+Each adapter is an :class:`~zoa_lightning.core.methods.base.Adapter`: called on a batch of images it returns the
 logits it predicts (adapting on the batch if it adapts) and counts its ``forward_passes``. The LightningModules of
-:mod:`zoa_lightning.baselines` only build them; ZOA's own engine is :class:`zoa_lightning.core.ZOA`.
+:mod:`zoa_lightning.methods` only build them; ZOA's own engine is :class:`zoa_lightning.core.ZOA`, an ``Adapter`` too.
 
 * :mod:`~zoa_lightning.core.methods.no_adapt`: :class:`NoAdapt`, the network as it is.
 * :mod:`~zoa_lightning.core.methods.norm_adapt`: :func:`use_batch_statistics` and :class:`NormAdapt` (``bn_adapt``).
@@ -11,6 +11,7 @@ logits it predicts (adapting on the batch if it adapts) and counts its ``forward
 * :mod:`~zoa_lightning.core.methods.tent`: :class:`Tent`, first-order entropy minimisation (needs autograd).
 """
 
+from zoa_lightning.core.methods.base import Adapter, device_of
 from zoa_lightning.core.methods.foa import FOA, PromptOutput, check_prompt_vit, foa_fitness, prompt_forward
 from zoa_lightning.core.methods.no_adapt import NoAdapt
 from zoa_lightning.core.methods.norm_adapt import NormAdapt, use_batch_statistics
@@ -20,11 +21,13 @@ from zoa_lightning.core.methods.tent import Tent
 __all__ = [
     "FOA",
     "T3A",
+    "Adapter",
     "NoAdapt",
     "NormAdapt",
     "PromptOutput",
     "Tent",
     "check_prompt_vit",
+    "device_of",
     "foa_fitness",
     "prompt_forward",
     "t3a_prototypes",

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import cma
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from zoa_lightning.core.adapter import CountingAdapter
+from zoa_lightning.core.methods.base import Adapter
 from zoa_lightning.core.shift import ActivationShift
 from zoa_lightning.core.source import SourceStatistics
 from zoa_lightning.core.stats import ReduceFn, finish, moments, softmax_entropy
@@ -145,7 +145,7 @@ def foa_fitness(
     return _fitness_from_statistics(stats, src_mean, src_std, fitness_lambda, reference_batch)[0][0]
 
 
-class FOA(CountingAdapter):
+class FOA(Adapter):
     """Forward-Optimization Adaptation of a timm ViT: prompt tokens searched by CMA-ES, plus activation shifting.
 
     Per batch (spec §8, reference behaviour): ask CMA-ES for ``popsize`` prompt sets and add the previous best (so
@@ -182,9 +182,6 @@ class FOA(CountingAdapter):
         TypeError, ValueError: for a network :func:`check_prompt_vit` rejects or an invalid hyperparameter.
     """
 
-    RENAMED: ClassVar[Mapping[str, str]] = {  # old buffer name -> new
-        "src_mean": "source.mean", "src_std": "source.std", "src_ready": "source.ready",
-        "hist": "shift.mean", "hist_ready": "shift.ready"}  # fmt: skip
     best_prompts: Tensor
 
     def __init__(
@@ -201,7 +198,6 @@ class FOA(CountingAdapter):
         seed: int = 2020,
         reduce_fn: ReduceFn | None = None,
     ) -> None:
-        super().__init__()
         check_prompt_vit(model)
         checks = [
             (num_prompts >= 1, f"num_prompts must be >= 1, got {num_prompts}"),
@@ -214,9 +210,8 @@ class FOA(CountingAdapter):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        model.eval()
+        super().__init__(model)
         model.requires_grad_(False)
-        self.model = model
         self.num_prompts, self.popsize, self.sigma0 = num_prompts, popsize, float(sigma0)
         self.fitness_lambda, self.reference_batch = float(fitness_lambda), reference_batch
         self.shift_momentum, self.use_shift, self.seed = float(shift_momentum), use_shift, seed
@@ -233,9 +228,13 @@ class FOA(CountingAdapter):
         self.register_buffer("best_prompts", initial.to(device=device, dtype=dtype))
         self.source = SourceStatistics(depth * self.width, device, dtype)
         self.shift = ActivationShift(self.width, self.shift_momentum, device, dtype)
-        self._init_counters(device)
         self.es = self._new_strategy()
         self.last_fitness: list[float] = []
+
+    @property
+    def passes_per_batch(self) -> int:
+        """``popsize`` candidates plus the previous best."""
+        return self.popsize + 1
 
     def _new_strategy(self) -> cma.CMAEvolutionStrategy:
         options = {

@@ -48,7 +48,7 @@ class NormAdapt(NoAdapt):
 
     The running statistics are discarded at construction, so this also holds in eval mode. A network without
     BatchNorm2d (a vision transformer: its LayerNorms are untouched) predicts exactly as with :class:`NoAdapt`;
-    :attr:`batch_norms` is then empty. Like :class:`NoAdapt` a plain object: the network stays the stream module's.
+    :attr:`batch_norms` is then empty.
 
     Args:
         model: the classifier (modified in place).
@@ -61,9 +61,8 @@ class NormAdapt(NoAdapt):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.batch_norms = use_batch_statistics(model)
-        model.eval()
         super().__init__(model)
+        self.batch_norms = use_batch_statistics(model)
 
     def run_info(self) -> dict[str, Any]:
         """``{"batch_norms": <converted layers>}`` for the run's summary."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoa_lightning.core.layout import resolve_layout
+from zoa_lightning.core.methods.base import Adapter
 from zoa_lightning.core.stats import softmax_entropy
 
 __all__ = ["T3A", "t3a_prototypes", "t3a_select"]
@@ -85,7 +86,7 @@ def t3a_prototypes(supports: Tensor, entropy: Tensor) -> Tensor:
     return F.normalize(summed, dim=1).T
 
 
-class T3A(nn.Module):
+class T3A(Adapter):
     """Test-Time Template Adjuster on a classifier whose head input is its feature (spec §8).
 
     The network runs as it is (call :func:`use_batch_statistics` first for the ``bn_adapt`` configuration); a forward
@@ -117,10 +118,9 @@ class T3A(nn.Module):
 
     supports: Tensor
     support_entropy: Tensor
-    counters: Tensor
 
     def __init__(self, model: nn.Module, filter_k: int = 20, *, head: str | None = None) -> None:
-        super().__init__()
+        super().__init__(model)
         if isinstance(filter_k, bool) or not isinstance(filter_k, int) or filter_k < 1:
             raise ValueError(f"filter_k must be an integer >= 1, got {filter_k!r}")
         self.head_name = head if head is not None else resolve_layout(model).head
@@ -131,9 +131,7 @@ class T3A(nn.Module):
                 f"T3A initialises its supports from the classifier's weight rows, but {self.head_name!r} "
                 f"({type(classifier).__name__}) has no 2-D weight"
             )
-        model.eval()
         model.requires_grad_(False)
-        self.model = model
         self.filter_k = filter_k
         self._captured: Tensor | None = None
         self._handle = classifier.register_forward_pre_hook(self._head_hook)
@@ -145,7 +143,6 @@ class T3A(nn.Module):
         self.num_classes = classes
         self.register_buffer("supports", rows.new_zeros(classes, filter_k, dim))
         self.register_buffer("support_entropy", rows.new_full((classes, filter_k), float("inf")))
-        self.register_buffer("counters", torch.zeros(2, dtype=torch.long, device=rows.device))
         self._add(rows, logits)
 
     def _head_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -174,16 +171,6 @@ class T3A(nn.Module):
         """``{"supports": <supports held>}`` for the run's summary."""
         return {"supports": int(self.support_counts().sum())}
 
-    @property
-    def batches(self) -> int:
-        """Batches processed."""
-        return int(self.counters[0])
-
-    @property
-    def forward_passes(self) -> int:
-        """Network forward passes spent (one per batch)."""
-        return int(self.counters[1])
-
     def forward(self, images: Tensor) -> Tensor:
         """Add the batch's features to the support set, then return the prototype logits ``z @ P`` of the batch."""
         with torch.no_grad():
@@ -193,7 +180,8 @@ class T3A(nn.Module):
                 features = self._captured
             finally:
                 self._captured = None
-            self.counters += 1
+            self.counters.add("batches")
+            self.counters.add("forward_passes")
             if features is None:
                 raise RuntimeError(f"the classifier {self.head_name!r} was not reached by the network's forward")
             features = features.flatten(1)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zoa_lightning.core.adapter import CountingAdapter
+from zoa_lightning.core.methods.base import Adapter
 from zoa_lightning.core.methods.norm_adapt import use_batch_statistics
 from zoa_lightning.core.stats import softmax_entropy
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
-class Tent(CountingAdapter):
+class Tent(Adapter):
     """Tent: one gradient step of prediction-entropy minimisation on the norm layers' affine parameters per batch.
 
     Configuration: every ``BatchNorm2d`` uses batch statistics (:func:`use_batch_statistics`); the network stays in
@@ -55,15 +55,12 @@ class Tent(CountingAdapter):
     """
 
     COUNTERS = ("batches", "forward_passes", "backward_passes", "zero_gradient_steps", "skipped_batches")
-    requires_autograd = True
-    """Tent back-propagates: a stream module refuses to run it under ``torch.inference_mode``."""
 
     def __init__(self, model: nn.Module, lr: float = 0.001, momentum: float = 0.9) -> None:
-        super().__init__()
         if lr < 0 or momentum < 0:
             raise ValueError(f"lr and momentum must be >= 0, got lr={lr}, momentum={momentum}")
+        super().__init__(model)
         use_batch_statistics(model)
-        model.eval()
         model.requires_grad_(False)
         self.param_names: list[str] = []
         params: list[nn.Parameter] = []
@@ -77,11 +74,14 @@ class Tent(CountingAdapter):
                         self.param_names.append(f"{name}.{kind}")
         if not params:
             raise ValueError(f"Tent adapts affine normalization layers; {type(model).__name__} has none")
-        self.model = model
         self.params = params
         self.optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
-        self._init_counters(params[0].device)
         self._warned = False
+
+    @property
+    def requires_autograd(self) -> bool:
+        """Tent back-propagates: a stream module refuses to run it under ``torch.inference_mode``."""
+        return True
 
     @property
     def backward_passes(self) -> int:
@@ -92,11 +92,6 @@ class Tent(CountingAdapter):
     def zero_gradient_steps(self) -> int:
         """Steps in which every adapted parameter got a zero gradient (e.g. rounding without straight-through)."""
         return self.counters["zero_gradient_steps"]
-
-    @property
-    def skipped_batches(self) -> int:
-        """Batches whose loss was not finite (no step taken)."""
-        return self.counters["skipped_batches"]
 
     def run_info(self) -> dict[str, Any]:
         """Backward passes and zero-gradient steps, for the run's summary."""

@@ -1,0 +1,28 @@
+"""``no_adapt``: the (quantized) network as it is, one forward pass per batch; the reference of every comparison."""
+
+from __future__ import annotations
+
+from torch import nn
+from typing_extensions import override
+
+from zoa_lightning.core.methods.no_adapt import NoAdapt
+from zoa_lightning.methods.base import StreamModule
+
+__all__ = ["NoAdaptModule"]
+
+
+class NoAdaptModule(StreamModule):
+    """No adaptation: the (quantized) network in eval mode; BatchNorm keeps its running statistics.
+
+    Args:
+        network: see :class:`~zoa_lightning.methods.base.StreamModule`.
+        weights: see :class:`~zoa_lightning.methods.base.StreamModule`.
+        num_classes: see :class:`~zoa_lightning.methods.base.StreamModule`.
+        name: see :class:`~zoa_lightning.methods.base.StreamModule`.
+    """
+
+    method_name = "no_adapt"
+
+    @override
+    def build_adapter(self, network: nn.Module) -> NoAdapt:
+        return NoAdapt(network)
