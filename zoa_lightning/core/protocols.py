@@ -5,7 +5,8 @@
   :class:`BankAdapter` (a knowledge bank whose events are reported).
 * Glue to glue: callbacks never import the LightningModule and the module never imports callbacks; each side checks
   in ``setup`` that the other implements what it needs (:class:`QuantizableModule`, :class:`ResultsModule`,
-  :class:`AdaptationModule`, :class:`StreamDataModule`, :class:`ResumableDataModule`) and fails early with a message naming what is missing.
+  :class:`AdaptationModule`, :class:`StreamDataModule`, :class:`ResumableDataModule`) and fails early with a message
+  naming what is missing.
 """
 
 from __future__ import annotations
