@@ -151,7 +151,11 @@ _DOTTED = re.compile(rf"(?:{'|'.join(_PACKAGES)})(?:\.[A-Za-z_]\w*)+")
 _CLASS_MEMBER = re.compile(r"([A-Z][A-Za-z0-9]+)\.([A-Za-z_]\w*)")
 _PATH = re.compile(r"[\w.<>*-]+(?:/[\w.<>*-]+)*/?")
 # Files the docs name on purpose although they do not exist: CONTRIBUTING.md's worked example of a new method.
-_EXAMPLE_FILES = {"zoa_lightning/core/methods/flip_average.py", "configs/methods/flip_average.yaml"}
+_EXAMPLE_FILES = {
+    "zoa_lightning/core/methods/flip_average.py",
+    "zoa_lightning/methods/flip_average.py",
+    "configs/methods/flip_average.yaml",
+}
 
 
 def _spans(name: str) -> list[tuple[int, str]]:
@@ -241,7 +245,7 @@ def _top_level() -> frozenset[str]:
 
 
 def test_span_checks_tell_names_and_paths_from_prose() -> None:
-    assert _check_span("zoa_lightning.core.protocols.StreamAdapter") is None
+    assert _check_span("zoa_lightning.core.protocols.BankAdapter") is None
     assert _check_span("zoa_lightning.core.protocols.NoSuchThing") is not None
     assert _check_span("zoa_lightning.core.nosuchmodule") is not None
     assert _check_span("ZOAConfig.resolved") is None

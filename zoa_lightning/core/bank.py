@@ -10,7 +10,7 @@ a layer, the scale (γ) block before the shift (β) block. :class:`KnowledgeBank
 * ``similarity``: the ``max_entries × max_entries`` cosine-similarity matrix used for eviction.
 
 Every tensor has a fixed shape, so ``state_dict`` shapes never change as the bank grows, and every mutation is in place
-(``copy_``, index assignment), which keeps the bank usable under ``torch.inference_mode`` (see lightning-notes §1).
+(``copy_``, index assignment), which keeps the bank usable under ``torch.inference_mode`` (see `docs/lightning.md` §1).
 
 The effective parameters of layer ℓ are ``base + softmax(s·alpha[:K]) @ deltas[:K] + theta`` restricted to the layer's
 slice. :class:`FusedLayerNorm` and :class:`~zoa_lightning.core.batch_norm.FusedBatchNorm2d` read them at every forward
