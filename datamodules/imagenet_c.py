@@ -33,39 +33,19 @@ import hashlib
 import importlib.resources
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from datamodules._common import (
-    GRADUAL_LEVELS,
-    GRADUAL_SCHEDULE,
-    MIXED,
-    FileDataset,
-    StreamWindow,
-    calibration_order,
-    check_concentration,
-    check_flag,
-    check_optional_count,
-    check_positive,
-    dirichlet_order,
-    domain_names,
-    make_loader,
-    source_order,
-    split_domain,
-    stream_order,
-)
-from datamodules.corruptions import check_corruptions, check_severity
+from datamodules._common import GRADUAL_LEVELS, FileDataset, calibration_order, source_order
+from datamodules.base import StreamDataModule, stream_settings
 from zoa_lightning.data import class_folders, index_image_folder
 
 log = logging.getLogger(__name__)
@@ -125,7 +105,7 @@ def _imagenet_wnids() -> tuple[str, ...]:
     return tuple(imagenet_class_index())
 
 
-class ImageNetCDataModule(StreamWindow, LightningDataModule):
+class ImageNetCDataModule(StreamDataModule):
     """ImageNet-C corruption stream from disk, with clean ImageNet images for source statistics and calibration.
 
     The test stream visits ``rounds × corruptions`` domains, round-major (``r1/gaussian_noise``, ...,
@@ -134,7 +114,8 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
     same wnid set. Labels depend on ``label_space``: canonical ImageNet-1k class indices (the clean folders may then
     hold any ImageNet-1k wnids), or positions in the sorted wnid folder list (the clean folders must then hold the
     same wnid set as the corruption folders). Batches are ``(images, labels)``: ``float32`` ``N×3×H×W`` and
-    ``int64``.
+    ``int64``. The settings every stream shares (``corruptions``, ``rounds``, ``batch_size``, ``seed``,
+    ``start_domain``, ``stop_domain``, ``mixed_domains``) are documented on :class:`datamodules.base.StreamDataModule`.
 
     Args:
         root: ImageNet-C folder, ``<root>/<corruption>/<severity>/<wnid>/*.JPEG``. Must exist when the data module is
@@ -143,27 +124,18 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             (``source_dataloader``). ``None`` if not needed.
         calib_root: clean ImageNet training folder ``<train>/<wnid>/*``, for quantization calibration
             (``calibration_images``). ``None`` falls back to ``source_root`` with a warning.
-        corruptions: corruption names in stream order; default: the 15 ImageNet-C corruptions in the paper's order.
         severity: severity folder to read, 1 to 5.
-        rounds: how many times the whole corruption sequence is repeated.
-        batch_size: batch size of every loader.
         num_workers: ``DataLoader`` worker processes (the paper uses 32).
-        seed: seed of every sample order (non-negative).
         norm: ``"vit"`` for mean = std = 0.5, or ``"imagenet"`` for the ImageNet statistics
             (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), used with ResNet-50.
         image_size: crop size in pixels; 224 for ImageNet-C. The resize sizes scale with it (256 and 248 at 224),
             so tests can use tiny images.
         num_source_images: how many clean validation images (a seeded random subset) feed the source statistics;
             ``None`` for all of them.
-        start_domain: first stream domain served by ``test_dataloader`` (a resumed run starts after the
-            domains it already finished).
-        stop_domain: serve domains up to, not including, this index (``None``: to the end of the stream).
         label_space: ``"imagenet"``: labels are the canonical ImageNet-1k class indices of the wnid folders (every
             folder must be an ImageNet-1k synset) and ``num_classes`` is 1000; ``"folders"``: labels are positions in
             the sorted wnid folder list and ``num_classes`` is its length; ``"auto"``: ``"imagenet"`` if every wnid
             folder of the stream is an ImageNet-1k synset, else ``"folders"``.
-        mixed_domains: one domain per round holding every corruption's images shuffled together (``r1/mixed``)
-            instead of one domain per corruption (the mixed-domain setting).
         gradual: gradual severity: every domain's images, in the domain's order, are cut into nine parts read from
             the severity folders 1, 2, 3, 4, 5, 4, 3, 2, 1 (each must hold the same files as ``severity``'s).
         label_dirichlet: a label-shifted stream: within every domain the classes come in runs, drawn with this
@@ -199,38 +171,21 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         label_dirichlet: float | None = None,
         gradual: bool = False,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        # Not merged into the model's logged hparams: Lightning refuses a key both define with different values, and
-        # the stream's `seed` is not ZOAModule's (its perturbation generator's). The run's config.yaml and the stream
-        # fingerprint record the data settings.
-        self._log_hyperparams = False
-        self.start_domain = check_positive("start_domain", start_domain, minimum=0)
-        self.stop_domain = stop_domain
         if norm not in NORMALIZATIONS:
             raise ValueError(f"norm must be one of {sorted(NORMALIZATIONS)}, got {norm!r}")
         if label_space not in LABEL_SPACES:
             raise ValueError(f"label_space must be one of {list(LABEL_SPACES)}, got {label_space!r}")
-        self.label_space = label_space
-        self.label_dirichlet = check_concentration(label_dirichlet)
-        self.mixed_domains = check_flag("mixed_domains", mixed_domains)
-        self.gradual = check_flag("gradual", gradual)
-        self.root = _existing_folder(root, "ImageNet-C root", "root", _C_LAYOUT)
-        self.source_root = (
+        root_folder = _existing_folder(root, "ImageNet-C root", "root", _C_LAYOUT)
+        source_folder = (
             _existing_folder(source_root, "source_root", "source_root", _CLEAN_LAYOUT, "val") if source_root else None
         )
-        self.calib_root = (
+        calib_folder = (
             _existing_folder(calib_root, "calib_root", "calib_root", _CLEAN_LAYOUT, "train") if calib_root else None
         )
-        self.corruptions = check_corruptions(corruptions)
-        self.severity = check_severity(severity)
-        self.rounds = check_positive("rounds", rounds)
-        self.batch_size = check_positive("batch_size", batch_size)
-        self.num_workers = check_positive("num_workers", num_workers, minimum=0)
-        self.seed = check_positive("seed", seed, minimum=0)
+        super().__init__(**stream_settings(locals()))
+        self.root, self.source_root, self.calib_root = root_folder, source_folder, calib_folder
         self.norm = norm
-        self.image_size = check_positive("image_size", image_size)
-        self.num_source_images = check_optional_count("num_source_images", num_source_images)
+        self.label_space = label_space
         self._wnids: tuple[str, ...] | None = None
         self._effective_label_space: str | None = None
         self._test_samples: dict[tuple[str, int], _Samples] = {}
@@ -291,11 +246,6 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             return _imagenet_wnids()
         return self.wnids
 
-    @property
-    def domains(self) -> tuple[str, ...]:
-        """Domain names in stream order, round-major: ``("r1/gaussian_noise", ..., "r<rounds>/<last>")``."""
-        return domain_names([MIXED] if self.mixed_domains else self.corruptions, self.rounds)
-
     def prepare_data(self) -> None:
         """Check the folder structure (root, corruption and severity folders, wnid sets) without listing images.
 
@@ -333,36 +283,6 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             if folder is not None:
                 self._folder_samples(folder, "clean folder", _CLEAN_LAYOUT)
 
-    def test_dataloader(self) -> OrderedDict[str, DataLoader]:
-        """Return ``{domain: DataLoader}`` in stream order (see :attr:`domains`).
-
-        Each loader has ``shuffle=False`` and ``drop_last=False`` and reads the domain in a seeded order that differs
-        per (round, corruption) and is reproducible for a given ``seed``.
-        """
-        transform = self._transform(resize=None)
-        loaders: OrderedDict[str, DataLoader] = OrderedDict()
-        for domain in self.active_domains:
-            round_index, corruption = split_domain(domain)
-            names = list(self.corruptions) if corruption == MIXED else [corruption]
-            samples = [sample for c in names for sample in self._corruption_samples(c)]
-            if self.label_dirichlet is None:
-                order = stream_order(self.seed, round_index, corruption, len(samples))
-            else:
-                labels = np.array([label for _, label in samples])
-                order = dirichlet_order(labels, self.label_dirichlet, self.seed, round_index, corruption)
-            if not self.gradual:
-                parts = [FileDataset(samples, order, transform, min_size=self.image_size)]
-            else:  # the domain's order cut into nine parts, read at severity 1, 2, 3, 4, 5, 4, 3, 2, 1
-                cuts = np.array_split(order, len(GRADUAL_SCHEDULE))
-                parts = []
-                for severity, part in zip(GRADUAL_SCHEDULE, cuts, strict=True):
-                    at = [sample for c in names for sample in self._corruption_samples(c, severity)]
-                    parts.append(FileDataset(at, part, transform, min_size=self.image_size))
-            self._test_datasets.extend(parts)
-            dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-            loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
-        return loaders
-
     def teardown(self, stage: str) -> None:
         """Warn (once per data module) if test images smaller than the crop were read: they were zero-padded.
 
@@ -387,43 +307,6 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             f"{self.image_size} pixels per side (ImageNet-C's are 224×224) or set image_size to their size"
         )
 
-    def stream_fingerprint(self) -> dict[str, Any]:
-        """What identifies the test stream: equal fingerprints mean the same images in the same order and batches.
-
-        Plain values, stored in stream checkpoints so a resumed run can refuse a different stream. The image files are
-        identified by a hash of their paths relative to ``root`` and their labels (not their bytes, which would mean
-        reading the whole data set), so a moved ``root`` still matches. ``num_workers``, ``start_domain``,
-        ``stop_domain`` and the clean folders do not change the stream and are left out.
-
-        Returns:
-            ``data_module``, ``test_images``, ``corruptions``, ``severity``, ``rounds``, ``seed``, ``image_size``,
-            ``batch_size``, ``norm`` and ``label_space`` (the effective one).
-        """
-        if self._files_hash is None:
-            digest = hashlib.sha256()
-            count = 0
-            for corruption in self.corruptions:
-                for path, label in self._corruption_samples(corruption):
-                    digest.update(f"{Path(path).relative_to(self.root).as_posix()}\t{label}\n".encode())
-                    count += 1
-            self._files_hash = f"{count} files, sha256 {digest.hexdigest()[:16]}"
-        return {
-            "data_module": type(self).__name__,
-            "test_images": self._files_hash,
-            "corruptions": list(self.corruptions),
-            "severity": self.severity,
-            "rounds": self.rounds,
-            "seed": self.seed,
-            "image_size": self.image_size,
-            "batch_size": self.batch_size,
-            "norm": self.norm,
-            "label_space": self.effective_label_space,
-        } | (
-            ({"label_dirichlet": self.label_dirichlet} if self.label_dirichlet is not None else {})
-            | ({"mixed_domains": True} if self.mixed_domains else {})
-            | ({"gradual": True} if self.gradual else {})
-        )
-
     def source_dataloader(self) -> DataLoader:
         """Clean validation images for source statistics, in a seeded order, ``shuffle=False``.
 
@@ -435,9 +318,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         samples = self._folder_samples(self.source_root, "source_root folder", _CLEAN_LAYOUT)
         order = source_order(self.seed, len(samples), self.num_source_images, f"in source_root {self.source_root}")
         transform = self._transform(resize=(VAL_CROP_PCT, T.InterpolationMode.BILINEAR))
-        return make_loader(
-            FileDataset(samples, order, transform), self.batch_size, self.num_workers, trainer=self.trainer
-        )
+        return self._loader(FileDataset(samples, order, transform))
 
     def calibration_images(self, n: int = 32) -> Tensor:
         """Return ``n`` clean images for quantization calibration (spec §7).
@@ -467,8 +348,41 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             transform = self._transform(resize=(VIT_CALIB_CROP_PCT, T.InterpolationMode.BICUBIC))
         else:
             transform = self._transform(resize=(VAL_CROP_PCT, T.InterpolationMode.BILINEAR))
-        dataset = FileDataset(samples, order, transform)
-        return torch.stack([dataset[i][0] for i in range(len(dataset))])
+        return self._stack_images(FileDataset(samples, order, transform))
+
+    # ------------------------------------------------------------------ the stream's images
+
+    def _domain_labels(self, names: Sequence[str]) -> np.ndarray:
+        return np.array([label for c in names for _, label in self._corruption_samples(c)])
+
+    def _domain_part(
+        self, names: Sequence[str], draw: int, severity: int | None, labels: np.ndarray, order: np.ndarray
+    ) -> FileDataset:
+        """Read ``order`` of the domain's files, from the ``severity`` folders (gradual) or the stream's ones."""
+        samples = [sample for c in names for sample in self._corruption_samples(c, severity)]
+        dataset = FileDataset(samples, order, self._transform(resize=None), min_size=self.image_size)
+        self._test_datasets.append(dataset)  # checked for undersized images in teardown
+        return dataset
+
+    def _test_images_fingerprint(self) -> dict[str, Any]:
+        """``test_images``: a hash of the image files' paths relative to ``root`` and their labels.
+
+        Not of their bytes, which would mean reading the whole data set, so a moved ``root`` still matches. The clean
+        folders do not change the stream and are left out.
+        """
+        if self._files_hash is None:
+            digest = hashlib.sha256()
+            count = 0
+            for corruption in self.corruptions:
+                for path, label in self._corruption_samples(corruption):
+                    digest.update(f"{Path(path).relative_to(self.root).as_posix()}\t{label}\n".encode())
+                    count += 1
+            self._files_hash = f"{count} files, sha256 {digest.hexdigest()[:16]}"
+        return {"test_images": self._files_hash}
+
+    def _input_fingerprint(self) -> dict[str, Any]:
+        """``norm`` and ``label_space`` (the effective one)."""
+        return {"norm": self.norm, "label_space": self.effective_label_space}
 
     # ------------------------------------------------------------------ layout
 
