@@ -6,14 +6,7 @@ Layouts (spec §6.1)::
     <source_root>/<wnid>/<image>.JPEG                      clean ImageNet val: source statistics
     <calib_root>/<wnid>/<image>.JPEG                       clean ImageNet train: quantization calibration
 
-Label spaces (``label_space``):
-
-* ``"imagenet"``: a wnid's label is its canonical ImageNet-1k class index (the position of the synset in the sorted
-  list of the 1,000 ImageNet-1k synsets that timm ships, ``timm/data/_info/imagenet_synsets.txt``) and
-  ``num_classes`` is 1,000, so a subset of ImageNet-C (a few wnid folders) is labelled correctly for a 1,000-class
-  model. For the full ImageNet-C the labels equal the ``"folders"`` labels (spec §6.1).
-* ``"folders"``: a wnid's label is its position in the sorted list of wnid folders; ``num_classes`` is their number.
-* ``"auto"``: ``"imagenet"`` if every wnid folder of the stream is an ImageNet-1k synset, else ``"folders"``.
+Label spaces (``label_space``): described in :mod:`datamodules.imagenet_layout`.
 
 Transforms (spec §6.2; sizes shown for ``image_size=224`` and scaled with it otherwise):
 
@@ -28,9 +21,7 @@ Transforms (spec §6.2; sizes shown for ``image_size=224`` and scaled with it ot
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.resources
 import logging
 import math
 from collections.abc import Sequence
@@ -46,6 +37,16 @@ from torchvision import transforms as T
 
 from datamodules._common import GRADUAL_LEVELS, FileDataset, calibration_order, source_order
 from datamodules.base import StreamDataModule, stream_settings
+from datamodules.imagenet_layout import (
+    C_LAYOUT,
+    CLEAN_LAYOUT,
+    IMAGENET_NUM_CLASSES,
+    LABEL_SPACES,
+    existing_folder,
+    imagenet_class_index,
+    imagenet_wnids,
+    not_imagenet_message,
+)
 from zoa_lightning.data import class_folders, index_image_folder
 
 log = logging.getLogger(__name__)
@@ -59,50 +60,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 VAL_CROP_PCT = 0.875  # Resize 256 → CenterCrop 224
 VIT_CALIB_CROP_PCT = 0.9  # timm's ViT-B/16 eval transform: Resize 248 → CenterCrop 224
 
-_C_LAYOUT = "<root>/<corruption>/<severity>/<wnid>/<image>.JPEG, e.g. <root>/gaussian_noise/5/n01440764/x.JPEG"
-_CLEAN_LAYOUT = "<folder>/<wnid>/<image>.JPEG, e.g. <folder>/n01440764/ILSVRC2012_val_00000293.JPEG"
-
-LABEL_SPACES: tuple[str, ...] = ("auto", "imagenet", "folders")
-"""``label_space`` choices (see the module docstring)."""
-
-IMAGENET_NUM_CLASSES = 1000
-
 _Samples = list[tuple[str, int]]
-
-
-@functools.cache
-def imagenet_class_index() -> dict[str, int]:
-    """Map each ImageNet-1k synset (wnid) to its canonical class index, read from the list timm ships.
-
-    The list ``timm/data/_info/imagenet_synsets.txt`` holds the 1,000 wnids in sorted order, which is the standard
-    ImageNet-1k class order.
-
-    Returns:
-        ``{wnid: index}`` with 1,000 entries, e.g. ``"n01440764" -> 0`` and ``"n02123045" -> 281`` (tabby cat).
-
-    Raises:
-        FileNotFoundError: if timm's synset list is missing.
-        ValueError: if the list does not hold 1,000 distinct, sorted wnids.
-    """
-    source = importlib.resources.files("timm.data") / "_info" / "imagenet_synsets.txt"
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as err:
-        raise FileNotFoundError(
-            f"ImageNet-1k synset list not found: {source} (shipped with timm); "
-            "reinstall timm or use label_space='folders'"
-        ) from err
-    wnids = text.split()
-    if len(wnids) != IMAGENET_NUM_CLASSES or len(set(wnids)) != len(wnids) or wnids != sorted(wnids):
-        raise ValueError(
-            f"{source} should hold {IMAGENET_NUM_CLASSES} distinct wnids in sorted order, got {len(wnids)} entries"
-        )
-    return {wnid: index for index, wnid in enumerate(wnids)}
-
-
-@functools.cache
-def _imagenet_wnids() -> tuple[str, ...]:
-    return tuple(imagenet_class_index())
 
 
 class ImageNetCDataModule(StreamDataModule):
@@ -175,12 +133,12 @@ class ImageNetCDataModule(StreamDataModule):
             raise ValueError(f"norm must be one of {sorted(NORMALIZATIONS)}, got {norm!r}")
         if label_space not in LABEL_SPACES:
             raise ValueError(f"label_space must be one of {list(LABEL_SPACES)}, got {label_space!r}")
-        root_folder = _existing_folder(root, "ImageNet-C root", "root", _C_LAYOUT)
+        root_folder = existing_folder(root, "ImageNet-C root", "root", C_LAYOUT)
         source_folder = (
-            _existing_folder(source_root, "source_root", "source_root", _CLEAN_LAYOUT, "val") if source_root else None
+            existing_folder(source_root, "source_root", "source_root", CLEAN_LAYOUT, "val") if source_root else None
         )
         calib_folder = (
-            _existing_folder(calib_root, "calib_root", "calib_root", _CLEAN_LAYOUT, "train") if calib_root else None
+            existing_folder(calib_root, "calib_root", "calib_root", CLEAN_LAYOUT, "train") if calib_root else None
         )
         super().__init__(**stream_settings(locals()))
         self.root, self.source_root, self.calib_root = root_folder, source_folder, calib_folder
@@ -211,7 +169,7 @@ class ImageNetCDataModule(StreamDataModule):
         """Sorted wnid folder names of the first corruption: the stream's classes."""
         if self._wnids is None:
             first = self._severity_dir(self.corruptions[0])
-            self._wnids = tuple(class_folders(first, "ImageNet-C severity folder", _C_LAYOUT))
+            self._wnids = tuple(class_folders(first, "ImageNet-C severity folder", C_LAYOUT))
         return self._wnids
 
     @property
@@ -227,7 +185,7 @@ class ImageNetCDataModule(StreamDataModule):
             foreign = [wnid for wnid in self.wnids if wnid not in index]
             if self.label_space == "imagenet" and foreign:
                 folder = self._severity_dir(self.corruptions[0]) / foreign[0]
-                raise ValueError(_not_imagenet_message(folder, len(foreign)))
+                raise ValueError(not_imagenet_message(folder, len(foreign)))
             if self.label_space == "auto":
                 resolved = "folders" if foreign else "imagenet"
                 log.info("label_space='auto' resolved to %r for the wnid folders of %s", resolved, self.root)
@@ -243,7 +201,7 @@ class ImageNetCDataModule(StreamDataModule):
         The 1,000 ImageNet-1k synsets in the ``"imagenet"`` label space, :attr:`wnids` in the ``"folders"`` one.
         """
         if self.effective_label_space == "imagenet":
-            return _imagenet_wnids()
+            return imagenet_wnids()
         return self.wnids
 
     def prepare_data(self) -> None:
@@ -257,10 +215,10 @@ class ImageNetCDataModule(StreamDataModule):
         self._check_root()
         for corruption in self.corruptions:
             for severity in GRADUAL_LEVELS if self.gradual else (self.severity,):
-                self._check_wnids(self._severity_dir(corruption, severity), "ImageNet-C severity folder", _C_LAYOUT)
+                self._check_wnids(self._severity_dir(corruption, severity), "ImageNet-C severity folder", C_LAYOUT)
         for folder, what in ((self.source_root, "source_root"), (self.calib_root, "calib_root")):
             if folder is not None:
-                self._check_wnids(folder, f"{what} folder", _CLEAN_LAYOUT, clean=True)
+                self._check_wnids(folder, f"{what} folder", CLEAN_LAYOUT, clean=True)
 
     def setup(self, stage: str | None = None) -> None:
         """Index the image files of every corruption (and of the clean folders that are set).
@@ -281,7 +239,7 @@ class ImageNetCDataModule(StreamDataModule):
                 self._corruption_samples(corruption)
         for folder in (self.source_root, self.calib_root):
             if folder is not None:
-                self._folder_samples(folder, "clean folder", _CLEAN_LAYOUT)
+                self._folder_samples(folder, "clean folder", CLEAN_LAYOUT)
 
     def teardown(self, stage: str) -> None:
         """Warn (once per data module) if test images smaller than the crop were read: they were zero-padded.
@@ -315,7 +273,7 @@ class ImageNetCDataModule(StreamDataModule):
         """
         if self.source_root is None:
             raise ValueError("source_dataloader needs clean ImageNet validation images: set source_root=<ImageNet val>")
-        samples = self._folder_samples(self.source_root, "source_root folder", _CLEAN_LAYOUT)
+        samples = self._folder_samples(self.source_root, "source_root folder", CLEAN_LAYOUT)
         order = source_order(self.seed, len(samples), self.num_source_images, f"in source_root {self.source_root}")
         transform = self._transform(resize=(VAL_CROP_PCT, T.InterpolationMode.BILINEAR))
         return self._loader(FileDataset(samples, order, transform))
@@ -342,7 +300,7 @@ class ImageNetCDataModule(StreamDataModule):
                 raise ValueError("calibration_images needs clean images: set calib_root=<ImageNet train>")
             log.warning("calib_root is not set; calibrating on images from source_root %s", self.source_root)
             folder = self.source_root
-        samples = self._folder_samples(folder, "calibration folder", _CLEAN_LAYOUT)
+        samples = self._folder_samples(folder, "calibration folder", CLEAN_LAYOUT)
         order = calibration_order(len(samples), n)
         if self.norm == "vit":
             transform = self._transform(resize=(VIT_CALIB_CROP_PCT, T.InterpolationMode.BICUBIC))
@@ -398,7 +356,7 @@ class ImageNetCDataModule(StreamDataModule):
     def _check_root(self) -> None:
         if not self.root.is_dir():
             raise FileNotFoundError(
-                f"ImageNet-C root folder not found: {self.root}. Expected layout: {_C_LAYOUT}; set root= to it"
+                f"ImageNet-C root folder not found: {self.root}. Expected layout: {C_LAYOUT}; set root= to it"
             )
 
     def _severity_dir(self, corruption: str, severity: int | None = None) -> Path:
@@ -406,13 +364,13 @@ class ImageNetCDataModule(StreamDataModule):
         corruption_dir = self.root / corruption
         if not corruption_dir.is_dir():
             raise FileNotFoundError(
-                f"ImageNet-C corruption folder not found: {corruption_dir}. Expected layout: {_C_LAYOUT}; "
+                f"ImageNet-C corruption folder not found: {corruption_dir}. Expected layout: {C_LAYOUT}; "
                 "remove the corruption from `corruptions` or complete the download"
             )
         severity_dir = corruption_dir / str(self.severity if severity is None else severity)
         if not severity_dir.is_dir():
             raise FileNotFoundError(
-                f"ImageNet-C severity folder not found: {severity_dir}. Expected layout: {_C_LAYOUT}; "
+                f"ImageNet-C severity folder not found: {severity_dir}. Expected layout: {C_LAYOUT}; "
                 "check `severity` or complete the download"
             )
         return severity_dir
@@ -429,7 +387,7 @@ class ImageNetCDataModule(StreamDataModule):
             index = imagenet_class_index()
             foreign = [wnid for wnid in found if wnid not in index]
             if foreign:
-                raise ValueError(_not_imagenet_message(folder / foreign[0], len(foreign)))
+                raise ValueError(not_imagenet_message(folder / foreign[0], len(foreign)))
             return found
         if tuple(found) != self.wnids:
             reference = self._severity_dir(self.corruptions[0])
@@ -465,8 +423,8 @@ class ImageNetCDataModule(StreamDataModule):
         key = (corruption, self.severity if severity is None else severity)
         if key not in self._test_samples:
             folder = self._severity_dir(*key)
-            wnids = self._check_wnids(folder, "ImageNet-C severity folder", _C_LAYOUT)
-            samples = self._labelled_samples(folder, wnids, "ImageNet-C", _C_LAYOUT)
+            wnids = self._check_wnids(folder, "ImageNet-C severity folder", C_LAYOUT)
+            samples = self._labelled_samples(folder, wnids, "ImageNet-C", C_LAYOUT)
             log.debug("ImageNet-C %s severity %d: %d images", corruption, key[1], len(samples))
             if severity is not None and severity != self.severity:  # gradual: the same images at another severity
                 base = self._corruption_samples(corruption)
@@ -485,27 +443,3 @@ class ImageNetCDataModule(StreamDataModule):
             wnids = self._check_wnids(folder, what, layout, clean=True)
             self._clean_samples[folder] = self._labelled_samples(folder, wnids, what, layout)
         return self._clean_samples[folder]
-
-
-def _existing_folder(value: str, what: str, argument: str, layout: str, example: str | None = None) -> Path:
-    """Return ``value`` as an expanded ``Path`` if it is an existing folder.
-
-    Raises:
-        FileNotFoundError: if the path is missing or not a folder; the message names it and the expected layout.
-    """
-    if not str(value).strip():
-        raise FileNotFoundError(f"{what} folder not set ({argument}={value!r}). Expected layout: {layout}")
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        problem = "is not a directory" if path.exists() else "not found"
-        hint = f"set {argument}= to the folder" + (f" (e.g. ImageNet's {example}/)" if example else "")
-        raise FileNotFoundError(f"{what} folder {problem}: {path}. Expected layout: {layout}; {hint}")
-    return path
-
-
-def _not_imagenet_message(folder: Path, count: int) -> str:
-    return (
-        f"wnid folder {folder} is not one of the 1,000 ImageNet-1k synsets ({count} such folder(s) in "
-        f"{folder.parent}), but label_space='imagenet' labels every folder by its ImageNet-1k class index. "
-        "Rename or remove the folder, or use label_space='folders' (labels = positions in the sorted folder list)"
-    )
