@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from typing_extensions import override
 from zoa_lightning.core.layout import resolve_layout
 from zoa_lightning.core.protocols import QuantizableModule, StreamDataModule, missing_members
 from zoa_lightning.core.quant import MQBENCH_BITS, PTQ4VIT_BITS
+from zoa_lightning.files import atomic_write
 
 __all__ = ["SUPPORTED_BITS", "QuantizationCallback", "default_quant_cache_dir"]
 
@@ -189,9 +191,9 @@ class QuantizationCallback(Callback):
         quantized = self._calibrate(network, images, method, act_bits)
         if self.cache:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique: several processes may calibrate at once
-            torch.save({k: v.detach().cpu() for k, v in quantized.state_dict().items()}, tmp)
-            tmp.replace(path)
+            buffer = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in quantized.state_dict().items()}, buffer)
+            atomic_write(path, buffer.getvalue())  # several processes may calibrate at once: the last rename wins
             log.info("saved calibrated model to %s", path)
         return quantized, False
 

@@ -6,14 +6,7 @@ Layouts (spec §6.1)::
     <source_root>/<wnid>/<image>.JPEG                      clean ImageNet val: source statistics
     <calib_root>/<wnid>/<image>.JPEG                       clean ImageNet train: quantization calibration
 
-Label spaces (``label_space``):
-
-* ``"imagenet"``: a wnid's label is its canonical ImageNet-1k class index (the position of the synset in the sorted
-  list of the 1,000 ImageNet-1k synsets that timm ships, ``timm/data/_info/imagenet_synsets.txt``) and
-  ``num_classes`` is 1,000, so a subset of ImageNet-C (a few wnid folders) is labelled correctly for a 1,000-class
-  model. For the full ImageNet-C the labels equal the ``"folders"`` labels (spec §6.1).
-* ``"folders"``: a wnid's label is its position in the sorted list of wnid folders; ``num_classes`` is their number.
-* ``"auto"``: ``"imagenet"`` if every wnid folder of the stream is an ImageNet-1k synset, else ``"folders"``.
+Label spaces (``label_space``): described in :mod:`datamodules.imagenet_layout`.
 
 Transforms (spec §6.2; sizes shown for ``image_size=224`` and scaled with it otherwise):
 
@@ -28,44 +21,32 @@ Transforms (spec §6.2; sizes shown for ``image_size=224`` and scaled with it ot
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.resources
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from datamodules._common import (
-    GRADUAL_LEVELS,
-    GRADUAL_SCHEDULE,
-    MIXED,
-    FileDataset,
-    StreamWindow,
-    calibration_order,
-    check_concentration,
-    check_flag,
-    check_optional_count,
-    check_positive,
-    dirichlet_order,
-    domain_names,
-    make_loader,
-    source_order,
-    split_domain,
-    stream_order,
+from datamodules._common import GRADUAL_LEVELS, FileDataset, calibration_order, source_order
+from datamodules.base import StreamDataModuleBase, stream_settings
+from datamodules.imagenet_layout import (
+    C_LAYOUT,
+    CLEAN_LAYOUT,
+    IMAGENET_NUM_CLASSES,
+    LABEL_SPACES,
+    existing_folder,
+    imagenet_class_index,
+    imagenet_wnids,
+    not_imagenet_message,
 )
-from datamodules.corruptions import check_corruptions, check_severity
 from zoa_lightning.data import class_folders, index_image_folder
 
 log = logging.getLogger(__name__)
@@ -79,62 +60,20 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
 VAL_CROP_PCT = 0.875  # Resize 256 → CenterCrop 224
 VIT_CALIB_CROP_PCT = 0.9  # timm's ViT-B/16 eval transform: Resize 248 → CenterCrop 224
 
-_C_LAYOUT = "<root>/<corruption>/<severity>/<wnid>/<image>.JPEG, e.g. <root>/gaussian_noise/5/n01440764/x.JPEG"
-_CLEAN_LAYOUT = "<folder>/<wnid>/<image>.JPEG, e.g. <folder>/n01440764/ILSVRC2012_val_00000293.JPEG"
-
-LABEL_SPACES: tuple[str, ...] = ("auto", "imagenet", "folders")
-"""``label_space`` choices (see the module docstring)."""
-
-IMAGENET_NUM_CLASSES = 1000
-
 _Samples = list[tuple[str, int]]
 
 
-@functools.cache
-def imagenet_class_index() -> dict[str, int]:
-    """Map each ImageNet-1k synset (wnid) to its canonical class index, read from the list timm ships.
-
-    The list ``timm/data/_info/imagenet_synsets.txt`` holds the 1,000 wnids in sorted order, which is the standard
-    ImageNet-1k class order.
-
-    Returns:
-        ``{wnid: index}`` with 1,000 entries, e.g. ``"n01440764" -> 0`` and ``"n02123045" -> 281`` (tabby cat).
-
-    Raises:
-        FileNotFoundError: if timm's synset list is missing.
-        ValueError: if the list does not hold 1,000 distinct, sorted wnids.
-    """
-    source = importlib.resources.files("timm.data") / "_info" / "imagenet_synsets.txt"
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as err:
-        raise FileNotFoundError(
-            f"ImageNet-1k synset list not found: {source} (shipped with timm); "
-            "reinstall timm or use label_space='folders'"
-        ) from err
-    wnids = text.split()
-    if len(wnids) != IMAGENET_NUM_CLASSES or len(set(wnids)) != len(wnids) or wnids != sorted(wnids):
-        raise ValueError(
-            f"{source} should hold {IMAGENET_NUM_CLASSES} distinct wnids in sorted order, got {len(wnids)} entries"
-        )
-    return {wnid: index for index, wnid in enumerate(wnids)}
-
-
-@functools.cache
-def _imagenet_wnids() -> tuple[str, ...]:
-    return tuple(imagenet_class_index())
-
-
-class ImageNetCDataModule(StreamWindow, LightningDataModule):
+class ImageNetCDataModule(StreamDataModuleBase):
     """ImageNet-C corruption stream from disk, with clean ImageNet images for source statistics and calibration.
 
     The test stream visits ``rounds × corruptions`` domains, round-major (``r1/gaussian_noise``, ...,
-    ``r1/jpeg_compression``, ``r2/gaussian_noise``, ...). Within a domain the images come in a seeded order that
-    differs per round and corruption (the loaders themselves do not shuffle). Every corruption folder must hold the
-    same wnid set. Labels depend on ``label_space``: canonical ImageNet-1k class indices (the clean folders may then
-    hold any ImageNet-1k wnids), or positions in the sorted wnid folder list (the clean folders must then hold the
-    same wnid set as the corruption folders). Batches are ``(images, labels)``: ``float32`` ``N×3×H×W`` and
-    ``int64``.
+    ``r1/jpeg_compression``, ``r2/gaussian_noise``, ...). Within a domain the images come in a seeded order that differs
+    per round and corruption (the loaders themselves do not shuffle). Every corruption folder must hold the same wnid
+    set. Labels depend on ``label_space``: canonical ImageNet-1k class indices (the clean folders may then hold any
+    ImageNet-1k wnids), or positions in the sorted wnid folder list (the clean folders must then hold the same wnid set
+    as the corruption folders). Batches are ``(images, labels)``: ``float32`` ``N×3×H×W`` and ``int64``. The settings
+    every stream shares (``corruptions``, ``rounds``, ``batch_size``, ``seed``, ``start_domain``, ``stop_domain``,
+    ``mixed_domains``) are documented on :class:`datamodules.base.StreamDataModuleBase`.
 
     Args:
         root: ImageNet-C folder, ``<root>/<corruption>/<severity>/<wnid>/*.JPEG``. Must exist when the data module is
@@ -143,27 +82,18 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             (``source_dataloader``). ``None`` if not needed.
         calib_root: clean ImageNet training folder ``<train>/<wnid>/*``, for quantization calibration
             (``calibration_images``). ``None`` falls back to ``source_root`` with a warning.
-        corruptions: corruption names in stream order; default: the 15 ImageNet-C corruptions in the paper's order.
         severity: severity folder to read, 1 to 5.
-        rounds: how many times the whole corruption sequence is repeated.
-        batch_size: batch size of every loader.
         num_workers: ``DataLoader`` worker processes (the paper uses 32).
-        seed: seed of every sample order (non-negative).
         norm: ``"vit"`` for mean = std = 0.5, or ``"imagenet"`` for the ImageNet statistics
             (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), used with ResNet-50.
         image_size: crop size in pixels; 224 for ImageNet-C. The resize sizes scale with it (256 and 248 at 224),
             so tests can use tiny images.
         num_source_images: how many clean validation images (a seeded random subset) feed the source statistics;
             ``None`` for all of them.
-        start_domain: first stream domain served by ``test_dataloader`` (a resumed run starts after the
-            domains it already finished).
-        stop_domain: serve domains up to, not including, this index (``None``: to the end of the stream).
         label_space: ``"imagenet"``: labels are the canonical ImageNet-1k class indices of the wnid folders (every
             folder must be an ImageNet-1k synset) and ``num_classes`` is 1000; ``"folders"``: labels are positions in
             the sorted wnid folder list and ``num_classes`` is its length; ``"auto"``: ``"imagenet"`` if every wnid
             folder of the stream is an ImageNet-1k synset, else ``"folders"``.
-        mixed_domains: one domain per round holding every corruption's images shuffled together (``r1/mixed``)
-            instead of one domain per corruption (the mixed-domain setting).
         gradual: gradual severity: every domain's images, in the domain's order, are cut into nine parts read from
             the severity folders 1, 2, 3, 4, 5, 4, 3, 2, 1 (each must hold the same files as ``severity``'s).
         label_dirichlet: a label-shifted stream: within every domain the classes come in runs, drawn with this
@@ -199,38 +129,21 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         label_dirichlet: float | None = None,
         gradual: bool = False,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        # Not merged into the model's logged hparams: Lightning refuses a key both define with different values, and
-        # the stream's `seed` is not ZOAModule's (its perturbation generator's). The run's config.yaml and the stream
-        # fingerprint record the data settings.
-        self._log_hyperparams = False
-        self.start_domain = check_positive("start_domain", start_domain, minimum=0)
-        self.stop_domain = stop_domain
         if norm not in NORMALIZATIONS:
             raise ValueError(f"norm must be one of {sorted(NORMALIZATIONS)}, got {norm!r}")
         if label_space not in LABEL_SPACES:
             raise ValueError(f"label_space must be one of {list(LABEL_SPACES)}, got {label_space!r}")
-        self.label_space = label_space
-        self.label_dirichlet = check_concentration(label_dirichlet)
-        self.mixed_domains = check_flag("mixed_domains", mixed_domains)
-        self.gradual = check_flag("gradual", gradual)
-        self.root = _existing_folder(root, "ImageNet-C root", "root", _C_LAYOUT)
-        self.source_root = (
-            _existing_folder(source_root, "source_root", "source_root", _CLEAN_LAYOUT, "val") if source_root else None
+        root_folder = existing_folder(root, "ImageNet-C root", "root", C_LAYOUT)
+        source_folder = (
+            existing_folder(source_root, "source_root", "source_root", CLEAN_LAYOUT, "val") if source_root else None
         )
-        self.calib_root = (
-            _existing_folder(calib_root, "calib_root", "calib_root", _CLEAN_LAYOUT, "train") if calib_root else None
+        calib_folder = (
+            existing_folder(calib_root, "calib_root", "calib_root", CLEAN_LAYOUT, "train") if calib_root else None
         )
-        self.corruptions = check_corruptions(corruptions)
-        self.severity = check_severity(severity)
-        self.rounds = check_positive("rounds", rounds)
-        self.batch_size = check_positive("batch_size", batch_size)
-        self.num_workers = check_positive("num_workers", num_workers, minimum=0)
-        self.seed = check_positive("seed", seed, minimum=0)
+        super().__init__(**stream_settings(locals()))
+        self.root, self.source_root, self.calib_root = root_folder, source_folder, calib_folder
         self.norm = norm
-        self.image_size = check_positive("image_size", image_size)
-        self.num_source_images = check_optional_count("num_source_images", num_source_images)
+        self.label_space = label_space
         self._wnids: tuple[str, ...] | None = None
         self._effective_label_space: str | None = None
         self._test_samples: dict[tuple[str, int], _Samples] = {}
@@ -256,7 +169,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         """Sorted wnid folder names of the first corruption: the stream's classes."""
         if self._wnids is None:
             first = self._severity_dir(self.corruptions[0])
-            self._wnids = tuple(class_folders(first, "ImageNet-C severity folder", _C_LAYOUT))
+            self._wnids = tuple(class_folders(first, "ImageNet-C severity folder", C_LAYOUT))
         return self._wnids
 
     @property
@@ -272,7 +185,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             foreign = [wnid for wnid in self.wnids if wnid not in index]
             if self.label_space == "imagenet" and foreign:
                 folder = self._severity_dir(self.corruptions[0]) / foreign[0]
-                raise ValueError(_not_imagenet_message(folder, len(foreign)))
+                raise ValueError(not_imagenet_message(folder, len(foreign)))
             if self.label_space == "auto":
                 resolved = "folders" if foreign else "imagenet"
                 log.info("label_space='auto' resolved to %r for the wnid folders of %s", resolved, self.root)
@@ -288,13 +201,8 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         The 1,000 ImageNet-1k synsets in the ``"imagenet"`` label space, :attr:`wnids` in the ``"folders"`` one.
         """
         if self.effective_label_space == "imagenet":
-            return _imagenet_wnids()
+            return imagenet_wnids()
         return self.wnids
-
-    @property
-    def domains(self) -> tuple[str, ...]:
-        """Domain names in stream order, round-major: ``("r1/gaussian_noise", ..., "r<rounds>/<last>")``."""
-        return domain_names([MIXED] if self.mixed_domains else self.corruptions, self.rounds)
 
     def prepare_data(self) -> None:
         """Check the folder structure (root, corruption and severity folders, wnid sets) without listing images.
@@ -307,10 +215,10 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         self._check_root()
         for corruption in self.corruptions:
             for severity in GRADUAL_LEVELS if self.gradual else (self.severity,):
-                self._check_wnids(self._severity_dir(corruption, severity), "ImageNet-C severity folder", _C_LAYOUT)
+                self._check_wnids(self._severity_dir(corruption, severity), "ImageNet-C severity folder", C_LAYOUT)
         for folder, what in ((self.source_root, "source_root"), (self.calib_root, "calib_root")):
             if folder is not None:
-                self._check_wnids(folder, f"{what} folder", _CLEAN_LAYOUT, clean=True)
+                self._check_wnids(folder, f"{what} folder", CLEAN_LAYOUT, clean=True)
 
     def setup(self, stage: str | None = None) -> None:
         """Index the image files of every corruption (and of the clean folders that are set).
@@ -331,37 +239,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
                 self._corruption_samples(corruption)
         for folder in (self.source_root, self.calib_root):
             if folder is not None:
-                self._folder_samples(folder, "clean folder", _CLEAN_LAYOUT)
-
-    def test_dataloader(self) -> OrderedDict[str, DataLoader]:
-        """Return ``{domain: DataLoader}`` in stream order (see :attr:`domains`).
-
-        Each loader has ``shuffle=False`` and ``drop_last=False`` and reads the domain in a seeded order that differs
-        per (round, corruption) and is reproducible for a given ``seed``.
-        """
-        transform = self._transform(resize=None)
-        loaders: OrderedDict[str, DataLoader] = OrderedDict()
-        for domain in self.active_domains:
-            round_index, corruption = split_domain(domain)
-            names = list(self.corruptions) if corruption == MIXED else [corruption]
-            samples = [sample for c in names for sample in self._corruption_samples(c)]
-            if self.label_dirichlet is None:
-                order = stream_order(self.seed, round_index, corruption, len(samples))
-            else:
-                labels = np.array([label for _, label in samples])
-                order = dirichlet_order(labels, self.label_dirichlet, self.seed, round_index, corruption)
-            if not self.gradual:
-                parts = [FileDataset(samples, order, transform, min_size=self.image_size)]
-            else:  # the domain's order cut into nine parts, read at severity 1, 2, 3, 4, 5, 4, 3, 2, 1
-                cuts = np.array_split(order, len(GRADUAL_SCHEDULE))
-                parts = []
-                for severity, part in zip(GRADUAL_SCHEDULE, cuts, strict=True):
-                    at = [sample for c in names for sample in self._corruption_samples(c, severity)]
-                    parts.append(FileDataset(at, part, transform, min_size=self.image_size))
-            self._test_datasets.extend(parts)
-            dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-            loaders[domain] = make_loader(dataset, self.batch_size, self.num_workers, trainer=self.trainer)
-        return loaders
+                self._folder_samples(folder, "clean folder", CLEAN_LAYOUT)
 
     def teardown(self, stage: str) -> None:
         """Warn (once per data module) if test images smaller than the crop were read: they were zero-padded.
@@ -387,43 +265,6 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             f"{self.image_size} pixels per side (ImageNet-C's are 224×224) or set image_size to their size"
         )
 
-    def stream_fingerprint(self) -> dict[str, Any]:
-        """What identifies the test stream: equal fingerprints mean the same images in the same order and batches.
-
-        Plain values, stored in stream checkpoints so a resumed run can refuse a different stream. The image files are
-        identified by a hash of their paths relative to ``root`` and their labels (not their bytes, which would mean
-        reading the whole data set), so a moved ``root`` still matches. ``num_workers``, ``start_domain``,
-        ``stop_domain`` and the clean folders do not change the stream and are left out.
-
-        Returns:
-            ``data_module``, ``test_images``, ``corruptions``, ``severity``, ``rounds``, ``seed``, ``image_size``,
-            ``batch_size``, ``norm`` and ``label_space`` (the effective one).
-        """
-        if self._files_hash is None:
-            digest = hashlib.sha256()
-            count = 0
-            for corruption in self.corruptions:
-                for path, label in self._corruption_samples(corruption):
-                    digest.update(f"{Path(path).relative_to(self.root).as_posix()}\t{label}\n".encode())
-                    count += 1
-            self._files_hash = f"{count} files, sha256 {digest.hexdigest()[:16]}"
-        return {
-            "data_module": type(self).__name__,
-            "test_images": self._files_hash,
-            "corruptions": list(self.corruptions),
-            "severity": self.severity,
-            "rounds": self.rounds,
-            "seed": self.seed,
-            "image_size": self.image_size,
-            "batch_size": self.batch_size,
-            "norm": self.norm,
-            "label_space": self.effective_label_space,
-        } | (
-            ({"label_dirichlet": self.label_dirichlet} if self.label_dirichlet is not None else {})
-            | ({"mixed_domains": True} if self.mixed_domains else {})
-            | ({"gradual": True} if self.gradual else {})
-        )
-
     def source_dataloader(self) -> DataLoader:
         """Clean validation images for source statistics, in a seeded order, ``shuffle=False``.
 
@@ -432,12 +273,10 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         """
         if self.source_root is None:
             raise ValueError("source_dataloader needs clean ImageNet validation images: set source_root=<ImageNet val>")
-        samples = self._folder_samples(self.source_root, "source_root folder", _CLEAN_LAYOUT)
+        samples = self._folder_samples(self.source_root, "source_root folder", CLEAN_LAYOUT)
         order = source_order(self.seed, len(samples), self.num_source_images, f"in source_root {self.source_root}")
         transform = self._transform(resize=(VAL_CROP_PCT, T.InterpolationMode.BILINEAR))
-        return make_loader(
-            FileDataset(samples, order, transform), self.batch_size, self.num_workers, trainer=self.trainer
-        )
+        return self._loader(FileDataset(samples, order, transform))
 
     def calibration_images(self, n: int = 32) -> Tensor:
         """Return ``n`` clean images for quantization calibration (spec §7).
@@ -461,14 +300,47 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
                 raise ValueError("calibration_images needs clean images: set calib_root=<ImageNet train>")
             log.warning("calib_root is not set; calibrating on images from source_root %s", self.source_root)
             folder = self.source_root
-        samples = self._folder_samples(folder, "calibration folder", _CLEAN_LAYOUT)
+        samples = self._folder_samples(folder, "calibration folder", CLEAN_LAYOUT)
         order = calibration_order(len(samples), n)
         if self.norm == "vit":
             transform = self._transform(resize=(VIT_CALIB_CROP_PCT, T.InterpolationMode.BICUBIC))
         else:
             transform = self._transform(resize=(VAL_CROP_PCT, T.InterpolationMode.BILINEAR))
-        dataset = FileDataset(samples, order, transform)
-        return torch.stack([dataset[i][0] for i in range(len(dataset))])
+        return self._stack_images(FileDataset(samples, order, transform))
+
+    # ------------------------------------------------------------------ the stream's images
+
+    def _domain_labels(self, names: Sequence[str]) -> np.ndarray:
+        return np.array([label for c in names for _, label in self._corruption_samples(c)])
+
+    def _domain_part(
+        self, names: Sequence[str], draw: int, severity: int | None, labels: np.ndarray, order: np.ndarray
+    ) -> FileDataset:
+        """Read ``order`` of the domain's files, from the ``severity`` folders (gradual) or the stream's ones."""
+        samples = [sample for c in names for sample in self._corruption_samples(c, severity)]
+        dataset = FileDataset(samples, order, self._transform(resize=None), min_size=self.image_size)
+        self._test_datasets.append(dataset)  # checked for undersized images in teardown
+        return dataset
+
+    def _test_images_fingerprint(self) -> dict[str, Any]:
+        """``test_images``: a hash of the image files' paths relative to ``root`` and their labels.
+
+        Not of their bytes, which would mean reading the whole data set, so a moved ``root`` still matches. The clean
+        folders do not change the stream and are left out.
+        """
+        if self._files_hash is None:
+            digest = hashlib.sha256()
+            count = 0
+            for corruption in self.corruptions:
+                for path, label in self._corruption_samples(corruption):
+                    digest.update(f"{Path(path).relative_to(self.root).as_posix()}\t{label}\n".encode())
+                    count += 1
+            self._files_hash = f"{count} files, sha256 {digest.hexdigest()[:16]}"
+        return {"test_images": self._files_hash}
+
+    def _input_fingerprint(self) -> dict[str, Any]:
+        """``norm`` and ``label_space`` (the effective one)."""
+        return {"norm": self.norm, "label_space": self.effective_label_space}
 
     # ------------------------------------------------------------------ layout
 
@@ -484,7 +356,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
     def _check_root(self) -> None:
         if not self.root.is_dir():
             raise FileNotFoundError(
-                f"ImageNet-C root folder not found: {self.root}. Expected layout: {_C_LAYOUT}; set root= to it"
+                f"ImageNet-C root folder not found: {self.root}. Expected layout: {C_LAYOUT}; set root= to it"
             )
 
     def _severity_dir(self, corruption: str, severity: int | None = None) -> Path:
@@ -492,13 +364,13 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         corruption_dir = self.root / corruption
         if not corruption_dir.is_dir():
             raise FileNotFoundError(
-                f"ImageNet-C corruption folder not found: {corruption_dir}. Expected layout: {_C_LAYOUT}; "
+                f"ImageNet-C corruption folder not found: {corruption_dir}. Expected layout: {C_LAYOUT}; "
                 "remove the corruption from `corruptions` or complete the download"
             )
         severity_dir = corruption_dir / str(self.severity if severity is None else severity)
         if not severity_dir.is_dir():
             raise FileNotFoundError(
-                f"ImageNet-C severity folder not found: {severity_dir}. Expected layout: {_C_LAYOUT}; "
+                f"ImageNet-C severity folder not found: {severity_dir}. Expected layout: {C_LAYOUT}; "
                 "check `severity` or complete the download"
             )
         return severity_dir
@@ -515,7 +387,7 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             index = imagenet_class_index()
             foreign = [wnid for wnid in found if wnid not in index]
             if foreign:
-                raise ValueError(_not_imagenet_message(folder / foreign[0], len(foreign)))
+                raise ValueError(not_imagenet_message(folder / foreign[0], len(foreign)))
             return found
         if tuple(found) != self.wnids:
             reference = self._severity_dir(self.corruptions[0])
@@ -551,8 +423,8 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
         key = (corruption, self.severity if severity is None else severity)
         if key not in self._test_samples:
             folder = self._severity_dir(*key)
-            wnids = self._check_wnids(folder, "ImageNet-C severity folder", _C_LAYOUT)
-            samples = self._labelled_samples(folder, wnids, "ImageNet-C", _C_LAYOUT)
+            wnids = self._check_wnids(folder, "ImageNet-C severity folder", C_LAYOUT)
+            samples = self._labelled_samples(folder, wnids, "ImageNet-C", C_LAYOUT)
             log.debug("ImageNet-C %s severity %d: %d images", corruption, key[1], len(samples))
             if severity is not None and severity != self.severity:  # gradual: the same images at another severity
                 base = self._corruption_samples(corruption)
@@ -571,27 +443,3 @@ class ImageNetCDataModule(StreamWindow, LightningDataModule):
             wnids = self._check_wnids(folder, what, layout, clean=True)
             self._clean_samples[folder] = self._labelled_samples(folder, wnids, what, layout)
         return self._clean_samples[folder]
-
-
-def _existing_folder(value: str, what: str, argument: str, layout: str, example: str | None = None) -> Path:
-    """Return ``value`` as an expanded ``Path`` if it is an existing folder.
-
-    Raises:
-        FileNotFoundError: if the path is missing or not a folder; the message names it and the expected layout.
-    """
-    if not str(value).strip():
-        raise FileNotFoundError(f"{what} folder not set ({argument}={value!r}). Expected layout: {layout}")
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        problem = "is not a directory" if path.exists() else "not found"
-        hint = f"set {argument}= to the folder" + (f" (e.g. ImageNet's {example}/)" if example else "")
-        raise FileNotFoundError(f"{what} folder {problem}: {path}. Expected layout: {layout}; {hint}")
-    return path
-
-
-def _not_imagenet_message(folder: Path, count: int) -> str:
-    return (
-        f"wnid folder {folder} is not one of the 1,000 ImageNet-1k synsets ({count} such folder(s) in "
-        f"{folder.parent}), but label_space='imagenet' labels every folder by its ImageNet-1k class index. "
-        "Rename or remove the folder, or use label_space='folders' (labels = positions in the sorted folder list)"
-    )

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import io
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +128,21 @@ def test_write_results_files(tmp_path: Path) -> None:
     assert paths["plot"].read_bytes().startswith(PNG_MAGIC)
     write_results(ROWS, INFO, tmp_path, prefix="zoa_", plot=False)
     assert not (tmp_path / "zoa_accuracy.png").exists(), "an older run's plot must not pass for this run's"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_result_files_get_the_umasks_permissions_like_ordinary_files(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        paths = write_results(ROWS, INFO, tmp_path)
+        comparison = write_comparison(
+            [summarize(ROWS, INFO)], {"zoa": ROWS}, tmp_path / "cmp", Console(file=io.StringIO())
+        )
+    finally:
+        os.umask(old)
+    written = [*paths.values(), *comparison.values()]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {oct(0o644)}  # not tempfile's owner-only 0o600
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_plot_accuracy_two_methods(tmp_path: Path) -> None:

@@ -22,12 +22,12 @@ import io
 import itertools
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
+
+from zoa_lightning.files import atomic_write
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -414,7 +414,7 @@ def write_results(
     plot_path = out / f"{prefix}accuracy.png"
     if plot:
         title = f"{summary['method']} · {summary['model']} · {summary['bits']}"
-        _write_plot(plot_path, {summary["method"]: table}, title)
+        plot_accuracy({summary["method"]: table}, plot_path, title)
         paths["plot"] = plot_path
     else:
         plot_path.unlink(missing_ok=True)  # an older run's plot must not pass for this run's
@@ -452,9 +452,9 @@ def write_comparison(
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     lines += [f"| {s['method']} | {' | '.join(_comparison_cells(s))} | {s['bits']} |" for s in summaries]
-    _atomic_text(paths["md"], "\n".join(lines) + "\n")
+    atomic_write(paths["md"], "\n".join(lines) + "\n")
     first = summaries[0]
-    _write_plot(paths["plot"], rows_by_method, f"{first['model']} · {first['bits']}")
+    plot_accuracy(rows_by_method, paths["plot"], f"{first['model']} · {first['bits']}")
     if console is None:
         from rich.console import Console
 
@@ -486,7 +486,7 @@ def _rounded(record: dict[str, Any]) -> dict[str, Any]:
 def _write_json(path: Path, data: Any) -> None:
     import json
 
-    _atomic_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _write_csv(path: Path, columns: Sequence[str], records: Sequence[Mapping[str, Any]]) -> None:
@@ -494,28 +494,7 @@ def _write_csv(path: Path, columns: Sequence[str], records: Sequence[Mapping[str
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(records)
-    _atomic_text(path, buffer.getvalue())
-
-
-def _write_plot(path: Path, rows_by_method: Mapping[str, Sequence[Mapping[str, Any] | DomainRow]], title: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
-        plot_accuracy(rows_by_method, tmp, title)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (never half-written)."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------- plot
@@ -527,11 +506,13 @@ def plot_accuracy(
     """Plot per-domain top-1 accuracy across the stream, one line per method, with each method's mean dashed.
 
     Uses matplotlib's Agg canvas directly, so the user's pyplot backend is left alone. Domains are placed by their
-    stream ``index``, so methods evaluated on the same stream line up; rounds are separated by dotted lines.
+    stream ``index``, so methods evaluated on the same stream line up; rounds are separated by dotted lines. The file
+    is replaced atomically (:func:`zoa_lightning.files.atomic_write`).
 
     Args:
         rows_by_method: domain rows per method label.
-        path: the PNG to write (its folder must exist).
+        path: the PNG to write (its folder must exist; another suffix that matplotlib knows, e.g. ``.pdf``, gives
+            that format).
         title: figure title.
 
     Returns:
@@ -596,5 +577,6 @@ def plot_accuracy(
     if title:
         fig.suptitle(title)
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format=path.suffix.lstrip(".") or None)
+    return atomic_write(path, buffer.getvalue())

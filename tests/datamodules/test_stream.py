@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import datamodules.stream as stream_module
+import datamodules.cache as cache_module
 from datamodules import CORRUPTIONS, CorruptionStreamDataModule
 from datamodules._common import GRADUAL_SCHEDULE
 
@@ -103,7 +103,7 @@ def test_cache_is_reused(built: CorruptionStreamDataModule, monkeypatch: pytest.
     def _fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("corrupt_images must not run when the cache is complete")
 
-    monkeypatch.setattr(stream_module, "corrupt_images", _fail)
+    monkeypatch.setattr(cache_module, "corrupt_images", _fail)
     again = _make(built.cache_path.parent, rounds=2)
     again.prepare_data()
     again.setup("test")
@@ -117,7 +117,7 @@ def test_damaged_cache_is_rebuilt(
 ) -> None:
     shutil.copytree(built.cache_path, tmp_path / "mnist")
     dm = CorruptionStreamDataModule(corruptions=["gaussian_noise"], cache_dir=str(tmp_path))
-    path = dm._cache_file("gaussian_noise")
+    path = dm.cache.path("gaussian_noise", dm.severity, dm.seed)
     reference = np.load(path).copy()
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:1000])
@@ -127,7 +127,7 @@ def test_damaged_cache_is_rebuilt(
         path.write_bytes(bytes(raw))
     else:
         path.with_suffix(".sha256").unlink()
-    with caplog.at_level(logging.WARNING, logger="datamodules.stream"):
+    with caplog.at_level(logging.WARNING, logger="datamodules.cache"):
         dm.setup("test")
     assert any("damaged" in r.message and str(path) in r.message for r in caplog.records)
     assert np.array_equal(np.load(path), reference)
@@ -251,7 +251,7 @@ def test_cache_build_on_a_terminal_prints_above_the_bar(
 ) -> None:
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich treats stderr as a terminal
     messages: list[str] = []
-    monkeypatch.setattr(stream_module, "rank_zero_info", messages.append)
+    monkeypatch.setattr(cache_module, "rank_zero_info", messages.append)
     root = _tiny_folder(tmp_path / "folder")
     CorruptionStreamDataModule(dataset=str(root), corruptions=["contrast"], cache_dir=str(tmp_path / "c")).setup()
     err = capsys.readouterr().err
@@ -277,8 +277,8 @@ def test_small_set_is_corrupted_without_a_process_pool(tmp_path: Path, monkeypat
     def no_pool(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a process pool takes tens of seconds to start; a few images do not need one")
 
-    monkeypatch.setattr(stream_module, "ProcessPoolExecutor", no_pool)
-    monkeypatch.setattr(stream_module.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cache_module, "ProcessPoolExecutor", no_pool)
+    monkeypatch.setattr(cache_module.os, "cpu_count", lambda: 4)
     root = _tiny_folder(tmp_path / "folder")
     dm = CorruptionStreamDataModule(dataset=str(root), corruptions=CHEAP, cache_dir=str(tmp_path / "c"))
     dm.setup("test")

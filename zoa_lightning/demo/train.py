@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -41,7 +40,7 @@ import safetensors
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -55,6 +54,7 @@ from zoa_lightning.demo.models import (
     build_demo_vit,
     load_demo_model,
 )
+from zoa_lightning.files import atomic_write
 
 __all__ = [
     "DEFAULT_OUT",
@@ -354,10 +354,9 @@ def train_model(
         k: (v.to(_DTYPES[dtype]) if v.is_floating_point() else v).detach().contiguous()
         for k, v in model.state_dict().items()
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(state, str(tmp), metadata={"model": name, "seed": str(seed), "dtype": dtype})
-    tmp.chmod(0o644)  # safetensors creates the file owner-only; the shipped weights are meant to be read by all
-    tmp.replace(path)  # atomic: a concurrent reader never sees a half-written file
+    # Atomic: a concurrent reader never sees a half-written file. 0o644 whatever the umask: the shipped weights are
+    # meant to be read by all.
+    atomic_write(path, save(state, metadata={"model": name, "seed": str(seed), "dtype": dtype}), mode=0o644)
 
     saved = load_demo_model(name, path, num_classes=data.num_classes)
     record: dict[str, object] = {
