@@ -73,6 +73,19 @@ class ZOAConfig:
         normalize_floor: the smallest spread the normalised step divides by.
         normalize_momentum: the momentum of the normalised step's running spread: 0.9 follows each domain's scale
             within about ten batches, 0.99 (about a hundred) keeps the ratio between hard and easy domains' steps.
+        snr_step: the signal-scaled step (``per_sample`` only; ``docs/estimators.md``): scale the estimate's part of
+            the epsilons' step by ``κ = clip(φ̄ / snr_reference, 0, 1)``, ``φ̄`` a running mean (momentum
+            ``snr_momentum``, from 0) of the fraction of the estimate's squared norm that is signal, measured from the
+            images' own estimates (``1 − Σ_i‖x_i‖² / ‖Σ_i x_i‖²``): a mostly-noise estimate makes small steps and
+            weight decay pulls the epsilons back. Off in the reference.
+        snr_reference: the signal fraction at and above which the signal-scaled step takes its full step.
+        snr_momentum: the momentum of the signal-scaled step's running signal fraction.
+        guard: the source guard (``docs/estimators.md``): on the first batch of every detected domain (and every
+            ``guard_every`` batches) the perturbed pass runs with the source (pretrained) parameters instead, and if
+            the adapted parameters' loss on the batch exceeds ``guard_ratio`` times theirs, the learned part is reset
+            to the source (the bank's entries stay). Still two passes; that batch takes no step. Off in the reference.
+        guard_every: also check every this many batches after the last check (``None``: only on detected shifts).
+        guard_ratio: reset when the adapted parameters' loss exceeds ``guard_ratio`` times the source parameters'.
         tap_attribution: with the per-sample estimator, split each image's loss difference by loss tap and credit
             every epsilon only with the taps computed after its layer (unbiased, lower variance: docs/estimators.md).
             Ignored by the other estimators.
@@ -123,6 +136,12 @@ class ZOAConfig:
     normalize_step: bool = False
     normalize_floor: float = 1e-3
     normalize_momentum: float = 0.9
+    snr_step: bool = False
+    snr_reference: float = 0.01
+    snr_momentum: float = 0.95
+    guard: bool = False
+    guard_every: int | None = None
+    guard_ratio: float = 3.0
     tap_attribution: bool = False
     pool_images: int = 64
     bn_prior: float = 16.0
@@ -170,6 +189,17 @@ class ZOAConfig:
             ),
             (self.normalize_floor > 0, f"normalize_floor must be > 0, got {self.normalize_floor}"),
             (0 <= self.normalize_momentum < 1, f"normalize_momentum must be in [0, 1), got {self.normalize_momentum}"),
+            (
+                not self.snr_step or self.estimator == "per_sample",
+                f"snr_step needs estimator='per_sample' (it reads the per-image estimates), got {self.estimator!r}",
+            ),
+            (self.snr_reference > 0, f"snr_reference must be > 0, got {self.snr_reference}"),
+            (0 <= self.snr_momentum < 1, f"snr_momentum must be in [0, 1), got {self.snr_momentum}"),
+            (
+                self.guard_every is None or self.guard_every >= 1,
+                f"guard_every must be >= 1 or None, got {self.guard_every}",
+            ),
+            (self.guard_ratio >= 1, f"guard_ratio must be >= 1, got {self.guard_ratio}"),
             (self.pool_images >= 2, f"pool_images must be >= 2, got {self.pool_images}"),
             (self.bn_prior >= 0, f"bn_prior must be >= 0, got {self.bn_prior}"),
         ]

@@ -44,9 +44,11 @@ __all__ = [
     "estimate_from_differences",
     "exact_gradients",
     "first_tap_of_values",
+    "per_sample_differences",
     "per_sample_gradients",
     "perturbation_second_moment",
     "sample_differences",
+    "sample_power",
     "sampler",
     "statistics_weights",
     "tap_differences",
@@ -184,6 +186,77 @@ def estimate_from_differences(
     return (credit * directions).sum(0) / (c * second_moment)
 
 
+def per_sample_differences(
+    pass_at: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
+    features: Tensor,
+    logits: Tensor,
+    stats: Tensor,
+    source_mean: Tensor,
+    source_std: Tensor,
+    tap_dims: Sequence[int],
+    lambda_bp: float,
+    alpha: Tensor,
+    theta: Tensor,
+    *,
+    c: float,
+    c_alpha: float,
+    kind: Perturbation,
+    generator: torch.Generator,
+    reduce_fn: ReduceFn,
+    rank: int = 0,
+    world_size: int = 1,
+    per_tap: bool = False,
+    images: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The perturbed pass of the per-sample estimator and every image's loss difference (all processes).
+
+    The arguments are those of :func:`per_sample_gradients` (``per_tap``: split the differences by loss tap).
+
+    Returns:
+        ``(u_alpha (n, K), u_theta (n, P), differences, loss_plus)``: the global batch's directions and its
+        differences ``δ_i`` (``(n,)``, or ``(n, T)`` per tap), identical on every process.
+    """
+    dim = features.shape[1]
+    n = float(stats[-1])
+    batch = int(n) if images is None else int(images)
+    sizes = reduce_fn(torch.zeros(world_size, dtype=torch.float64, device=stats.device).index_fill_(
+        0, torch.tensor([rank], device=stats.device), float(features.shape[0])
+    ))  # fmt: skip
+    start, rows = int(sizes[:rank].sum()), features.shape[0]
+    u_alpha = draw_perturbations(batch, alpha.numel(), kind, generator).to(alpha.device, alpha.dtype)
+    u_theta = draw_perturbations(batch, theta.numel(), kind, generator).to(theta.device, theta.dtype)
+    local_alpha, local_theta = u_alpha[start : start + rows], u_theta[start : start + rows]
+    features_plus, logits_plus, loss_plus = pass_at(alpha + c_alpha * local_alpha, theta + c * local_theta)
+    mean, var = finish(stats[-1], stats[:dim], stats[dim : 2 * dim])
+    weights = statistics_weights(features, mean, var.sqrt(), source_mean, source_std, tap_dims, lambda_bp, n)
+    if not per_tap:
+        local = sample_differences(weights, features, features_plus, logits, logits_plus, n)
+    else:
+        local = tap_differences(weights, features, features_plus, logits, logits_plus, n, tap_dims)
+    rows_of_batch = torch.zeros((batch, *local.shape[1:]), dtype=torch.float64, device=local.device)
+    differences = reduce_fn(rows_of_batch.index_copy_(0, torch.arange(start, start + rows, device=local.device), local))
+    return u_alpha, u_theta, differences, loss_plus
+
+
+def sample_power(
+    differences: Tensor, directions: Tensor, c: float, second_moment: float, first_tap: Tensor | None = None
+) -> Tensor:
+    """``N = Σ_i ‖x_i‖²``, float64: the summed squared norms of the images' own estimates ``x_i = δ_i·u_i/(c·E[u²])``.
+
+    :func:`estimate_from_differences` returns ``ĝ = Σ_i x_i``; the ``x_i`` are independent given the state, so
+    ``‖ĝ‖² − N = Σ_{i≠j} ⟨x_i, x_j⟩`` has the expectation ``Σ_{i≠j} ⟨g_i, g_j⟩``: the part of ``‖ĝ‖²`` that is signal
+    (``docs/estimators.md``, the signal-scaled step). Per-tap ``differences`` ``(n, T)`` need ``first_tap`` as there.
+    """
+    scale = (c * second_moment) ** 2
+    if differences.ndim == 1:
+        return (differences.pow(2) * directions.double().pow(2).sum(1)).sum() / scale
+    if first_tap is None:
+        raise ValueError("per-tap differences need first_tap, the first loss tap each value can reach")
+    from_tap = differences.flip(1).cumsum(1).flip(1)
+    credit = from_tap[:, first_tap.to(directions.device)]
+    return (credit.pow(2) * directions.double().pow(2)).sum() / scale
+
+
 def per_sample_gradients(
     pass_at: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
     features: Tensor,
@@ -236,25 +309,11 @@ def per_sample_gradients(
     Returns:
         ``(grad_alpha, grad_theta, loss_plus)``.
     """
-    dim = features.shape[1]
-    n = float(stats[-1])
-    batch = int(n) if images is None else int(images)
-    sizes = reduce_fn(torch.zeros(world_size, dtype=torch.float64, device=stats.device).index_fill_(
-        0, torch.tensor([rank], device=stats.device), float(features.shape[0])
-    ))  # fmt: skip
-    start, rows = int(sizes[:rank].sum()), features.shape[0]
-    u_alpha = draw_perturbations(batch, alpha.numel(), kind, generator).to(alpha.device, alpha.dtype)
-    u_theta = draw_perturbations(batch, theta.numel(), kind, generator).to(theta.device, theta.dtype)
-    local_alpha, local_theta = u_alpha[start : start + rows], u_theta[start : start + rows]
-    features_plus, logits_plus, loss_plus = pass_at(alpha + c_alpha * local_alpha, theta + c * local_theta)
-    mean, var = finish(stats[-1], stats[:dim], stats[dim : 2 * dim])
-    weights = statistics_weights(features, mean, var.sqrt(), source_mean, source_std, tap_dims, lambda_bp, n)
-    if first_tap is None:
-        local = sample_differences(weights, features, features_plus, logits, logits_plus, n)
-    else:
-        local = tap_differences(weights, features, features_plus, logits, logits_plus, n, tap_dims)
-    rows_of_batch = torch.zeros((batch, *local.shape[1:]), dtype=torch.float64, device=local.device)
-    differences = reduce_fn(rows_of_batch.index_copy_(0, torch.arange(start, start + rows, device=local.device), local))
+    u_alpha, u_theta, differences, loss_plus = per_sample_differences(
+        pass_at, features, logits, stats, source_mean, source_std, tap_dims, lambda_bp, alpha, theta, c=c,
+        c_alpha=c_alpha, kind=kind, generator=generator, reduce_fn=reduce_fn, rank=rank, world_size=world_size,
+        per_tap=first_tap is not None, images=images,
+    )  # fmt: skip
     second = perturbation_second_moment(kind)
     total = differences if differences.ndim == 1 else differences.sum(1)  # the logits mix every layer: all taps
     grad_alpha = estimate_from_differences(total, u_alpha, c_alpha, second)
@@ -321,6 +380,7 @@ class GradientEstimator:
         self.config, self.tap_dims, self.source, self.generator = config, list(tap_dims), source, generator
         self.reduce_fn, self.rank, self.world_size = reduce_fn, rank, world_size
         self.first_tap: Tensor | None = None  # set by the engine when config.tap_attribution is on
+        self.sample_power: Tensor | None = None  # the last per-sample estimate's N (config.snr_step), else None
 
     def set_layer_taps(self, first_taps: Sequence[int], widths: Sequence[int]) -> None:
         """Set tap attribution's map from ``first_taps[l]``, the first loss tap after adapted layer ``l``.
@@ -347,6 +407,7 @@ class GradientEstimator:
             check: called with ``(loss_plus, loss0)`` for every perturbed (or autograd) pass; raises to reject.
         """
         cfg = self.config
+        self.sample_power = None
         if cfg.estimator == "spsa":
             return spsa_gradients(
                 lambda a, t: run(a, t).loss, alpha, theta, None if clean is None else clean.loss,
@@ -358,6 +419,10 @@ class GradientEstimator:
             check(loss, loss)
             return grad_alpha, grad_theta
         sums = torch.zeros_like(alpha), torch.zeros_like(theta)
+        power = torch.zeros((), dtype=torch.float64, device=theta.device)
+        first_tap = self.first_tap if cfg.tap_attribution else None
+        kind: Perturbation = cfg.perturbation or "rademacher"
+        second = perturbation_second_moment(kind)
         for _ in range(cfg.sp_avg):
             base = clean if clean is not None else run(alpha, theta)  # a later repetition: a fresh clean pass
             clean = None
@@ -368,14 +433,17 @@ class GradientEstimator:
                 return out.features, out.logits, out.loss
 
             assert base.features is not None
-            grad_alpha, grad_theta, loss_plus = per_sample_gradients(
+            u_alpha, u_theta, differences, loss_plus = per_sample_differences(
                 perturbed, base.features, base.logits, base.stats, self.source.mean, self.source.std, self.tap_dims,
-                cfg.lambda_bp, alpha, theta, c=cfg.spsa_c, c_alpha=cfg.spsa_c_alpha,
-                kind=cfg.perturbation or "rademacher", generator=self.generator, reduce_fn=self.reduce_fn,
-                rank=self.rank, world_size=self.world_size,
-                first_tap=self.first_tap if cfg.tap_attribution else None, images=base.images,
+                cfg.lambda_bp, alpha, theta, c=cfg.spsa_c, c_alpha=cfg.spsa_c_alpha, kind=kind,
+                generator=self.generator, reduce_fn=self.reduce_fn, rank=self.rank, world_size=self.world_size,
+                per_tap=first_tap is not None, images=base.images,
             )  # fmt: skip
             check(loss_plus, base.loss)
-            sums[0].add_(grad_alpha)
-            sums[1].add_(grad_theta)
+            total = differences if differences.ndim == 1 else differences.sum(1)  # the logits mix every layer
+            sums[0].add_(estimate_from_differences(total, u_alpha, cfg.spsa_c_alpha, second))
+            sums[1].add_(estimate_from_differences(differences, u_theta, cfg.spsa_c, second, first_tap))
+            if cfg.snr_step:
+                power += sample_power(differences, u_theta, cfg.spsa_c, second, first_tap)
+        self.sample_power = power / cfg.sp_avg**2 if cfg.snr_step else None
         return sums[0] / cfg.sp_avg, sums[1] / cfg.sp_avg

@@ -25,6 +25,7 @@ from zoa_lightning.core.batch_norm import BatchStatistics
 from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.detector import DomainShiftDetector
 from zoa_lightning.core.estimators import GradientEstimator, check_estimator
+from zoa_lightning.core.guard import SourceGuard
 from zoa_lightning.core.layout import ModelLayout, check_image_batch, default_input_size, resolve_layout
 from zoa_lightning.core.loss import ZOALoss, loss_statistics
 from zoa_lightning.core.methods.base import Adapter
@@ -119,6 +120,7 @@ class ZOA(Adapter):
         self.shift = ActivationShift(self.final_dim, cfg.shift_momentum, device, dtype)
         self.small = SmallBatches(2 * self.loss.dim + 2, cfg.pool_images, device)  # batches below pool_images
         self.update = ZOAUpdate(cfg, self.bank.size, device)
+        self.guard = SourceGuard(cfg, device)
         self.estimator = GradientEstimator(
             cfg, self.loss.tap_dims, self.source, self.generator, self.reduce, rank, world_size
         )
@@ -278,6 +280,9 @@ class ZOA(Adapter):
         self.last_losses = (float(loss0),) if steps else ()
         self.counters.add("unadapted_batches", int(not steps and cfg.steps > 0))
         k = self.bank.num_entries  # 4. after a possible store in pass A
+        if steps and self.guard.due(detected, self.bank):  # (guard: pass B checks the source values instead)
+            self._check_source(images, shift, prediction, loss0)
+            steps = 0
         for step in range(steps):  # 5-6. perturbed pass(es), estimate, update
             self._step(images, shift, k, prediction, a if step == 0 else None)
         self.shift.update(final_mean, self.small.momentum(cfg.shift_momentum))  # 7. the activation shift's EMA
@@ -298,9 +303,19 @@ class ZOA(Adapter):
                 raise Rollback("perturbed loss is not finite", prediction)
 
         grad_alpha, grad_theta = self.estimator.estimate(run, bank.alpha[:k].clone(), bank.theta.clone(), clean, check)
-        failure = self.update.step(bank, k, grad_alpha, grad_theta, self.small.share)
+        power = self.estimator.sample_power
+        failure = self.update.step(bank, k, grad_alpha, grad_theta, self.small.share, power)
         if failure is not None:
             raise Rollback(failure, prediction)
+
+    def _check_source(self, images: Tensor, shift: Tensor | None, prediction: Tensor, loss0: Tensor) -> None:
+        """The source guard's check (:mod:`zoa_lightning.core.guard`): pass B with the source values, then decide."""
+        with self.bank.pretrained():
+            loss_source = self._pass(images, 1, shift).loss
+        self.last_losses += (float(loss_source),)
+        if not bool(torch.isfinite(loss_source)):
+            raise Rollback("source-check loss is not finite", prediction)
+        self.guard.decide(self.bank, loss0, loss_source)
 
     def get_extra_state(self) -> dict[str, Any]:
         """The perturbation generator's state (plain types, safe for ``weights_only`` loading)."""
@@ -318,7 +333,7 @@ class ZOA(Adapter):
     @config.setter
     def config(self, value: ZOAConfig) -> None:
         self._config = value
-        for part in ("update", "estimator"):
+        for part in ("update", "estimator", "guard"):
             if part in self.__dict__ or part in self._modules:
                 getattr(self, part).config = value
 
