@@ -279,6 +279,8 @@ def test_the_template_counts_passes_rollbacks_source_batches_and_reports_through
         "method": "counting",
         "model": "VisionTransformer",
         "bits": "float",
+        "dataset": "mnist",
+        "weights": "given network module",
         "flag": 7,
         "source_calls": 1,
     }

@@ -22,11 +22,12 @@ count the samples of all processes. See ``docs/distributed.md``.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
@@ -40,6 +41,8 @@ from zoa_lightning.core.protocols import (
     StreamDataModule,
     missing_members,
 )
+from zoa_lightning.data import is_mnist
+from zoa_lightning.demo.models import DEMO_MODEL_NAMES
 from zoa_lightning.loop import check_sharded_loaders, is_last_batch_of_domain
 from zoa_lightning.networks import build_network
 from zoa_lightning.reporting import DomainRow, mean_of
@@ -93,6 +96,8 @@ class StreamModule(pl.LightningModule):
             network if isinstance(network, nn.Module) else build_network(network, weights, num_classes)
         )
         self.num_classes = num_classes
+        self.weights_label = _weights_label(network, weights)
+        self.dataset_label: str | None = None  # set in setup from the data module
         self.precision_tag = "float"
         self.domains: tuple[str, ...] = ()
         self.start_domain = 0
@@ -125,8 +130,14 @@ class StreamModule(pl.LightningModule):
         return [row.as_dict() for row in self._results]
 
     def run_info(self) -> dict[str, Any]:
-        """Method, model and precision of this run, then :attr:`reported_hparams` and the adapter's ``run_info()``."""
-        info = {"method": self.run_name, "model": self.network_name, "bits": self.precision_tag}
+        """Method, model, precision, data set and weights, then :attr:`reported_hparams` and the adapter's run info.
+
+        ``dataset`` is ``"mnist"`` (the embedded digits), the image folder's path or ``"ImageNet-C <root>"`` (``None``
+        before ``setup``); ``weights`` the weights file, ``"shipped demo weights"``, ``"random initialisation"`` or,
+        for a network given as a module, ``"given network module"``.
+        """
+        info = {"method": self.run_name, "model": self.network_name, "bits": self.precision_tag,
+                "dataset": self.dataset_label, "weights": self.weights_label}  # fmt: skip
         info.update((key, self.hparams[key]) for key in self.reported_hparams)
         if self.adapter is not None:
             info.update(self.adapter.run_info())
@@ -242,6 +253,8 @@ class StreamModule(pl.LightningModule):
             )
         self.domains = tuple(datamodule.domains)
         self.start_domain = datamodule.start_domain if isinstance(datamodule, ResumableDataModule) else 0
+        self.dataset_label = _dataset_label(datamodule)
+        self._warn_demo_weights_on_other_data(datamodule)
         metrics: dict[str, Any] = {"top_k": 1, "average": "micro", "sync_on_compute": True}
         self.acc1 = nn.ModuleList(MulticlassAccuracy(self.num_classes, **metrics) for _ in self.domains)
         self.acc5 = nn.ModuleList(
@@ -328,6 +341,19 @@ class StreamModule(pl.LightningModule):
             return
         rank_zero_info(f"resuming the stream at domain {self.start_domain} of {len(self.domains)}")
 
+    def _warn_demo_weights_on_other_data(self, datamodule: Any) -> None:
+        """Warn when the shipped demo weights (trained on the embedded MNIST digits) meet another data set."""
+        dataset = getattr(datamodule, "dataset", None)
+        if self.weights_label != SHIPPED_DEMO_WEIGHTS or (isinstance(dataset, str) and is_mnist(dataset)):
+            return
+        folder = dataset if isinstance(dataset, str) else "<your image folder>"
+        rank_zero_warn(
+            f"{self.network_name} runs with the shipped demo weights, trained on the embedded MNIST digits, on "
+            f"{self.dataset_label}: train weights for this data with `python -m zoa_lightning.demo.train --model "
+            f"{self.network_name} --dataset {folder} --out runs/my-weights` and pass "
+            f"--model.init_args.weights runs/my-weights/{self.network_name}.safetensors"
+        )
+
     def stream_fingerprint(self) -> dict[str, Any]:
         """What a stream checkpoint must match to be resumed (:func:`zoa_lightning.resume.stream_fingerprint`).
 
@@ -396,6 +422,30 @@ class StreamModule(pl.LightningModule):
             f"{row.domain}: top-1 {row.acc1:.2f}%  top-5 {row.acc5:.2f}%  "
             f"(running mean top-1 {mean_of(self._results, 'acc1'):.2f}% over {len(self._results)} domains){skipped}"
         )
+
+
+SHIPPED_DEMO_WEIGHTS = "shipped demo weights"
+"""``run_info()["weights"]`` of a demo network without a weights file (the weights shipped in the package)."""
+
+
+def _weights_label(network: str | nn.Module, weights: str | None) -> str:
+    """What ``run_info()["weights"]`` says a run's network weights are."""
+    if not isinstance(network, str):
+        return "given network module"
+    if weights is not None:
+        return str(weights)
+    return SHIPPED_DEMO_WEIGHTS if network in DEMO_MODEL_NAMES else "random initialisation"
+
+
+def _dataset_label(datamodule: Any) -> str:
+    """What ``run_info()["dataset"]`` says a run's data set is: ``mnist``, a folder path or ``ImageNet-C <root>``."""
+    dataset = getattr(datamodule, "dataset", None)
+    if isinstance(dataset, str):
+        return dataset if is_mnist(dataset) else str(Path(dataset).expanduser().resolve())
+    root = getattr(datamodule, "root", None)
+    if root is not None:
+        return f"ImageNet-C {Path(root).expanduser().resolve()}"
+    return type(datamodule).__name__
 
 
 class _ImagesOnDevice:
