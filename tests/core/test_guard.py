@@ -20,7 +20,7 @@ def test_decide_resets_to_the_source_only_beyond_the_ratio() -> None:
     bank.theta.copy_(torch.tensor([0.3, -0.2, 0.1, 0.4]))
     bank.store()  # a stored snapshot: the source values need the epsilons to cancel the mixture
     bank.theta.add_(0.05)
-    guard = SourceGuard(ZOAConfig(guard=True, guard_ratio=3.0))
+    guard = SourceGuard(ZOAConfig(guard=True, guard_ratio=3.0), bank.size)
     before = bank.theta.clone()
     assert not guard.decide(bank, torch.tensor(2.9), torch.tensor(1.0))
     assert torch.equal(bank.theta, before)
@@ -29,6 +29,29 @@ def test_decide_resets_to_the_source_only_beyond_the_ratio() -> None:
     assert torch.equal(bank.current_delta(), torch.zeros(4))  # exactly the source parameters
     assert int(guard.resets) == 1
     assert bank.num_entries == 2  # the bank's entries stay
+
+
+def test_a_rejected_part_is_set_aside_and_comes_back_at_the_next_shift() -> None:
+    bank = KnowledgeBank([2], torch.ones(4), max_entries=4)
+    bank.theta.copy_(torch.tensor([0.3, -0.2, 0.1, 0.4]))
+    bank.store()
+    bank.theta.add_(0.05)
+    learned = bank.current_delta().clone()
+    guard = SourceGuard(ZOAConfig(guard=True, guard_ratio=3.0), bank.size)
+    assert guard.decide(bank, torch.tensor(4.0), torch.tensor(1.0))
+    bank.theta.add_(torch.tensor([0.01, 0.02, -0.01, 0.0]))  # the rejected domain learns from the source values
+    assert guard.decide(bank, torch.tensor(4.0), torch.tensor(1.0))  # rejected again: the first part stays aside
+    assert int(guard.resets) == 2
+    bank.theta.add_(0.02)
+    domain = bank.current_delta().clone()
+    bank.store()  # the next detected shift stores what the rejected domain learned...
+    torch.testing.assert_close(bank.deltas[bank.num_entries - 1], domain)
+    guard.restore(bank)  # ...and the part set aside comes back
+    torch.testing.assert_close(bank.current_delta(), learned)
+    assert not bool(guard.parked_active)
+    before = bank.theta.clone()
+    guard.restore(bank)  # nothing set aside: nothing changes
+    assert torch.equal(bank.theta, before)
 
 
 def test_guard_ratio_and_every_are_checked() -> None:
@@ -120,12 +143,12 @@ def test_guard_state_round_trips_through_the_state_dict(digits: torch.Tensor) ->
     for x in stream[:4]:
         adapter(x)
     saved = copy.deepcopy(adapter.state_dict())
-    assert {"guard.since", "guard.checks", "guard.resets"} <= set(saved)
+    assert {"guard.since", "guard.checks", "guard.resets", "guard.parked", "guard.parked_active"} <= set(saved)
     want = [adapter(x) for x in stream[4:]]
     restored = _engine(digits, guard_every=2, guard_ratio=1.2)
     restored.load_state_dict(saved)
     for x, logits in zip(stream[4:], want, strict=True):
         assert torch.equal(restored(x), logits)
-    for name in ("since", "checks", "resets"):
+    for name in ("since", "checks", "resets", "parked", "parked_active"):
         assert torch.equal(getattr(restored.guard, name), getattr(adapter.guard, name))
     assert torch.equal(restored.bank.theta, adapter.bank.theta)

@@ -1,12 +1,14 @@
-"""The source guard: the learned part of the norm parameters must beat the source parameters at ZOA's own loss.
+"""The source guard: per domain, the learned part of the norm parameters must not lose to the source parameters.
 
 With ``config.guard`` on, on the first batch of every detected domain (and every ``guard_every`` batches in a domain)
 the engine spends that batch's perturbed pass on a check instead of a gradient estimate: pass B runs with the
-source (pretrained) values, so the two passes give the loss of the same images with the adapted values (``L_A``) and
-with the source ones (``L_S``). If ``L_A > guard_ratio·L_S`` the learned part is rejected: the epsilons are
-set so that the effective parameters are the source ones again (the knowledge bank's entries are kept). No extra
-forward pass, no gradient step on that batch, and both losses come from statistics summed through ``reduce_fn``, so
-every process takes the same decision (``docs/estimators.md``).
+source (pretrained) values, so the two passes give ZOA's loss of the same images with the adapted values (``L_A``)
+and with the source ones (``L_S``). If ``L_A > guard_ratio·L_S`` the learned part is rejected for this domain: it is
+set aside and the epsilons are set so that the effective parameters are the source ones (the knowledge bank's
+entries are kept); adaptation goes on from the source values, and at the next detected shift the set-aside part
+comes back (what the rejected domain learned is in the bank's new entry). No extra forward pass, no gradient step on
+the check's batch, and both losses come from statistics summed through ``reduce_fn``, so every process takes the
+same decision (``docs/estimators.md``).
 """
 
 from __future__ import annotations
@@ -31,10 +33,15 @@ class SourceGuard(nn.Module):
     since: Tensor
     checks: Tensor
     resets: Tensor
+    parked: Tensor
+    parked_active: Tensor
 
-    def __init__(self, config: ZOAConfig, device: torch.device | None = None) -> None:
+    def __init__(self, config: ZOAConfig, size: int, device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
+        # the rejected learned part (effective minus source parameters), set aside until the next detected shift
+        self.register_buffer("parked", torch.zeros(size, device=device))
+        self.register_buffer("parked_active", torch.zeros((), dtype=torch.bool, device=device))
         self.register_buffer("since", torch.zeros((), dtype=torch.long, device=device))  # batches since a check
         self.register_buffer("checks", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("resets", torch.zeros((), dtype=torch.long, device=device))
@@ -61,14 +68,28 @@ class SourceGuard(nn.Module):
         return -(bank.mixing_weights(alpha) @ bank.deltas[:entries])
 
     def decide(self, bank: KnowledgeBank, loss_adapted: Tensor, loss_source: Tensor) -> bool:
-        """Reject the learned part (epsilons reset to the source parameters) if its loss exceeds ``guard_ratio·L_S``.
+        """Reject the learned part for this domain if its loss exceeds ``guard_ratio·L_S``.
+
+        A rejected part is set aside (:meth:`restore` brings it back) and the epsilons are set so that the effective
+        parameters are the source ones.
 
         Returns:
             Whether the learned part was rejected.
         """
         if not bool(loss_adapted > self.config.guard_ratio * loss_source):
             return False
+        if not bool(self.parked_active):  # still rejecting the part set aside earlier: keep that one
+            self.parked.copy_(bank.current_delta())
+            self.parked_active.fill_(True)
         k = bank.num_entries
         bank.theta.copy_(self.source_theta(bank, k, bank.alpha[:k]))
         self.resets.add_(1)
         return True
+
+    def restore(self, bank: KnowledgeBank) -> None:
+        """At a detected shift (after the bank stored the ending domain): bring back the part set aside, if any."""
+        if not bool(self.parked_active):
+            return
+        k = bank.num_entries
+        bank.theta.copy_(self.parked - bank.mixing_weights() @ bank.deltas[:k])
+        self.parked_active.fill_(False)

@@ -120,7 +120,7 @@ class ZOA(Adapter):
         self.shift = ActivationShift(self.final_dim, cfg.shift_momentum, device, dtype)
         self.small = SmallBatches(2 * self.loss.dim + 2, cfg.pool_images, device)  # batches below pool_images
         self.update = ZOAUpdate(cfg, self.bank.size, device)
-        self.guard = SourceGuard(cfg, device)
+        self.guard = SourceGuard(cfg, self.bank.size, device)
         self.estimator = GradientEstimator(
             cfg, self.loss.tap_dims, self.source, self.generator, self.reduce, rank, world_size
         )
@@ -174,6 +174,8 @@ class ZOA(Adapter):
         )  # fmt: skip
         if record.detected:  # spec §5.3 and §5.7: only the prediction pass stores
             self.events.append(on_shift(self.bank, self.counters, record.pass_index > 0, cfg.use_bank))
+            if record.pass_index == 0:  # before the adapted layers run: pass A predicts with what comes back
+                self.guard.restore(self.bank)
 
     def shift_vector(self) -> Tensor | None:
         """``δ = μ_src(final) - h`` (spec §4), or ``None`` before the first batch / after a reset."""
