@@ -197,8 +197,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "mean": float(np.mean(accs)),
         "travel_max": max((max(t) for t in travel), default=0.0),  # the largest layer's, at any domain's end
         "travel_mean": float(np.mean([np.mean(t) for t in travel])) if travel else 0.0,  # over layers and domains
-        "resets": 0 if result["guard"] is None else result["guard"]["resets"],
-        "checks": 0 if result["guard"] is None else result["guard"]["checks"],
+        "resets": 0 if result.get("guard") is None else result["guard"]["resets"],
+        "checks": 0 if result.get("guard") is None else result["guard"]["checks"],
         "seconds": result["seconds"],
     }
 
