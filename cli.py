@@ -4,22 +4,28 @@
 compares methods on one stream; configs compose (``-c configs/demo.yaml -c
 configs/methods/no_adapt.yaml``) and flags override them (``--model.init_args.lr 0.001``). ``zoa test --help``
 documents every argument; ``--print_config`` prints the resolved YAML. From Python, ``make_cli(args=[...], run=False)``
-returns the CLI object with ``model``, ``datamodule`` and ``trainer`` built but not run.
+returns the CLI object with ``model``, ``datamodule`` and ``trainer`` built but not run, and
+``resolved_config([...])`` the config that ``zoa test`` arguments resolve to (the configs include parts of
+``configs/parts/`` and each other, see the README's "Configs").
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
 import sys
 import traceback
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only; never wait on a model hub
 
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -27,7 +33,7 @@ from typing_extensions import override
 
 from zoa_lightning.methods import StreamModule
 
-__all__ = ["ZOACLI", "main", "make_cli"]
+__all__ = ["ZOACLI", "main", "make_cli", "resolved_config"]
 
 _TEST_DEFAULTS = Path(__file__).resolve().parent / "zoa_lightning" / "test_defaults.yaml"
 
@@ -223,6 +229,37 @@ def make_cli(args: list[str] | None = None, run: bool = True, *, exit_on_error: 
         args=args,
         run=run,
     )
+
+
+def resolved_config(args: Sequence[str]) -> dict[str, Any]:
+    """The config that ``zoa test`` arguments resolve to: what ``zoa test ARGS --print_config`` prints, as YAML data.
+
+    A config in ``configs/`` names its parts and may include another config (``config: vit_b16_w8a8.yaml``,
+    ``model: parts/model/...``), so its own YAML does not hold every value; code that needs one (``zoa compare``,
+    the tests) reads it from here, composed exactly as ``zoa test`` composes it. Nothing is instantiated or run.
+
+    Args:
+        args: ``zoa test`` arguments, e.g. ``["-c", "configs/demo.yaml", "--model.init_args.lr", "0.001"]``.
+
+    Returns:
+        Every section (``seed_everything``, ``trainer``, ``model``, ``data``, ``ckpt_path``, ...), defaults filled in.
+
+    Raises:
+        jsonargparse.ArgumentError: for arguments ``zoa test`` refuses (a missing file, an unknown key, a bad value).
+    """
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+            # Called inside another command (zoa compare ...): Lightning warns that sys.argv is not what it parses.
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+            make_cli(["test", *args, "--print_config"], exit_on_error=False)
+    except SystemExit as done:  # --print_config prints, then exits with status 0
+        if done.code not in (0, None):
+            raise
+    data = yaml.safe_load(printed.getvalue())
+    if not isinstance(data, dict):
+        raise RuntimeError(f"zoa test {' '.join(args)} --print_config printed no config: {printed.getvalue()[:200]!r}")
+    return data
 
 
 if __name__ == "__main__":

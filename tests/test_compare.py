@@ -13,6 +13,7 @@ import yaml
 
 import zoa_lightning.compare as compare_mod
 from cli import main as cli_main
+from cli import resolved_config
 from zoa_lightning.compare import COMPARE_SETTINGS, compare, main, parse_args, results_file
 from zoa_lightning.method_configs import method_names
 
@@ -22,7 +23,7 @@ METHODS = ROOT / "configs" / "methods"
 
 @pytest.mark.slow
 def test_compare_runs_each_method_and_writes_the_report(tmp_path: Path, cache_dir: Path) -> None:
-    config = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    config = resolved_config(["-c", str(ROOT / "configs/demo.yaml")])  # composed from its parts, every key written
     config["trainer"]["callbacks"] = [
         c for c in config["trainer"]["callbacks"] if "Quantization" not in c["class_path"]
     ]
@@ -156,3 +157,19 @@ def test_a_logger_with_a_folder_moves_into_each_run_folder(tmp_path: Path, monke
         compare([str(plain), str(logged)], ["zoa"], tmp_path / "b", method_dir=METHODS)
     flag = commands[-1].index("--trainer.logger.init_args.save_dir")
     assert commands[-1][flag + 1] == str(tmp_path / "b" / "zoa")
+
+
+def test_a_logger_from_an_included_config_moves_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # demo_w4a4.yaml takes its CSV logger from demo.yaml (`config: demo.yaml`): compare reads the composed config.
+    commands: list[list[str]] = []
+
+    def fake_run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(compare_mod.subprocess, "run", fake_run)
+    monkeypatch.setattr("sys.argv", ["zoa"])
+    for config, moved in (("demo_w4a4.yaml", True), ("vit_b16_w8a8.yaml", False)):
+        with pytest.raises(RuntimeError, match="method 'zoa' failed"):
+            compare([str(ROOT / "configs" / config)], ["zoa"], tmp_path / config, method_dir=METHODS)
+        assert ("--trainer.logger.init_args.save_dir" in commands[-1]) == moved, config

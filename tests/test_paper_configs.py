@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from cli import make_cli
+from cli import make_cli, resolved_config
 from datamodules import corrupt_images
 from tests.test_real_files import PHOTOS, _photo, _save, _variants
 from zoa_lightning.core.quant import vit_quant_modules
@@ -80,7 +80,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
 
 
 def _overrides(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """The config's own callbacks with the calibration shrunk, plus the run-size overrides, as a config file."""
+    """The config's own callbacks with the calibration shrunk, plus the run-size overrides, as a config file.
+
+    ``config`` is the config as ``zoa test`` composes it from its parts (:func:`cli.resolved_config`).
+    """
     callbacks = config["trainer"]["callbacks"]
     for callback in callbacks:
         if callback["class_path"] == "callbacks.QuantizationCallback":
@@ -118,7 +121,7 @@ def test_paper_config_runs_end_to_end(
     weights, state = checkpoints[weights_name]
     config_path = ROOT / "configs" / name
     override = tmp_path / "override.yaml"
-    override.write_text(yaml.safe_dump(_overrides(yaml.safe_load(config_path.read_text()), tmp_path)))
+    override.write_text(yaml.safe_dump(_overrides(resolved_config(["-c", str(config_path)]), tmp_path)))
     args = [
         "-c",
         str(config_path),

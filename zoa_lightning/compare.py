@@ -166,15 +166,13 @@ def compare(
 def _logger_save_dir_flag(configs: Sequence[str]) -> str | None:
     """The flag that moves the configs' logger into a method's run folder, if the configs set one with a folder.
 
-    The last config that sets ``trainer.logger`` decides, as in ``zoa test``; a logger given as a mapping with
-    ``init_args.save_dir`` (e.g. ``lightning.pytorch.loggers.CSVLogger``) is moved, anything else is left alone.
+    The logger is read from the configs composed as ``zoa test`` composes them (:func:`cli.resolved_config`: a config
+    may take its logger from a config it includes); a logger with ``init_args.save_dir`` (e.g.
+    ``lightning.pytorch.loggers.CSVLogger``) is moved, anything else is left alone.
     """
-    logger: Any = None
-    for config in configs:
-        data = yaml.safe_load(Path(config).read_text()) or {}
-        trainer = data.get("trainer") if isinstance(data, dict) else None
-        if isinstance(trainer, dict) and "logger" in trainer:
-            logger = trainer["logger"]
+    from cli import resolved_config  # the zoa test parser; compare runs `python -m cli test` anyway
+
+    logger: Any = resolved_config([a for c in configs for a in ("-c", c)]).get("trainer", {}).get("logger")
     if isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {}):
         return "--trainer.logger.init_args.save_dir"
     return None
