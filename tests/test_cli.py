@@ -99,8 +99,8 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_them() -> None:
     ("args", "code", "message"),
     [
         (["--model.init_args.lr", "abc"], 2, "model.lr: Expected a <class 'float'>. Got value: abc"),
-        (["--model.init_args.spsa_c", "-1"], 1, "spsa_c must be > 0, got -1.0"),
-        (["--data.init_args.dataset", "/nonexistent/folder"], 1, "/nonexistent/folder"),
+        (["--model.init_args.spsa_c", "-1"], 2, "spsa_c must be > 0, got -1.0"),
+        (["--data.init_args.dataset", "/nonexistent/folder"], 2, "/nonexistent/folder"),
     ],
 )
 def test_config_errors_print_the_message_alone(

@@ -377,3 +377,9 @@ def test_a_config_file_sets_every_zoa_config_field(tmp_path: Path, monkeypatch: 
     assert isinstance(cli.model, ZOAModule)
     assert dataclasses.asdict(cli.model.config) == values
     assert all(values[name] != getattr(ZOAConfig(), name) for name in values)
+
+
+def test_per_sample_on_a_batchnorm_network_is_refused_at_construction() -> None:
+    # It used to be refused in setup, after the quantizer had calibrated the network (minutes on a real model).
+    with pytest.raises(TypeError, match=r"estimator='per_sample' needs a network whose images do not interact"):
+        ZOAModule(network=make_resnet(0), estimator="per_sample")

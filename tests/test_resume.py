@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from cli import make_cli
 from datamodules import CorruptionStreamDataModule
 from tests.conftest import STREAM_CORRUPTIONS, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule, ZOAModule
+from zoa_lightning.files import write_verified
 from zoa_lightning.resume import fingerprint_differences
 
 
@@ -103,7 +105,7 @@ def test_resuming_a_finished_stream_says_so_and_leaves_the_results(
     out = tmp_path / "results"
     callbacks = [StreamCheckpoint(dirpath=str(tmp_path)), ResultsCallback(out_dir=out, plot=False)]
     make_trainer(callbacks, batches=1).test(NoAdaptModule(network=make_vit(0)), datamodule=make_stream(cache_dir))
-    written = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    written = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.suffix != ".lock"}
     assert "results.json" in written
 
     messages: list[str] = []
@@ -115,7 +117,7 @@ def test_resuming_a_finished_stream_says_so_and_leaves_the_results(
     )
     assert results == []
     assert any("already finished: 3 of 3 domains ran" in m for m in messages), messages
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == written
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.suffix != ".lock"} == written
     assert [r["domain"] for r in resumed.stream_results()] == [f"r1/{c}" for c in STREAM_CORRUPTIONS]
 
 
@@ -123,7 +125,9 @@ def test_a_checkpoint_without_fingerprint_is_refused(cache_dir: Path, tmp_path: 
     ckpt = _first_domain(cache_dir, tmp_path)
     state = torch.load(ckpt, weights_only=True)
     state["zoa_stream"].pop("fingerprint", None)  # not a stream checkpoint this project wrote
-    torch.save(state, ckpt)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_verified(ckpt, buffer.getvalue())  # whole, with its checksum: refused for what it holds
     resumed = NoAdaptModule(network=make_vit(0))
     with pytest.raises(ValueError, match="holds no stream fingerprint"):
         make_trainer(batches=1).test(resumed, datamodule=make_stream(cache_dir), ckpt_path=str(ckpt))

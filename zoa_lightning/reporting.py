@@ -45,7 +45,6 @@ __all__ = [
     "comparison_table",
     "mean_of",
     "plot_accuracy",
-    "remove_stale_results",
     "results_table",
     "summarize",
     "write_comparison",
@@ -387,6 +386,7 @@ def write_results(
     *,
     plot: bool = True,
     prefix: str = "",
+    fingerprint: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``results.json``, ``results.csv`` and optionally ``accuracy.png`` for one run, replacing them atomically.
 
@@ -396,6 +396,8 @@ def write_results(
         out_dir: output folder, created if missing.
         plot: whether to write the accuracy plot (without it an older run's plot is removed).
         prefix: prepended verbatim to every file name (e.g. ``"zoa_w8a8_"``).
+        fingerprint: what identifies the run's stream, method and precision (``results.json["fingerprint"]``, for
+            a later ``zoa compare --resume`` to tell whether the results are this setting's).
 
     Returns:
         The written paths under the keys ``"json"``, ``"csv"`` and, when plotting, ``"plot"``.
@@ -408,7 +410,10 @@ def write_results(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{prefix}results.json", "csv": out / f"{prefix}results.csv"}
-    _write_json(paths["json"], {"summary": summary, "domains": table})
+    record = {"summary": summary, "domains": table}
+    if fingerprint is not None:
+        record["fingerprint"] = dict(fingerprint)
+    _write_json(paths["json"], record)
     run = {key: summary[key] for key in RUN_COLUMNS}
     _write_csv(paths["csv"], [*ROW_COLUMNS, *RUN_COLUMNS], [{**row, **run} for row in table])
     plot_path = out / f"{prefix}accuracy.png"
@@ -462,17 +467,6 @@ def write_comparison(
     console.print(comparison_table(summaries))
     console.print(f"wrote {paths['md']}, {paths['csv']}, {paths['plot']}")
     return paths
-
-
-def remove_stale_results(out_dir: str | Path, prefix: str = "") -> list[Path]:
-    """Delete the result files of an earlier run in ``out_dir`` (see :data:`RESULT_FILES`); returns what it removed."""
-    removed = []
-    for name in RESULT_FILES:
-        path = Path(out_dir) / f"{prefix}{name}"
-        if path.is_file():
-            path.unlink()
-            removed.append(path)
-    return removed
 
 
 def _rounded(record: dict[str, Any]) -> dict[str, Any]:

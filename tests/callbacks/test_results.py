@@ -128,7 +128,7 @@ def test_prefix_no_plot_no_table_and_log_line(
     cb = ResultsCallback(out_dir=str(tmp_path / "a" / "b"), filename_prefix="zoa_", plot=False, table=False)
     _trainer(tmp_path, cb).test(StreamModel())
 
-    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["zoa_results.csv", "zoa_results.json"]
+    assert _files(tmp_path / "a" / "b") == ["zoa_results.csv", "zoa_results.json"]
     assert "r1/fog" not in capsys.readouterr().out
     assert len(messages) == 1
     assert str(tmp_path / "a" / "b" / "zoa_results.json") in messages[0]
@@ -162,7 +162,7 @@ def test_no_finished_domains_warns_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="no finished domains"):
         _trainer(tmp_path, ResultsCallback(out_dir=out)).test(StreamModel(rows=[]))
-    assert not out.exists()
+    assert _files(out) == []  # the folder was claimed (made and checked writable) up front, nothing written
 
 
 def test_state_dict_round_trip_and_state_key() -> None:
@@ -217,9 +217,14 @@ def test_init_validation_and_cli_arguments() -> None:
     assert math.isfinite(cb.elapsed_seconds)
 
 
-def test_files_are_replaced_atomically_and_a_fresh_run_removes_an_older_runs(tmp_path: Path) -> None:
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not the run folder's lock file
+
+
+def test_an_older_runs_results_stay_until_a_new_run_has_its_own(tmp_path: Path) -> None:
     out = tmp_path / "out"
     write_results(ROWS, INFO, out)  # an older run: json, csv and png
+    older = {name: (out / name).read_bytes() for name in _files(out)}
     cb = ResultsCallback(out_dir=out, plot=False, table=False)
 
     class Failing(StreamModel):
@@ -228,9 +233,10 @@ def test_files_are_replaced_atomically_and_a_fresh_run_removes_an_older_runs(tmp
 
     with pytest.raises(RuntimeError, match="crashed"):
         _trainer(tmp_path, cb).test(Failing())
-    assert not any(out.iterdir()), "an older run's results must not pass for this run's"
-    _trainer(tmp_path, ResultsCallback(out_dir=out, plot=False, table=False)).test(StreamModel())
-    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]  # no temporary files left
+    assert {name: (out / name).read_bytes() for name in _files(out)} == older, "a crashed run must not lose them"
+    _trainer(tmp_path, ResultsCallback(out_dir=out, plot=False, table=False)).test(StreamModel(rows=ROWS[:1]))
+    assert _files(out) == ["results.csv", "results.json"]  # replaced whole (no plot asked), no temporary files left
+    assert json.loads((out / "results.json").read_text())["summary"]["domains"] == 1
 
 
 def test_rolled_back_batches_show_in_the_table_and_the_summary(

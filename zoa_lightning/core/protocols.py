@@ -19,7 +19,9 @@ from torch import Tensor, nn
 __all__ = [
     "AdaptationModule",
     "BankAdapter",
+    "FingerprintedModule",
     "MixingBank",
+    "PrecisionCallback",
     "QuantizableModule",
     "ResultsModule",
     "ResumableDataModule",
@@ -86,6 +88,25 @@ class ResultsModule(Protocol):
 
     def run_info(self) -> dict[str, Any]:
         """``method``, ``model`` and ``bits`` strings, plus optional extra scalar entries."""
+        ...
+
+
+@runtime_checkable
+class FingerprintedModule(Protocol):
+    """A stream module that can say what identifies its run (stream, method, precision) in plain values."""
+
+    def stream_fingerprint(self) -> dict[str, Any]:
+        """``{"data": ..., "method": ..., "precision": ...}`` (see :mod:`zoa_lightning.resume`)."""
+        ...
+
+
+@runtime_checkable
+class PrecisionCallback(Protocol):
+    """A callback that sets the network's precision before the method runs (a quantizer)."""
+
+    @property
+    def precision(self) -> str:
+        """The precision tag it gives the network, e.g. ``"W8A8"``."""
         ...
 
 

@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from zoa_lightning.core import ZOA, ZOAConfig
+from zoa_lightning.core.estimators import check_estimator
 from zoa_lightning.core.layout import resolve_layout
 from zoa_lightning.methods.base import StreamModule
 
@@ -100,6 +101,8 @@ class ZOAModule(StreamModule):
             raise ValueError(f"adapt_norms must name at least one layer, each once; got {adapt_norms}")
         self.adapt_norms = None if adapt_norms is None else list(adapt_norms)
         self.config = ZOAConfig(**{f.name: arguments[f.name] for f in dataclasses.fields(ZOAConfig)})
+        if self.config.estimator == "per_sample":  # refused at once for a BatchNorm network, not after calibration
+            check_estimator(self.config, resolve_layout(self.get_network()), world_size=1)
 
     @override
     def build_adapter(self, network: nn.Module) -> ZOA:
