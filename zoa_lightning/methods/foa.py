@@ -29,9 +29,6 @@ class FOAModule(StreamModule):
     trust.
 
     Args:
-        network: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        weights: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        num_classes: see :class:`~zoa_lightning.methods.base.StreamModule`.
         num_prompts: prompt tokens inserted after the class token (3).
         popsize: CMA-ES population (27); a batch costs ``popsize + 1`` forward passes.
         sigma0: CMA-ES initial step size (1).
@@ -45,7 +42,6 @@ class FOAModule(StreamModule):
             demo ViT's forward runs about 2× faster compiled. The first batch pays the compilation (about 30 s on
             that CPU), a CPU needs a C++ compiler, and the numbers equal the eager ones up to float rounding (which
             can move a value across a quantisation step). State-dict keys are unchanged.
-        name: see :class:`~zoa_lightning.methods.base.StreamModule`.
     """
 
     method_name = "foa"

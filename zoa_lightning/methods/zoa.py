@@ -34,16 +34,12 @@ class ZOAModule(StreamModule):
     ``docs/algorithm.md``.
 
     Args:
-        network: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        weights: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        num_classes: see :class:`~zoa_lightning.methods.base.StreamModule`.
         <every ZOAConfig field>
         source_batches: clean batches used for source statistics (``None``: the whole source loader).
         adapt_norms: qualified names of the normalization layers to adapt (``blocks.4.norm2``, ``layer2.0.bn1``, ...),
             replacing the spec's choice for the model kind (:func:`~zoa_lightning.core.layout.resolve_layout`); any
             order, kept in network order. Fewer adapted values make the one-sample SPSA estimate less noisy. ``None``:
             the spec's layers.
-        name: see :class:`~zoa_lightning.methods.base.StreamModule`.
     """
 
     method_name = "zoa"
