@@ -17,7 +17,8 @@ from cli import make_cli
 from datamodules import CorruptionStreamDataModule
 from zoa_lightning.data import load_mnist_split
 from zoa_lightning.demo import load_demo_model
-from zoa_lightning.demo.train import DEFAULT_OUT, _parse_args, load_training_data, main
+from zoa_lightning.demo.recipes import load_training_data
+from zoa_lightning.demo.train import DEFAULT_OUT, _parse_args, main
 
 CLASSES = 3
 PER_CLASS = 14  # 42 images: 34 training (enough for 32 calibration images), 8 test
