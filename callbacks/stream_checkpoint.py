@@ -13,17 +13,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from callbacks.adaptation_monitor import AdaptationMonitor
 from zoa_lightning.core.protocols import AdaptationModule, missing_members
 from zoa_lightning.files import checksum_path, publish_verified
-from zoa_lightning.loop import is_last_batch_of_domain
+from zoa_lightning.loop import StreamCallback
 from zoa_lightning.run_folder import claim_run_folder, release_run_folder
 
 __all__ = ["StreamCheckpoint"]
@@ -31,7 +30,7 @@ __all__ = ["StreamCheckpoint"]
 log = logging.getLogger(__name__)
 
 
-class StreamCheckpoint(Callback):
+class StreamCheckpoint(StreamCallback):
     """Save a resumable stream checkpoint after every domain, overwriting the previous one.
 
     Args:
@@ -90,17 +89,8 @@ class StreamCheckpoint(Callback):
             self._claimed = None
 
     @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if is_last_batch_of_domain(trainer, batch_idx, dataloader_idx):
-            self.save(trainer, pl_module, dataloader_idx)
+    def on_domain_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader_idx: int) -> None:
+        self.save(trainer, pl_module, dataloader_idx)
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader_idx: int = 0) -> Path:
         """Write the checkpoint now (every process must call it under DDP); returns its path.
