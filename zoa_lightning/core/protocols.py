@@ -191,8 +191,11 @@ class ResumableDataModule(Protocol):
 def missing_members(obj: object, protocol: type) -> list[str]:
     """Names of the protocol's public members (methods, properties and annotated attributes) that ``obj`` lacks.
 
+    Members a protocol inherits from the protocols it extends count too.
+
     For error messages, e.g. ``missing_members(object(), SourceDataModule) == ["source_dataloader"]``.
     """
-    names = [*vars(protocol), *getattr(protocol, "__annotations__", {})]
+    protocols = [c for c in reversed(protocol.__mro__) if getattr(c, "_is_protocol", False) and c is not Protocol]
+    names = [n for c in protocols for n in (*vars(c), *vars(c).get("__annotations__", {}))]
     members = [n for n in dict.fromkeys(names) if not n.startswith("_") or n == "__call__"]
     return [n for n in members if not hasattr(obj, n)]
