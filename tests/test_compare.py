@@ -264,3 +264,28 @@ def test_children_are_stopped_with_the_comparison_and_die_with_it(tmp_path: Path
     alive = subprocess.run(["pgrep", "-f", str(marker)], capture_output=True, text=True, check=False).stdout.split()
     assert not alive, "the child outlived its killed parent"
     assert not marker.exists()
+
+
+def test_an_interrupted_comparison_returns_at_once_and_starts_no_other_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    started: list[str] = []
+    popen = subprocess.Popen
+
+    def fake_popen(command: list[str], **kwargs: Any) -> Any:  # each method's `zoa test` is a long sleep here
+        started.append(command[command.index("--model.init_args.name") + 1])
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # Ctrl-C while it runs
+        return popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+
+    monkeypatch.setattr(compare_mod.subprocess, "Popen", fake_popen)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        compare([str(ROOT / "configs/demo.yaml")], ["zoa", "no_adapt"], tmp_path, method_dir=METHODS)
+    assert time.monotonic() - start < 30, "it waited for the child instead of stopping it"
+    assert started == ["zoa"], "no method starts after the interrupt"

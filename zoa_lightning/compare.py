@@ -167,13 +167,17 @@ def compare(
             raise RuntimeError(f"method {method!r} failed (exit {code}){where}: {' '.join(command)}")
 
     children = ChildProcesses()
-    try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for future in [pool.submit(run, m, o) for m, o in zip(methods, overlays, strict=True)]:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run, m, o) for m, o in zip(methods, overlays, strict=True)]
+        try:
+            for future in futures:
                 future.result()
-    except BaseException:
-        children.stop()  # an interrupted comparison leaves no `zoa test` running (nor writing results) behind it
-        raise
+        except BaseException:
+            # Interrupted (Ctrl-C) or a method failed: no `zoa test` is left running (nor writing results later), and
+            # none starts; the pool then only waits for threads whose child is already ending.
+            children.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     summaries, rows_by_method = [], {}
     for method in methods:
         found = results_file(out / method)
@@ -239,13 +243,24 @@ class ChildProcesses:
     def __init__(self) -> None:
         self._running: set[subprocess.Popen[bytes]] = set()
         self._lock = threading.Lock()
+        self._stopped = False
 
     def run(self, command: list[str], stdout: Any = None, env: dict[str, str] | None = None) -> int:
-        """Run ``command`` to its end (its output to ``stdout``, else the terminal); returns its exit status."""
-        process = subprocess.Popen(
-            command, stdout=stdout, stderr=subprocess.STDOUT if stdout else None, env=env, preexec_fn=_die_with_parent
-        )
+        """Run ``command`` to its end (its output to ``stdout``, else the terminal); returns its exit status.
+
+        Raises:
+            RuntimeError: after :meth:`stop` (no new child starts).
+        """
         with self._lock:
+            if self._stopped:
+                raise RuntimeError("the comparison was stopped: no further method runs")
+            process = subprocess.Popen(
+                command,
+                stdout=stdout,
+                stderr=subprocess.STDOUT if stdout else None,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
             self._running.add(process)
         try:
             return process.wait()
@@ -254,8 +269,9 @@ class ChildProcesses:
                 self._running.discard(process)
 
     def stop(self, grace: float = 10.0) -> None:
-        """Terminate every running child, then kill those still alive after ``grace`` seconds."""
+        """Terminate every running child, then kill those still alive after ``grace`` seconds; start no other."""
         with self._lock:
+            self._stopped = True
             running = list(self._running)
         for process in running:
             process.terminate()
