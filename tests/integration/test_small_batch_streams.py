@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import MODEL_FACTORIES, corrupt_noise, make_resnet, make_stream, make_trainer, make_vit
-from tests.test_distributed import _assert_ranks_step_as_one, _load, _RecordPerBatch, _thread_ranks
+from tests.integration.test_distributed import _assert_ranks_step_as_one, _load, _RecordPerBatch, _thread_ranks
 from zoa_lightning import ZOAModule
 from zoa_lightning.core import ZOA, ZOAConfig
 

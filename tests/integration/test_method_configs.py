@@ -19,7 +19,7 @@ from tests.conftest import make_stream, make_trainer, make_vit
 from zoa_lightning.method_configs import method_config, method_names
 from zoa_lightning.methods import StreamModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 

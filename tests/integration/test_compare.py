@@ -17,7 +17,7 @@ from cli import resolved_config
 from zoa_lightning.compare import COMPARE_SETTINGS, compare, main, parse_args, results_file
 from zoa_lightning.method_configs import method_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ROOT / "configs" / "methods"
 
 

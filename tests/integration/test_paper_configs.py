@@ -23,12 +23,12 @@ import yaml
 
 from cli import make_cli, resolved_config
 from datamodules import corrupt_images
-from tests.test_real_files import PHOTOS, _photo, _save, _variants
+from tests.integration.test_real_files import PHOTOS, _photo, _save, _variants
 from zoa_lightning.core.quant import vit_quant_modules
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORRUPTIONS = ["gaussian_noise", "fog"]
 TREE_PHOTOS = ["chelsea", "coffee", "rocket", "camera"]  # one image each, four ImageNet-1k wnids
 BATCH = 2

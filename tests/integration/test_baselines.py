@@ -1,4 +1,4 @@
-"""Baseline LightningModules under Trainer.test on a real small stream (their configs: tests/test_method_configs.py)."""
+"""Baseline LightningModules under Trainer.test on a small real stream (configs: test_method_configs.py)."""
 
 from __future__ import annotations
 

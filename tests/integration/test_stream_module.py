@@ -19,7 +19,7 @@ from zoa_lightning import NoAdaptModule, StreamModule, ZOAModule
 from zoa_lightning.core import ZOAConfig
 from zoa_lightning.core.methods import Adapter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CORRUPTIONS = STREAM_CORRUPTIONS
 _data = make_stream
