@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tests.conftest import make_vit
+from tests.helpers import make_vit
 from zoa_lightning.core import ZOA, ModelLayout, ZOAConfig, resolve_layout
 
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from tests.conftest import MODEL_FACTORIES, corrupt_noise, make_resnet, make_vit
+from tests.helpers import MODEL_FACTORIES, corrupt_noise, make_resnet, make_vit
 from zoa_lightning.core import ZOA, AdaptationDiverged, ZOAConfig, softmax_entropy
 
 B = 64
@@ -429,10 +429,10 @@ def test_deep_stem_resnet_detects_a_strong_shift(digits: torch.Tensor) -> None:
     # Regression: the detector read the deep stem's normalised output, whose divergence stayed ~1e-4 across a shift.
     import timm
 
-    from tests.conftest import _randomize_norms
+    from tests.helpers import randomize_norms
 
     torch.manual_seed(0)
-    net = _randomize_norms(timm.create_model("test_resnet", num_classes=10)).eval()
+    net = randomize_norms(timm.create_model("test_resnet", num_classes=10)).eval()
     adapter = ZOA(net, ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, mode="corrected"))
     adapter.collect_source_statistics(digits[:512].split(B))
     for batch in _stream(digits, clean=3, shifted=2):

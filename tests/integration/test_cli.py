@@ -17,11 +17,6 @@ BASE_CONFIGS = [c for c in CONFIGS if c not in OVERLAYS]
 METHOD_CONFIGS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.argv", ["zoa"])
-
-
 def _print_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
     with pytest.raises(SystemExit) as exit_info:
         make_cli(["test", *args, "--print_config"])

@@ -50,11 +50,6 @@ WRITTEN_IN = {  # where each published value is written (the only file under con
 }
 
 
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.argv", ["zoa"])
-
-
 def _resolved(name: str, *args: str) -> dict[str, Any]:
     return resolved_config(["-c", str(CONFIG_DIR / f"{name}.yaml"), *args])
 

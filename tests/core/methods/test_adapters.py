@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import zoa_lightning.core.methods as methods_package
-from tests.conftest import make_vit
+from tests.helpers import make_vit
 from zoa_lightning.core import ZOA
 from zoa_lightning.core.methods import Adapter
 from zoa_lightning.core.protocols import BankAdapter, SourceStatisticsAdapter
