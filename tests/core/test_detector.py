@@ -55,11 +55,14 @@ def test_a_shift_is_reported_and_the_running_statistics_restart_from_the_batch()
     assert det.step(shifted_mean, shifted_var, images=64) is False  # the new domain is now the reference
 
 
-def test_the_threshold_is_strict() -> None:
-    det = _detector(threshold=0.0)
-    det.step(torch.zeros(3), torch.ones(3), images=64)
-    assert det.step(torch.zeros(3), torch.ones(3), images=64) is False  # divergence 0 is not above 0
-    assert det.step(torch.full((3,), 0.01), torch.ones(3), images=64) is True
+def test_a_shift_is_a_divergence_strictly_above_the_threshold() -> None:
+    mean, var = torch.full((3,), 0.5), torch.full((3,), 1.5)
+    for margin, shift in ((0.0, False), (1e-9, True)):
+        det = _detector()
+        det.step(torch.zeros(3), torch.ones(3), images=64)
+        divergence = det.divergence(mean.double(), var.double())
+        det.threshold = divergence * (1 - margin)
+        assert det.step(mean, var, images=64) is shift, margin
 
 
 def test_a_batch_below_min_batch_neither_tests_nor_updates_and_warns_once_before_any_full_batch() -> None:
