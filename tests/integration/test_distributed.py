@@ -165,6 +165,7 @@ def test_reduced_elements_per_batch_are_a_few_feature_vectors(digits: torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning DDP
+@pytest.mark.slow  # two spawned gloo processes; the thread-rank tests above check the same equality in seconds
 @pytest.mark.ddp
 def test_two_gloo_processes_adapt_exactly_as_one(cache_dir: Path, tmp_path: Path) -> None:
     # A 43-image global batch splits 21 + 22: uneven slices. The detector needs 43 images: only the global count has.

@@ -82,8 +82,20 @@ def test_every_batch_size_from_1_to_64_adapts_stores_and_shards_exactly(kind: st
         _single_and_sharded(kind, digits, batch)
 
 
-@pytest.mark.parametrize("order", sorted(ORDERS))
-@pytest.mark.parametrize(("make", "batch"), [(make_vit, 1), (make_resnet, 1), (make_vit, 8), (make_resnet, 64)])
+STREAM_RUNS = [(make_vit, 1), (make_resnet, 1), (make_vit, 8), (make_resnet, 64)]
+# One run of every order stays in the fast suite, each network and batch size among them; the other twelve are slow.
+FAST_RUNS = {"continual": (make_vit, 1), "label_dirichlet": (make_resnet, 1), "mixed": (make_vit, 8),
+             "gradual": (make_resnet, 64)}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("order", "make", "batch"),
+    [
+        pytest.param(order, make, batch, marks=() if FAST_RUNS[order] == (make, batch) else pytest.mark.slow)
+        for make, batch in STREAM_RUNS
+        for order in sorted(ORDERS)
+    ],
+)
 def test_every_stream_order_runs_end_to_end(order: str, make: Any, batch: int, cache_dir: Path) -> None:
     module = ZOAModule(network=make(0), lr=0.005, spsa_c=0.05)
     results = make_trainer(batches=3).test(module, datamodule=make_stream(cache_dir, batch_size=batch, **ORDERS[order]))
@@ -121,6 +133,7 @@ def _gloo_against_one_process(
     assert float(ref["theta"].abs().max()) > 0, "the single process should have adapted"
 
 
+@pytest.mark.slow  # two spawned gloo processes; test_batch_sizes_adapt_store_and_shard_exactly checks it in threads
 @pytest.mark.ddp
 def test_two_gloo_processes_adapt_a_batchnorm_network_on_small_mixed_batches_exactly_as_one(
     cache_dir: Path, tmp_path: Path
