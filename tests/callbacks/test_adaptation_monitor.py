@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from callbacks import AdaptationMonitor, StreamCheckpoint
 from cli import resolved_config
-from tests.conftest import make_stream, make_trainer, make_vit
+from tests.helpers import make_stream, make_trainer, make_vit
 from zoa_lightning import ZOAModule
 
 BATCHES = 3  # per domain, two domains
@@ -160,9 +160,8 @@ BASE_CONFIGS = [c for c in CONFIGS if set(yaml.safe_load(c.read_text())) != {"mo
 
 @pytest.mark.parametrize("config", BASE_CONFIGS, ids=lambda p: p.name)
 def test_configs_list_the_monitor_before_the_checkpoint_and_demo_configs_log_to_csv(
-    config: Path, monkeypatch: pytest.MonkeyPatch
+    config: Path,
 ) -> None:
-    monkeypatch.setattr("sys.argv", ["zoa"])
     trainer = resolved_config(["-c", str(config)])["trainer"]  # as composed from its parts
     names = [c["class_path"] for c in trainer["callbacks"]]
     assert names.index("callbacks.AdaptationMonitor") < names.index("callbacks.StreamCheckpoint")

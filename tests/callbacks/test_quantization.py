@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from callbacks import QuantizationCallback
-from tests.conftest import make_resnet, make_stream, make_trainer, make_vit
+from tests.helpers import make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule, ZOAModule
 
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tests.conftest import make_vit
+from tests.helpers import make_vit
 from zoa_lightning.core import ZOA, ModelLayout, ZOAConfig, resolve_layout
 
 
@@ -83,19 +83,6 @@ def test_explicit_layout_attribute_is_used_and_checked() -> None:
     model.zoa_layout = ModelLayout(kind="cnn", norms=("nope",), detector="conv", taps=(), head="fc")
     with pytest.raises(ValueError, match="'nope'"):
         resolve_layout(model)
-
-
-def test_config_resolves_reference_and_corrected_switches() -> None:
-    ref_cnn = ZOAConfig().resolved("cnn")
-    assert (ref_cnn.resnet_shift, ref_cnn.compact_similarity, ref_cnn.detector_passes) == ("scalar", False, 2)
-    assert ref_cnn.seed_detector_from_source
-    assert not ZOAConfig().resolved("vit").seed_detector_from_source
-    cor = ZOAConfig(mode="corrected").resolved("cnn")
-    assert (cor.resnet_shift, cor.compact_similarity, cor.detector_passes) == ("vector", True, 1)
-    assert not cor.seed_detector_from_source
-    assert ZOAConfig(mode="corrected", detector_passes=2).resolved("vit").detector_passes == 2
-    with pytest.raises(ValueError, match="spsa_c"):
-        ZOAConfig(spsa_c=0)
 
 
 def test_deep_stem_detector_reads_the_first_stem_convolution() -> None:

@@ -14,49 +14,9 @@ import yaml
 import datamodules.cache as cache_mod
 from callbacks import QuantizationCallback
 from cli import ConfigError, main, make_cli, warning_line
-from tests.conftest import STREAM_CORRUPTIONS
+from tests.helpers import quick_zoa_config
 from zoa_lightning.files import checksum_path
 from zoa_lightning.run_folder import RunFolderBusy, RunFolderError
-
-
-def _config(tmp_path: Path, cache_dir: Path, **trainer: Any) -> Path:
-    """A quick ZOA run of `zoa test` (demo ViT, float, one batch per domain) into ``tmp_path/run``."""
-    config = {
-        "seed_everything": 2020,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "inference_mode": False,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_model_summary": False,
-            "enable_progress_bar": False,
-            "limit_test_batches": 1,
-            "default_root_dir": str(tmp_path / "run"),
-            "callbacks": [
-                {"class_path": "callbacks.AdaptationMonitor", "init_args": {"verbose": False}},
-                "callbacks.StreamCheckpoint",
-                {"class_path": "callbacks.ResultsCallback", "init_args": {"plot": False, "table": False}},
-            ],
-            **trainer,
-        },
-        "model": {
-            "class_path": "zoa_lightning.ZOAModule",
-            "init_args": {"network": "demo_vit", "lr": 0.0005, "source_batches": 1},
-        },
-        "data": {
-            "class_path": "datamodules.CorruptionStreamDataModule",
-            "init_args": {"corruptions": STREAM_CORRUPTIONS, "cache_dir": str(cache_dir), "num_source_images": 64},
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.argv", ["zoa"])
 
 
 def _no_data_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,10 +28,17 @@ def _no_data_work(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("datamodules.CorruptionStreamDataModule.prepare_data", refuse)
 
 
+def _first_domain(tmp_path: Path, cache_dir: Path) -> tuple[Path, Path]:
+    """Run the quick config's first domain; its config file and its stream checkpoint."""
+    config = quick_zoa_config(tmp_path, cache_dir)
+    make_cli(["test", "-c", str(config), "--data.init_args.stop_domain", "1"])
+    return config, tmp_path / "run" / "zoa" / "stream-last.ckpt"
+
+
 def test_a_second_run_into_the_same_folder_stops_before_any_work(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _config(tmp_path, cache_dir)
+    config = quick_zoa_config(tmp_path, cache_dir)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from zoa_lightning.run_folder import claim_run_folder as c; "
          "c(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(tmp_path / "run" / "zoa")],
@@ -92,7 +59,7 @@ def test_an_unwritable_run_folder_is_refused_before_any_work(
 ) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the run folder should go")
-    config = _config(tmp_path, cache_dir, default_root_dir=str(blocker / "run"))
+    config = quick_zoa_config(tmp_path, cache_dir, default_root_dir=str(blocker / "run"))
     _no_data_work(monkeypatch)
     with pytest.raises(RunFolderError, match=rf"cannot write the run folder {blocker / 'run' / 'zoa'}"):
         make_cli(["test", "-c", str(config)])
@@ -103,7 +70,7 @@ def test_a_fresh_run_names_an_earlier_run_and_keeps_its_results_and_checkpoint(
 ) -> None:
     import cli as cli_mod
 
-    config = _config(tmp_path, cache_dir)
+    config = quick_zoa_config(tmp_path, cache_dir)
     folder = tmp_path / "run" / "zoa"
     make_cli(["test", "-c", str(config), "--data.init_args.stop_domain", "2"])  # an unfinished earlier run
     earlier = (folder / "stream-last.ckpt").read_bytes()
@@ -134,7 +101,7 @@ def test_a_fresh_run_names_an_earlier_run_and_keeps_its_results_and_checkpoint(
 def test_resuming_a_finished_stream_writes_results_it_lacks(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _config(tmp_path, cache_dir)
+    config = quick_zoa_config(tmp_path, cache_dir)
     folder = tmp_path / "run" / "zoa"
     make_cli(["test", "-c", str(config)])
     written = (folder / "results.json").read_text()
@@ -148,9 +115,7 @@ def test_resuming_a_finished_stream_writes_results_it_lacks(
 def test_a_damaged_checkpoint_of_the_same_size_is_refused(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _config(tmp_path, cache_dir)
-    make_cli(["test", "-c", str(config), "--data.init_args.stop_domain", "1"])
-    ckpt = tmp_path / "run" / "zoa" / "stream-last.ckpt"
+    config, ckpt = _first_domain(tmp_path, cache_dir)
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: the size is unchanged
     ckpt.write_bytes(bytes(data))
@@ -165,9 +130,7 @@ def test_a_damaged_checkpoint_of_the_same_size_is_refused(
 def test_resuming_at_another_precision_is_refused_before_quantizing(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _config(tmp_path, cache_dir)
-    make_cli(["test", "-c", str(config), "--data.init_args.stop_domain", "1"])  # a float run
-    ckpt = tmp_path / "run" / "zoa" / "stream-last.ckpt"
+    config, ckpt = _first_domain(tmp_path, cache_dir)  # a float run
     quantized = yaml.safe_load(config.read_text())
     quantized["trainer"]["callbacks"].insert(0, {"class_path": "callbacks.QuantizationCallback"})
     config.write_text(yaml.safe_dump(quantized))
@@ -186,9 +149,7 @@ def test_resuming_at_another_precision_is_refused_before_quantizing(
 def test_resuming_another_corruption_list_is_refused_before_building_its_cache(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _config(tmp_path, cache_dir)
-    make_cli(["test", "-c", str(config), "--data.init_args.stop_domain", "1"])
-    ckpt = tmp_path / "run" / "zoa" / "stream-last.ckpt"
+    config, ckpt = _first_domain(tmp_path, cache_dir)
 
     def build(*_: Any, **__: Any) -> None:
         raise AssertionError("a corruption cache was built before refusing")
@@ -219,7 +180,7 @@ def test_warnings_print_as_one_line() -> None:
 
 
 def test_a_batch_of_another_dtype_is_refused_with_the_fix(cache_dir: Path, tmp_path: Path) -> None:
-    cli = make_cli(["-c", str(_config(tmp_path, cache_dir))], run=False)
+    cli = make_cli(["-c", str(quick_zoa_config(tmp_path, cache_dir))], run=False)
     module = cli.model
     module.setup_method(cli.datamodule)
     for dtype in (torch.uint8, torch.float16, torch.float64):

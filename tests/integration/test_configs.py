@@ -18,7 +18,7 @@ import yaml
 
 from cli import resolved_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 PARTS = sorted((CONFIG_DIR / "parts").rglob("*.yaml"))
@@ -48,11 +48,6 @@ WRITTEN_IN = {  # where each published value is written (the only file under con
     "vit_b16_w6a6.yaml": {"lr": VIT_W6A6["lr"]},
     "parts/model/resnet50_w8a8.yaml": RESNET50_W8A8,
 }
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.argv", ["zoa"])
 
 
 def _resolved(name: str, *args: str) -> dict[str, Any]:
@@ -119,7 +114,7 @@ def test_demo_configs_run_the_papers_vit_w8a8_hyperparameters_on_the_demo_vit(na
 
 
 def test_every_config_is_pinned_here() -> None:
-    overlays = {"demo_tuned"}  # composed after a demo config; tests/test_cli.py checks it
+    overlays = {"demo_tuned"}  # composed after a demo config; tests/integration/test_cli.py checks it
     assert {c.stem for c in CONFIGS} == set(PAPER) | set(DEMO) | overlays
 
 

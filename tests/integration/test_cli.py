@@ -10,16 +10,11 @@ import yaml
 
 from cli import main, make_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # what users pass to -c; tests/test_configs.py checks the parts
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # what users pass to -c; test_configs.py checks the parts
 OVERLAYS = [c for c in CONFIGS if set(yaml.safe_load(c.read_text())) == {"model"}]  # e.g. demo_tuned.yaml
 BASE_CONFIGS = [c for c in CONFIGS if c not in OVERLAYS]
 METHOD_CONFIGS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.argv", ["zoa"])
 
 
 def _print_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:

@@ -17,7 +17,7 @@ from cli import resolved_config
 from zoa_lightning.compare import COMPARE_SETTINGS, compare, main, parse_args, results_file
 from zoa_lightning.method_configs import method_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ROOT / "configs" / "methods"
 
 
@@ -137,7 +137,8 @@ def test_no_config_or_jobs_below_one_are_refused(tmp_path: Path) -> None:
         compare([str(ROOT / "configs/demo.yaml")], ["zoa"], tmp_path, jobs=0)
 
 
-def test_a_logger_with_a_folder_moves_into_each_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _failing_children(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every method's child process fails at once; the commands it was given, in order."""
     commands: list[list[str]] = []
 
     def fake_run(self: Any, command: list[str], **kwargs: Any) -> int:
@@ -145,6 +146,11 @@ def test_a_logger_with_a_folder_moves_into_each_run_folder(tmp_path: Path, monke
         return 1
 
     monkeypatch.setattr(compare_mod.ChildProcesses, "run", fake_run)
+    return commands
+
+
+def test_a_logger_with_a_folder_moves_into_each_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands = _failing_children(monkeypatch)
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump({"trainer": {"logger": False}}))
     logged = tmp_path / "logged.yaml"
@@ -161,14 +167,7 @@ def test_a_logger_with_a_folder_moves_into_each_run_folder(tmp_path: Path, monke
 
 def test_a_logger_from_an_included_config_moves_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # demo_w4a4.yaml takes its CSV logger from demo.yaml (`config: demo.yaml`): compare reads the composed config.
-    commands: list[list[str]] = []
-
-    def fake_run(self: Any, command: list[str], **kwargs: Any) -> int:
-        commands.append(command)
-        return 1
-
-    monkeypatch.setattr(compare_mod.ChildProcesses, "run", fake_run)
-    monkeypatch.setattr("sys.argv", ["zoa"])
+    commands = _failing_children(monkeypatch)
     for config, moved in (("demo_w4a4.yaml", True), ("vit_b16_w8a8.yaml", False)):
         with pytest.raises(RuntimeError, match="method 'zoa' failed"):
             compare([str(ROOT / "configs" / config)], ["zoa"], tmp_path / config, method_dir=METHODS)
