@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import zoa_lightning.compare as compare_mod
+import zoa_lightning.processes as processes
 from cli import main as cli_main
 from cli import resolved_config
 from zoa_lightning.compare import COMPARE_SETTINGS, compare, main, parse_args, results_file
@@ -282,7 +283,7 @@ def test_an_interrupted_comparison_returns_at_once_and_starts_no_other_method(
         threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # Ctrl-C while it runs
         return popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
 
-    monkeypatch.setattr(compare_mod.subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(processes.subprocess, "Popen", fake_popen)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         compare([str(ROOT / "configs/demo.yaml")], ["zoa", "no_adapt"], tmp_path, method_dir=METHODS)
