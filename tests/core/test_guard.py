@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import corrupt_noise, make_vit
+from tests.helpers import corrupt_noise, make_vit
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.bank import KnowledgeBank
 from zoa_lightning.core.guard import SourceGuard
