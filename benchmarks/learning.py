@@ -11,7 +11,8 @@ Settings (the demo ViT, severity 5, the 15 corruptions, seed 2020):
   ``short_ls16``: the same domains label-shifted (Dirichlet 0.1) in batches of 16, 1 round;
 * ``digits_w8a8``: scikit-learn's 1,797 bundled 8x8 digits written as an image folder, the demo ViT trained on its
   training part with the project's own command (``zoa_lightning.demo.train``), the stream made of its 359 test
-  images per domain (6 batches), 3 rounds; ``digits_ls16``: label-shifted in batches of 16, 1 round.
+  images per domain (6 batches), 3 rounds; ``digits_ls16``: label-shifted in batches of 16, 1 round;
+  ``digits_w4a4``: the digits stream at W4A4, 3 rounds.
 
 Methods: ``no_adapt``, ``shift_only`` (``zoa_shift_only``), ``per_sample`` (``configs/methods/zoa_per_sample.yaml``
 as shipped), ``per_sample_plain`` (the same without the signal-scaled step and the source guard: the estimator as
@@ -62,6 +63,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
                    "label_dirichlet": 0.1},
     "digits_w8a8": {"stream": "digits", "bits": 8, "rounds": 3, "batch_size": 64},
     "digits_ls16": {"stream": "digits", "bits": 8, "rounds": 1, "batch_size": 16, "label_dirichlet": 0.1},
+    "digits_w4a4": {"stream": "digits", "bits": 4, "rounds": 3, "batch_size": 64},
 }  # fmt: skip
 DOMAINS = 15  # corruptions per round
 
@@ -69,7 +71,14 @@ DOMAINS = 15  # corruptions per round
 def digits_folder(out: Path) -> Path:
     """scikit-learn's 1,797 bundled 8x8 digits as an image folder ``<out>/data/sklearn_digits/<class>/<i>.png``."""
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    try:
+        from sklearn.datasets import load_digits
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "the digits settings need scikit-learn's bundled digits: pip install scikit-learn, or run the demo "
+            "settings only (--settings demo_w8a8 short_w8a8 ...)"
+        ) from error
 
     root = out / "data" / "sklearn_digits"
     if (root / "9").is_dir():

@@ -57,7 +57,7 @@ def _run(
     return out
 
 
-def test_two_ranks_scale_and_guard_as_one_engine(digits: torch.Tensor, one_thread: None) -> None:
+def test_two_ranks_scale_and_guard_as_one_engine(digits: torch.Tensor) -> None:
     config = ZOAConfig(estimator="per_sample", normalize_step=True, lr=0.05, spsa_c=0.1, detector_min_batch=BATCH,
                        pool_images=BATCH, snr_step=True, snr_reference=0.005, guard=True, guard_every=2,
                        guard_ratio=1.5)  # fmt: skip
