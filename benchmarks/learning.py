@@ -229,9 +229,7 @@ def report(out: Path, path: Path) -> str:
     for setting in SETTINGS:
         rows = table.get(setting, {})
         base = rows.get("shift_only")
-        for method in METHODS:
-            if method not in rows:
-                continue
+        for method in [*(m for m in METHODS if m in rows), *sorted(set(rows) - set(METHODS))]:  # then --tag trials
             r = rows[method]
             gap = "" if base is None else (
                 f"{r['rounds'][0] - base['rounds'][0]:+.2f} / {r['mean'] - base['mean']:+.2f} / "
