@@ -20,20 +20,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zoa_lightning.core.bank import fuse_norms
 from zoa_lightning.core.batch_norm import BatchStatistics
 from zoa_lightning.core.config import ZOAConfig
-from zoa_lightning.core.detector import DomainShiftDetector
+from zoa_lightning.core.detector import DetectorSums, DomainShiftDetector
 from zoa_lightning.core.estimators import GradientEstimator, check_estimator
-from zoa_lightning.core.layout import ModelLayout, check_image_batch, default_input_size, resolve_layout
+from zoa_lightning.core.layout import ModelLayout, check_image_batch
 from zoa_lightning.core.loss import ZOALoss, loss_statistics
 from zoa_lightning.core.methods.base import Adapter
+from zoa_lightning.core.network import bind_network, network_input_size, network_layout
 from zoa_lightning.core.policies import UnadaptedPredictions, on_shift
 from zoa_lightning.core.shift import ActivationShift
 from zoa_lightning.core.small_batch import SmallBatches
 from zoa_lightning.core.source import SourceStatistics
 from zoa_lightning.core.stats import CountedReduce, ReduceFn
-from zoa_lightning.core.taps import NetworkTaps, PassRecord, PassResult
+from zoa_lightning.core.taps import PassRecord, PassResult
 from zoa_lightning.core.transaction import AdaptationDiverged, BatchGuard, Rollback
 from zoa_lightning.core.update import ZOAUpdate
 
@@ -49,8 +49,9 @@ class ZOA(Adapter):
     (batch 2) to size its buffers, so every ``state_dict`` shape is fixed from construction on.
 
     Args:
-        model: a timm ``VisionTransformer`` (class token), a timm/torchvision ``ResNet``, a timm ``EfficientNet``, or
-            any classifier carrying a ``zoa_layout`` attribute.
+        model: a timm ``VisionTransformer`` (class token), a timm/torchvision ``ResNet``, a timm ``EfficientNet``, any
+            classifier carrying a ``zoa_layout`` attribute, or a network an inference engine runs
+            (:class:`~zoa_lightning.core.network.EngineNetwork`, e.g. an ONNX Runtime graph; docs/runtime.md).
         config: hyperparameters; the quirk switches are resolved for the model kind (see :class:`ZOAConfig`).
         layout: override where ZOA acts; default :func:`~zoa_lightning.core.layout.resolve_layout`.
         input_size: ``(C, H, W)`` of the probe forward; default the ViT's image size or ``(C, 64, 64)`` for CNNs.
@@ -85,8 +86,7 @@ class ZOA(Adapter):
     ) -> None:
         super().__init__(model)
         self.rank, self.world_size = rank, world_size
-        self.layout = layout if layout is not None else resolve_layout(model)
-        self.layout.check(model)
+        self.layout = network_layout(model, layout)
         cfg = self.config = (config or ZOAConfig()).resolved(self.layout.kind)
         self.reduce = CountedReduce(reduce_fn)  # counts what it hands over (not checkpointed)
         self.last_losses = ()  # the last batch's L0 and L+ (diagnostics)
@@ -95,15 +95,16 @@ class ZOA(Adapter):
         model.requires_grad_(False)
         # Every BatchNorm's batch settings (under DDP: global-batch statistics) and running test-statistics estimates
         self.batch_statistics = BatchStatistics(self.reduce if world_size > 1 else None)
-        self.bank = fuse_norms(
-            model, self.layout, self.batch_statistics, max_entries=cfg.max_weight_nums, alpha_scale=cfg.alpha_scale,
+        # The network's adapted layers read this bank; self.taps runs the recorded passes (network.py)
+        self.bank, self.taps = bind_network(
+            model, self.layout, self.batch_statistics, self._on_detector, world_size=world_size,
+            estimator=cfg.estimator, max_entries=cfg.max_weight_nums, alpha_scale=cfg.alpha_scale,
             weight_margin=cfg.weight_margin, alpha_clip=cfg.alpha_clip, compact_similarity=bool(cfg.compact_similarity),
             initial_alpha=float(torch.randn(1, generator=self.generator)),
         )  # fmt: skip
         self.batch_statistics.to(self.bank.theta.device)
         check_estimator(cfg, self.layout, world_size)
-        self.taps = NetworkTaps(model, self.layout, self._on_detector)
-        self.input_size = input_size or default_input_size(model, self.layout)
+        self.input_size = input_size or network_input_size(model, self.layout)
         device, dtype = self.bank.theta.device, self.bank.theta.dtype
         with torch.no_grad():
             probe_logits, probe = self.taps.run(zeros := torch.zeros(2, *self.input_size, device=device), "probe")
@@ -127,16 +128,21 @@ class ZOA(Adapter):
         self.unadapted = UnadaptedPredictions(model, self.bank, self.counters)
 
     # ------------------------------------------------------------------ passes, detector, shift
-    def _pass(self, images: Tensor, pass_index: int, shift: Tensor | None, mode: str = "adapt") -> PassResult:
+    def _pass(
+        self, images: Tensor, pass_index: int, shift: Tensor | None, mode: str = "adapt", late: Tensor | None = None
+    ) -> PassResult:
         """One forward of the network with the loss of spec §2; with ``loss_on_shifted`` the loss reads shifted logits.
 
         The returned feature mean is always that of the unshifted features (the activation shift's EMA tracks them).
+        A ``late`` shift (the prediction's, when the loss reads unshifted logits) puts ``head(final + late)`` in the
+        record's ``shifted``.
         """
-        logits, record = self.taps.run(images, mode, pass_index)  # type: ignore[arg-type]
         applied = shift if self.config.loss_on_shifted else None
+        logits, record = self.taps.run(images, mode, pass_index, applied if applied is not None else late)  # type: ignore[arg-type]
         if applied is not None:
             record.head_input = record.final() + applied
-            logits = self.taps.head(record.head_input)
+            assert record.shifted is not None
+            logits = record.shifted
         features = record.features()
         own = self.reduce(loss_statistics(features, logits))
         if mode == "adapt":
@@ -158,7 +164,7 @@ class ZOA(Adapter):
         """
         return self._pass(images, 0, shift, mode="predict")
 
-    def _on_detector(self, output: Tensor, record: PassRecord) -> None:
+    def _on_detector(self, output: Tensor | DetectorSums, record: PassRecord) -> None:
         """The detector hook (spec §5.7): runs in pass A, and in pass B too in reference mode."""
         cfg = self.config
         self.counters.add("forward_passes", int(record.mode == "adapt"))
@@ -209,9 +215,9 @@ class ZOA(Adapter):
         """Logits of the current (adapted, activation-shifted) model without adapting or touching any state."""
         check_image_batch(images, self.model, self.layout, self.input_size)
         with torch.no_grad():
-            logits, record = self.taps.run(images, "predict")
             shift = self.shift_vector()
-            return self.taps.head(record.final() + shift) if shift is not None else logits
+            logits, record = self.taps.run(images, "predict", shift=shift)
+            return logits if record.shifted is None else record.shifted
 
     def forward(self, images: Tensor) -> Tensor:
         """Predict ``images`` with the current parameters, then adapt on them. Returns the prediction's logits.
@@ -264,10 +270,11 @@ class ZOA(Adapter):
         cfg = self.config
         shift = self.shift_vector()  # 1. the shift vector from the batches so far
         self.batch_statistics.record = self.batch_statistics.prior is not None  # a pooled batch's BatchNorm statistics
-        a = self._pass(images, 0, shift)  # 2. pass A: prediction and L0; the detector may store knowledge
-        self.batch_statistics.record = False
         late = None if cfg.loss_on_shifted else shift  # (loss_on_shifted: pass A's logits are shifted already)
-        prediction = a.logits if late is None else self.taps.head(a.record.final() + late)
+        a = self._pass(images, 0, shift, late=late)  # 2. pass A: prediction and L0; the detector may store knowledge
+        self.batch_statistics.record = False
+        prediction = a.logits if late is None else a.record.shifted
+        assert prediction is not None
         loss0, final_mean, detected = a.loss, a.final_mean, a.record.detected
         a.record.head_input = None  # free pass A's activations before pass B (the per-sample estimator keeps features)
         steps = cfg.steps if float(a.stats[-1]) >= 2 else 0  # one image so far: no variance, no step
