@@ -137,15 +137,17 @@ class NetworkTaps:
         """The classifier head applied to final features (e.g. activation-shifted ones)."""
         return self.model.get_submodule(self.layout.head)(features)
 
-    def _tap_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        if self._record is None:
-            return
-        if self.layout.kind == "vit":
+    @staticmethod
+    def tap_feature(layout: ModelLayout, output: Tensor) -> Tensor:
+        """The loss feature ``(B, d)`` of a tap module's output: a ViT's class token, a CNN's spatial mean."""
+        if layout.kind == "vit":
             # A copy, not a view: a view would keep the whole (B, N, C) block output alive until the pass ends.
-            feature = output[:, 0].clone()
-        else:
-            feature = output.mean((2, 3)) if output.ndim == 4 else output.flatten(1)
-        self._record.taps.append(feature)
+            return output[:, 0].clone()
+        return output.mean((2, 3)) if output.ndim == 4 else output.flatten(1)
+
+    def _tap_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if self._record is not None:
+            self._record.taps.append(self.tap_feature(self.layout, output))
 
     def _head_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._record is not None:
