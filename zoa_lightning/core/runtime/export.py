@@ -36,8 +36,8 @@ from zoa_lightning.core.runtime.metadata import (
     ADAPTATION_INPUTS,
     ADAPTATION_OUTPUTS,
     BATCH_NORM_INPUTS,
-    METADATA_KEY,
     GraphMetadata,
+    write_metadata,
 )
 from zoa_lightning.core.taps import NetworkTaps
 
@@ -329,15 +329,6 @@ def export_graph(
     write_metadata(graph, metadata)
     onnx.save(graph, str(path))
     return metadata
-
-
-def write_metadata(graph: Any, metadata: GraphMetadata) -> None:
-    """Set (replace) the ``zoa`` metadata entry of an ONNX ``ModelProto``."""
-    for prop in list(graph.metadata_props):
-        if prop.key == METADATA_KEY:
-            graph.metadata_props.remove(prop)
-    entry = graph.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, metadata.to_json()
 
 
 def _export(

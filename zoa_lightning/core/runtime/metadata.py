@@ -34,6 +34,7 @@ __all__ = [
     "METADATA_KEY",
     "GraphMetadata",
     "missing_io",
+    "write_metadata",
 ]
 
 METADATA_KEY = "zoa"
@@ -159,3 +160,12 @@ def missing_io(metadata: GraphMetadata, inputs: list[str], outputs: list[str]) -
         needed_out = [*ADAPTATION_OUTPUTS, *(("bn_stats",) if cnn else ())]
     missing = [f"input {n}" for n in needed_in if n not in inputs]
     return missing + [f"output {n}" for n in needed_out if n not in outputs]
+
+
+def write_metadata(graph: Any, metadata: GraphMetadata) -> None:
+    """Set (replace) the ``zoa`` metadata entry of an ONNX ``ModelProto``."""
+    for prop in list(graph.metadata_props):
+        if prop.key == METADATA_KEY:
+            graph.metadata_props.remove(prop)
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, metadata.to_json()

@@ -31,10 +31,16 @@ import torch
 from torch import Tensor
 
 from zoa_lightning.core.runtime import require
-from zoa_lightning.core.runtime.export import write_metadata
-from zoa_lightning.core.runtime.metadata import METADATA_KEY, GraphMetadata
+from zoa_lightning.core.runtime.metadata import METADATA_KEY, GraphMetadata, write_metadata
 
-__all__ = ["CALIBRATION_CHUNK", "CalibrationFeeds", "float_readouts", "quantize_graph", "quantized_value_paths"]
+__all__ = [
+    "CALIBRATION_CHUNK",
+    "CalibrationFeeds",
+    "float_readouts",
+    "quantize_graph",
+    "quantized_value_paths",
+    "read_metadata",
+]
 
 CALIBRATION_CHUNK = 8
 """Calibration images per session call (a BatchNorm graph normalises each chunk with its own statistics)."""
