@@ -82,8 +82,8 @@ def check_graph(
     fix = "export it with this run's configs (`zoa export`) or drop `graph` to export automatically"
     if metadata.precision != precision:
         raise ValueError(
-            f"{path} is a {metadata.precision} graph, but OnnxRuntimeCallback(precision={precision!r}) needs a "
-            f"{precision} one: give its {precision} graph ({Path(path).name.replace(metadata.precision, precision)})"
+            f"{path} is a {metadata.precision} graph, but OnnxRuntimeCallback(precision={precision!r}) runs the "
+            f"{precision} graph: give that one ({Path(path).name.replace(metadata.precision, precision)})"
         )
     if metadata.num_classes != num_classes:
         raise ValueError(f"{path} has {metadata.num_classes} classes but the data has {num_classes}: {fix}")
@@ -170,7 +170,7 @@ class OnnxRuntimeCallback(Callback):
                 f"OnnxRuntimeCallback runs ONNX Runtime on the CPU, but the run is on {trainer.strategy.root_device}: "
                 "set trainer.accelerator: cpu"
             )
-        calib = self._calibration_count(trainer.callbacks)  # type: ignore[attr-defined]
+        calib = self.calibration_count(trainer.callbacks)  # type: ignore[attr-defined]
         network = pl_module.get_network()
         if isinstance(network, RuntimeNetwork):
             raise ValueError("the module's network already runs in ONNX Runtime: use one OnnxRuntimeCallback")
@@ -185,8 +185,13 @@ class OnnxRuntimeCallback(Callback):
         pl_module.set_network(runtime, precision_tag(self.precision))
         rank_zero_info(f"running {runtime.metadata.network} in ONNX Runtime ({self.precision}, {path})")
 
-    def _calibration_count(self, callbacks: list[Callback]) -> int:
-        """The calibration image count; checks that a quantization callback beside this one asks for W8A8."""
+    def calibration_count(self, callbacks: list[Callback]) -> int:
+        """The calibration image count for a run with ``callbacks``; checks a quantization callback among them.
+
+        Raises:
+            ValueError: if a ``QuantizationCallback`` asks for other bits than W8A8, or for any quantization while
+                this callback runs the float graph.
+        """
         quantizers = [c for c in callbacks if isinstance(c, QuantizationCallback)]
         for quantizer in quantizers:
             if self.precision == "float":
