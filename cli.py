@@ -163,8 +163,9 @@ def error_message(error: BaseException) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``zoa`` console script; ``zoa compare ...`` runs :mod:`zoa_lightning.compare`,
-    ``zoa export ...`` :func:`export_graphs`.
+    """Entry point of the ``zoa`` console script (``zoa compare`` and ``zoa export`` are dispatched here).
+
+    ``zoa compare ...`` runs :mod:`zoa_lightning.compare`, ``zoa export ...`` :func:`export_graphs`.
 
     An error (a bad config value, a missing file, a diverged run) is printed as its message alone, first and last
     line, with exit status 2 for arguments and 1 otherwise; ``ZOA_DEBUG=1`` shows the full traceback instead.
@@ -277,11 +278,12 @@ def export_graphs(args: list[str]) -> dict[str, Path]:
     module, data = cli.model, cli.datamodule
     if not isinstance(module, RuntimeModule) or not isinstance(module, StreamModule):
         raise ValueError(f"{type(module).__name__} cannot run on ONNX Runtime: export no_adapt or a ZOA configuration")
-    runtime = next((c for c in cli.trainer.callbacks if isinstance(c, OnnxRuntimeCallback)), OnnxRuntimeCallback())
+    callbacks = cli.trainer.callbacks  # type: ignore[attr-defined]  # a Trainer property mypy does not see
+    runtime = next((c for c in callbacks if isinstance(c, OnnxRuntimeCallback)), OnnxRuntimeCallback())
     network = module.get_network()
     layout = module.runtime_layout(network)
     data.prepare_data()
-    images = data.calibration_images(runtime.calibration_count(cli.trainer.callbacks)).cpu()
+    images = data.calibration_images(runtime.calibration_count(callbacks)).cpu()
     stem = f"{module.network_name}-{module.run_name}"
     with torch.no_grad():
         paths = write_graphs(network, layout, images, out, stem)
