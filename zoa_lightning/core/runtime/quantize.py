@@ -108,7 +108,7 @@ def quantize_graph(float_path: str | Path, int8_path: str | Path, images: Tensor
     shape_inference = require("onnxruntime.quantization.shape_inference")
     metadata = read_metadata(float_path)
     if metadata.precision != "float":
-        raise ValueError(f"{float_path} is a {metadata.precision} graph already: quantize its float graph")
+        raise ValueError(f"{float_path} is quantized already: quantize its float graph")
     with tempfile.TemporaryDirectory() as folder:
         prepared, staged = Path(folder) / "prepared.onnx", Path(folder) / "qdq.onnx"
         shape_inference.quant_pre_process(str(float_path), str(prepared), auto_merge=True)
