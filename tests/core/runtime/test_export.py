@@ -50,11 +50,12 @@ def test_graph_pass_equals_the_torch_engines_pass(
         got[engine] = _passes(engine, images, theta, shift)
     want, have = got[torch_engine], got[runtime_engine]
     for key in ("logits", "shifted", "features"):
-        torch.testing.assert_close(have[key], want[key], rtol=1e-4, atol=1e-4, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(have[key], want[key], rtol=1e-4, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
     torch.testing.assert_close(have["detector"], want["detector"], rtol=1e-6, atol=1e-4)
     mine, theirs = runtime_engine.batch_statistics._pending, torch_engine.batch_statistics._pending
     assert len(mine) == len(theirs) == (len(torch_engine.layout.batch_norms) if prior else 0)
-    for (o1, m1, v1, n1), (o2, m2, v2, n2) in zip(sorted(mine, key=lambda t: t[0]), sorted(theirs, key=lambda t: t[0])):
+    pairs = zip(sorted(mine, key=lambda t: t[0]), sorted(theirs, key=lambda t: t[0]), strict=True)
+    for (o1, m1, v1, n1), (o2, m2, v2, n2) in pairs:
         assert (o1, n1) == (o2, n2)
         torch.testing.assert_close(m1, m2, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(v1, v2, rtol=1e-6, atol=1e-6)

@@ -53,11 +53,11 @@ def test_runtime_float_graph_follows_the_torch_engine(
     worst, same, images_seen = 0.0, 0, 0
     for i, images in enumerate(_stream(digits, batch, 40)):
         want, got = (engine(images) for engine in engines)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=lambda m: f"batch {i}: {m}")
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=lambda m, i=i: f"batch {i}: {m}")
         same, images_seen = same + int((got.argmax(1) == want.argmax(1)).sum()), images_seen + len(images)
         theta = [e.bank.theta for e in engines]
         worst = max(worst, float((theta[0] - theta[1]).abs().max()))
-        torch.testing.assert_close(theta[1], theta[0], rtol=0, atol=1e-5, msg=lambda m: f"batch {i}: {m}")
+        torch.testing.assert_close(theta[1], theta[0], rtol=0, atol=1e-5, msg=lambda m, i=i: f"batch {i}: {m}")
         torch.testing.assert_close(engines[1].bank.alpha, engines[0].bank.alpha, rtol=0, atol=1e-5)
     counters = [{k: v for k, v in e.state_dict().items() if k.startswith("counters.")} for e in engines]
     assert counters[0] == counters[1]
