@@ -82,7 +82,7 @@ def check_graph(
     fix = "export it with this run's configs (`zoa export`) or drop `graph` to export automatically"
     if metadata.precision != precision:
         raise ValueError(
-            f"{path} is a {metadata.precision} graph, but OnnxRuntimeCallback(precision={precision!r}) runs the "
+            f"{path} is the {metadata.precision} graph, but OnnxRuntimeCallback(precision={precision!r}) runs the "
             f"{precision} graph: give that one ({Path(path).name.replace(metadata.precision, precision)})"
         )
     if metadata.num_classes != num_classes:
