@@ -42,6 +42,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
 from benchmarks._measure import SourceData, build_method, median, step
@@ -59,7 +60,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int, tuple[int, ...]]] = {
     "demo_cnn": (lambda: build_network("demo_cnn"), 32, (64, 1)),
 }
 BACKENDS = ("torch float", "torch W8A8", "ORT INT8", "ORT float")
-DEMO_ZOA = {"lr": 5e-4, "spsa_c": 0.02, "lambda_bp": 30.0, "domain_t": 0.1, "mode": "reference"}  # configs/demo.yaml
 TARGETS = {"vs_ort_no_adapt": 2.2, "vs_torch_w8a8": 0.6, "vit_small_vs_torch_float": 1.5, "batch1": 3.0, "memory": 1.1}
 
 
@@ -70,7 +70,7 @@ def digits(size: int) -> tuple[Tensor, Tensor]:
     data = CorruptionStreamDataModule(dataset="mnist")
     calibration = data.calibration_images(32)
     _, _, x, _ = data.clean_split()
-    test = (torch.from_numpy(np.ascontiguousarray(x[:512])).float().div(255).permute(0, 3, 1, 2) - 0.5) / 0.5
+    test = (torch.from_numpy(np.array(x[:512])).float().div(255).permute(0, 3, 1, 2) - 0.5) / 0.5
     if size != calibration.shape[-1]:
         calibration, test = (F.interpolate(t, size=(size, size), mode="bilinear") for t in (calibration, test))
     return calibration.contiguous(), test.contiguous()
@@ -96,9 +96,23 @@ def build(name: str, backend: str, method: str, nets: dict[str, Any], source: So
         network: nn.Module = RuntimeNetwork(nets["graphs"]["plain" if method == "no_adapt" else "zoa"][precision])
     else:
         network = nets[backend]
-    overrides = {} if method == "no_adapt" else {k: v for k, v in DEMO_ZOA.items() if method == "zoa" or k in (
-        "lambda_bp", "domain_t", "mode")}  # fmt: skip
-    return build_method(method, network, 10, source, overrides=overrides)
+    return build_method(method, network, 10, source, overrides=demo_overrides(method))
+
+
+def demo_overrides(method: str) -> dict[str, Any]:
+    """The settings ``zoa test -c configs/demo.yaml -c configs/methods/<method>.yaml`` adds to the method's config.
+
+    ``configs/demo.yaml``'s model values of the arguments the method's own config does not set (none for another
+    module class).
+    """
+    from zoa_lightning.method_configs import method_config
+
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
+    own = yaml.safe_load(method_config(method).read_text())["model"]
+    if own["class_path"] != demo["class_path"]:
+        return {}
+    ignored = {"network"}  # (the benchmark gives the network)
+    return {k: v for k, v in demo["init_args"].items() if k not in ignored and k not in own.get("init_args", {})}
 
 
 class SessionClock:
