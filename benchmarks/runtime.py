@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from benchmarks._measure import SourceData, build_method, median, step
 from callbacks import OnnxRuntimeCallback, QuantizationCallback
 from zoa_lightning.core.layout import resolve_layout
-from zoa_lightning.core.runtime.session import RuntimeNetwork
+from zoa_lightning.core.runtime.network import RuntimeNetwork
 from zoa_lightning.methods import StreamModule
 from zoa_lightning.networks import build_network
 
@@ -257,7 +257,7 @@ def memory(name: str, batch: int, methods: list[str]) -> list[dict[str, Any]]:
 def markdown(report: dict[str, Any]) -> str:
     """The tables of the report."""
     lines = [
-        "| model | batch | backend | method | passes | CPU ms/batch | wall ms | in session | × ORT INT8 no_adapt "
+        "| model | batch | backend | method | passes | CPU ms/batch | wall ms | in ORT calls | × ORT INT8 no_adapt "
         "| × torch W8A8 same method | × torch float no_adapt |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]

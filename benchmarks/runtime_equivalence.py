@@ -31,7 +31,7 @@ from benchmarks.runtime import demo_overrides
 from callbacks import OnnxRuntimeCallback
 from zoa_lightning.core import ZOA
 from zoa_lightning.core.layout import resolve_layout
-from zoa_lightning.core.runtime.session import RuntimeNetwork
+from zoa_lightning.core.runtime.network import RuntimeNetwork
 from zoa_lightning.networks import build_network
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ method's own setup. It asks the module where its method acts in the network (``r
 layers, taps and detector; ``None`` for ``no_adapt``, which runs the plain network), exports the float network for
 that layout, quantizes it to INT8 with ONNX Runtime's static quantizer on the data module's calibration images (the
 images the quantization callback would use), and hands the module a
-:class:`~zoa_lightning.core.runtime.session.RuntimeNetwork`. The engine then adapts that session exactly as it adapts
+:class:`~zoa_lightning.core.runtime.network.RuntimeNetwork`. The engine then adapts that session exactly as it adapts
 a torch network (``docs/runtime.md``).
 
 It takes the place of the fake quantizer: a :class:`~callbacks.quantization.QuantizationCallback` in the same run
@@ -37,8 +37,8 @@ from zoa_lightning.core.protocols import RuntimeModule, StreamDataModule, missin
 from zoa_lightning.core.runtime import require
 from zoa_lightning.core.runtime.graphs import graph_paths, write_graphs
 from zoa_lightning.core.runtime.metadata import GraphMetadata
+from zoa_lightning.core.runtime.network import RuntimeNetwork
 from zoa_lightning.core.runtime.quantize import read_metadata
-from zoa_lightning.core.runtime.session import RuntimeNetwork
 
 __all__ = ["OnnxRuntimeCallback", "check_graph", "default_onnx_cache_dir", "precision_tag"]
 

@@ -15,7 +15,7 @@ from callbacks import OnnxRuntimeCallback, QuantizationCallback, StreamCheckpoin
 from cli import main
 from tests.conftest import make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule, ZOAModule
-from zoa_lightning.core.runtime.session import RuntimeNetwork
+from zoa_lightning.core.runtime.network import RuntimeNetwork
 from zoa_lightning.methods.tent import TentModule
 
 ROOT = Path(__file__).resolve().parents[2]

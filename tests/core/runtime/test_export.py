@@ -17,7 +17,7 @@ from zoa_lightning.core.detector import DetectorSums, detector_sums
 from zoa_lightning.core.layout import resolve_layout
 from zoa_lightning.core.runtime import INSTALL_HINT
 from zoa_lightning.core.runtime.metadata import METADATA_KEY, GraphMetadata, write_metadata
-from zoa_lightning.core.runtime.session import RuntimeNetwork
+from zoa_lightning.core.runtime.network import RuntimeNetwork
 from zoa_lightning.core.stats import identity_reduce
 
 MAKE = {"vit": make_vit, "resnet": make_resnet}

@@ -11,8 +11,8 @@ import torch
 from tests.conftest import corrupt_noise
 from tests.core.runtime.conftest import GraphFactory
 from zoa_lightning.core import ZOA, ZOAConfig
+from zoa_lightning.core.runtime.network import QUANTIZED_OPS, RuntimeNetwork
 from zoa_lightning.core.runtime.quantize import quantize_graph, quantized_value_paths
-from zoa_lightning.core.runtime.session import QUANTIZED_OPS, RuntimeNetwork
 
 
 def _nodes(path: Path) -> list[onnx.NodeProto]:

@@ -4,7 +4,7 @@
   inputs with one row per image, with the loss taps and the detector sums as outputs;
 * :mod:`~zoa_lightning.core.runtime.quantize`: ONNX Runtime's static QDQ quantizer (per-channel int8 weights, uint8
   activations), norm layers and read-outs left float;
-* :mod:`~zoa_lightning.core.runtime.session`: :class:`RuntimeNetwork`, an ``nn.Module`` around an
+* :mod:`~zoa_lightning.core.runtime.network`: :class:`RuntimeNetwork`, an ``nn.Module`` around an
   ``onnxruntime.InferenceSession`` that the engine adapts exactly as a torch network
   (:class:`~zoa_lightning.core.network.EngineNetwork`).
 

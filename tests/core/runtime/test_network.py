@@ -16,7 +16,7 @@ from tests.core.runtime.conftest import GraphFactory
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.batch_norm import BatchStatistics
 from zoa_lightning.core.layout import resolve_layout
-from zoa_lightning.core.runtime.session import RuntimeNetwork
+from zoa_lightning.core.runtime.network import RuntimeNetwork
 
 MAKE = {"vit": make_vit, "resnet": make_resnet}
 PER_SAMPLE = {"estimator": "per_sample", "perturbation": "rademacher", "normalize_step": True, "lr": 0.05,

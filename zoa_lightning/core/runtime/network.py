@@ -33,7 +33,7 @@ from zoa_lightning.core.runtime import require
 from zoa_lightning.core.runtime.metadata import METADATA_KEY, GraphMetadata, missing_io
 from zoa_lightning.core.taps import PassMode, PassRecord
 
-__all__ = ["QUANTIZED_OPS", "RuntimeNetwork", "SessionForward", "make_session"]
+__all__ = ["QUANTIZED_OPS", "RuntimeNetwork", "SessionForward", "inference_session"]
 
 QUANTIZED_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
@@ -41,7 +41,7 @@ QUANTIZED_OPS = frozenset(
 """Node types that make a graph an integer (quantized) graph."""
 
 
-def make_session(path: str | Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> Any:
+def inference_session(path: str | Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> Any:
     """An ``onnxruntime.InferenceSession`` on the CPU with the settings the runtime backend uses.
 
     Sequential execution, every graph optimisation (the QDQ to integer-kernel fusions happen there), the memory arena
@@ -89,7 +89,7 @@ class RuntimeNetwork(nn.Module):
         self.path, self.threads = str(path), (intra_op_threads, inter_op_threads)
         if not Path(self.path).is_file():
             raise FileNotFoundError(f"ONNX graph not found: {self.path}")
-        session = make_session(self.path, intra_op_threads, inter_op_threads)
+        session = inference_session(self.path, intra_op_threads, inter_op_threads)
         text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if text is None:
             raise ValueError(
@@ -188,7 +188,7 @@ class RuntimeNetwork(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.session = make_session(self.path, *self.threads)
+        self.session = inference_session(self.path, *self.threads)
 
     def extra_repr(self) -> str:
         """The file, its precision and its adapted layers, for ``print(model)``."""
