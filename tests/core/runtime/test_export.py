@@ -157,3 +157,25 @@ def test_export_leaves_the_torch_network_unchanged(tmp_path: Path, digits: torch
     export_graph(net, resolve_layout(net), digits[:4], tmp_path / "g.onnx")
     assert [type(m) for m in net.modules()] == modules
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_the_project_imports_without_onnx_and_says_which_extra_runs_the_backend(tmp_path: Path) -> None:
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "sys.modules['onnx'] = sys.modules['onnxruntime'] = None  # as if neither were installed\n"
+        "import cli, callbacks, zoa_lightning.core.runtime.graphs, zoa_lightning.core.runtime.network\n"
+        "from callbacks import OnnxRuntimeCallback\n"
+        "try:\n"
+        "    OnnxRuntimeCallback().setup(None, None, 'test')\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True, timeout=300
+    )
+    assert out.stdout.strip() == (
+        f"the ONNX Runtime backend needs the onnxruntime package, which is not installed: {INSTALL_HINT}"
+    )

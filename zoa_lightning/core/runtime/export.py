@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from zoa_lightning.core.batch_norm import post_norm, running_statistics
 from zoa_lightning.core.layout import ModelLayout
+from zoa_lightning.core.runtime import require
 from zoa_lightning.core.runtime.metadata import (
     ADAPTATION_INPUTS,
     ADAPTATION_OUTPUTS,
@@ -296,9 +297,11 @@ def export_graph(
 
     Returns:
         The metadata written into the graph.
-    """
-    import onnx
 
+    Raises:
+        ImportError: without onnx (naming the extra).
+    """
+    onnx = require("onnx")
     model = model.eval()
     size = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
     with torch.no_grad():
