@@ -8,7 +8,9 @@ configs of ``configs/methods/`` around a copy of the same network, source statis
 * backends: ``torch float``; ``torch W8A8`` (the fake quantizer of ``callbacks.QuantizationCallback``, calibrated on
   the same 32 images, cached); ``ORT INT8`` and ``ORT float`` (the graphs of ``callbacks.OnnxRuntimeCallback``, cached;
   ``no_adapt`` runs the plain graph, ZOA the adaptable one);
-* methods: ``no_adapt``, ``zoa`` (the demo's reference-mode settings) and, on ViTs, ``zoa_per_sample``.
+* methods: ``no_adapt``, ``zoa`` (the demo's reference-mode settings) and, on ViTs, ``zoa_per_sample``; on CNNs
+  also ``norm_adapt``, one pass with every BatchNorm on the batch's statistics (ONNX Runtime: one call of the
+  adaptable graph), the reference for ZOA's batch-statistics passes, as in ``benchmarks/cost.py``.
 
 Every batch is real digits of the MNIST test part (upsampled to 224 px for ``vit_small``, timm
 ``vit_small_patch16_224`` with random weights). Torch and ONNX Runtime both run one thread
@@ -94,6 +96,8 @@ def build(name: str, backend: str, method: str, nets: dict[str, Any], source: So
     if backend.startswith("ORT"):
         precision = "int8" if backend == "ORT INT8" else "float"
         network: nn.Module = RuntimeNetwork(nets["graphs"]["plain" if method == "no_adapt" else "zoa"][precision])
+        if method == "norm_adapt":  # one pass of the adaptable graph: every BatchNorm on the batch's statistics
+            return build_method("no_adapt", network, 10, source)
     else:
         network = nets[backend]
     return build_method(method, network, 10, source, overrides=demo_overrides(method))
@@ -152,7 +156,9 @@ def measure(name: str, batch: int, repeats: int, methods: list[str]) -> list[dic
     calibration, test = digits(size)
     nets = networks(name, calibration)
     source = SourceData(list(calibration.split(16)))
-    wanted = [m for m in methods if m != "zoa_per_sample" or resolve_layout(nets["torch float"]).kind == "vit"]
+    cnn = resolve_layout(nets["torch float"]).kind == "cnn"
+    # A CNN's ZOA normalises with batch statistics: one such pass (norm_adapt) is its reference beside no_adapt's
+    wanted = [m for m in methods if m != "zoa_per_sample" or not cnn] + (["norm_adapt"] if cnn else [])
     jobs = {(b, m): build(name, b, m, nets, source) for b in BACKENDS for m in wanted}
     clocks = {key: clock(module) for key, module in jobs.items()}
     batches = [test[(i * batch) % (len(test) - batch) :][:batch] for i in range(repeats + 2)]
@@ -186,6 +192,8 @@ def measure(name: str, batch: int, repeats: int, methods: list[str]) -> list[dic
         r["x_ort_int8_no_adapt"] = r["cpu_ms"] / spent[("ORT INT8", "no_adapt")]
         r["x_torch_float_no_adapt"] = r["cpu_ms"] / spent[("torch float", "no_adapt")]
         r["x_torch_w8a8_same_method"] = r["cpu_ms"] / spent[("torch W8A8", r["method"])]
+        if ("ORT INT8", "norm_adapt") in spent:
+            r["x_same_backend_norm_adapt"] = r["cpu_ms"] / spent[(r["backend"], "norm_adapt")]
     return rows
 
 
@@ -258,15 +266,17 @@ def markdown(report: dict[str, Any]) -> str:
     """The tables of the report."""
     lines = [
         "| model | batch | backend | method | passes | CPU ms/batch | wall ms | in ORT calls | × ORT INT8 no_adapt "
-        "| × torch W8A8 same method | × torch float no_adapt |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| × torch W8A8 same method | × torch float no_adapt | × same backend norm_adapt |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["cost"]:
         share = f"{100 * r['session_share']:.0f} %" if "session_share" in r else "–"
+        r.setdefault("x_same_backend_norm_adapt", float("nan"))
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['backend']} | {r['method']} | {r['passes_per_batch']:.0f} | "
             f"{r['cpu_ms']:.2f} | {r['wall_ms']:.2f} | {share} | {r['x_ort_int8_no_adapt']:.2f} | "
-            f"{r['x_torch_w8a8_same_method']:.2f} | {r['x_torch_float_no_adapt']:.2f} |"
+            f"{r['x_torch_w8a8_same_method']:.2f} | {r['x_torch_float_no_adapt']:.2f} | "
+            f"{r['x_same_backend_norm_adapt']:.2f} |"
         )
     if report.get("memory"):
         lines += ["", "| model | batch | backend | method | peak MiB | × no_adapt | increment MiB | × no_adapt |",
