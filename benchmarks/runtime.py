@@ -271,12 +271,11 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["cost"]:
         share = f"{100 * r['session_share']:.0f} %" if "session_share" in r else "–"
-        r.setdefault("x_same_backend_norm_adapt", float("nan"))
+        stats = f"{r['x_same_backend_norm_adapt']:.2f}" if "x_same_backend_norm_adapt" in r else "–"
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['backend']} | {r['method']} | {r['passes_per_batch']:.0f} | "
             f"{r['cpu_ms']:.2f} | {r['wall_ms']:.2f} | {share} | {r['x_ort_int8_no_adapt']:.2f} | "
-            f"{r['x_torch_w8a8_same_method']:.2f} | {r['x_torch_float_no_adapt']:.2f} | "
-            f"{r['x_same_backend_norm_adapt']:.2f} |"
+            f"{r['x_torch_w8a8_same_method']:.2f} | {r['x_torch_float_no_adapt']:.2f} | {stats} |"
         )
     if report.get("memory"):
         lines += ["", "| model | batch | backend | method | peak MiB | × no_adapt | increment MiB | × no_adapt |",
