@@ -95,7 +95,8 @@ class SmallBatches(nn.Module):
         if filled == 0 or needed <= 0:
             return None
         capacity = self.history.shape[0]
-        newest_first = [(int(self.head) - 1 - k) % capacity for k in range(filled)]
+        head = int(self.head)
+        newest_first = [(head - 1 - k) % capacity for k in range(filled)]
         counts = self.history[newest_first, -1].tolist()
         taken, total = 0, 0.0
         while taken < filled and total < needed:
