@@ -1,6 +1,6 @@
 """Cost of ZOA on the ONNX Runtime backend beside torch, per batch, side by side in one process; peak memory apart.
 
-Run ``python benchmarks/runtime.py [--models demo_vit vit_small demo_cnn] [--repeats 15] [--out PATH]``.
+Run ``python benchmarks/runtime.py [--models demo_vit vit_small demo_cnn] [--batches 64 1] [--repeats 15] [--out P]``.
 
 For each model and batch size the script builds every (backend, method) pair as ``zoa test`` builds it (the method
 configs of ``configs/methods/`` around a copy of the same network, source statistics on the same clean batches):
@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted(MODELS))
     parser.add_argument("--methods", nargs="+", default=["no_adapt", "zoa", "zoa_per_sample"])
     parser.add_argument("--repeats", type=int, default=15, help="timed batches per configuration")
+    parser.add_argument("--batches", nargs="+", type=int, help="only these of the models' batch sizes")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, one process each")
     parser.add_argument("--calls", action="store_true", help="also time two calls of B vs one call of 2B rows")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime")
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = {"torch": torch.__version__, "threads": 1, "cpu_count": os.cpu_count(), "load": os.getloadavg()}
     report: dict[str, Any] = {"machine": machine, "cost": [], "memory": [], "calls": []}
     for name in args.models:
-        for batch in MODELS[name][2]:
+        for batch in (b for b in MODELS[name][2] if args.batches is None or b in args.batches):
             report["cost"] += measure(name, batch, args.repeats, args.methods)
             if args.memory and batch > 1:
                 report["memory"] += memory(name, batch, args.methods)
