@@ -5,30 +5,39 @@ compares methods on one stream, ``zoa export -c configs/demo.yaml --out graphs``
 Runtime backend runs (docs/runtime.md); configs compose (``-c configs/demo.yaml -c
 configs/methods/no_adapt.yaml``) and flags override them (``--model.init_args.lr 0.001``). ``zoa test --help``
 documents every argument; ``--print_config`` prints the resolved YAML. From Python, ``make_cli(args=[...], run=False)``
-returns the CLI object with ``model``, ``datamodule`` and ``trainer`` built but not run.
+returns the CLI object with ``model``, ``datamodule`` and ``trainer`` built but not run, and
+``resolved_config([...])`` the config that ``zoa test`` arguments resolve to (the configs include parts of
+``configs/parts/`` and each other, see the README's "Configs").
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
 import sys
 import traceback
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local files only; never wait on a model hub
 
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from zoa_lightning.methods import StreamModule
+from zoa_lightning.resume import check_same_stream, run_precision, stored_fingerprint, verify_stream_checkpoint
+from zoa_lightning.run_folder import RunFolderWriter, claim_logger_version, claim_run_folder, describe_earlier_run
 
-__all__ = ["ZOACLI", "export_graphs", "main", "make_cli"]
+__all__ = ["ZOACLI", "ConfigError", "export_graphs", "main", "make_cli", "resolved_config"]
 
 _TEST_DEFAULTS = Path(__file__).resolve().parent / "zoa_lightning" / "test_defaults.yaml"
 
@@ -42,6 +51,12 @@ class ZOACLI(LightningCLI):
     """
 
     _requested_model: dict[str, Any] | None = None
+    _named: set[Path]
+
+    @override
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._named = set()
+        super().__init__(*args, **kwargs)
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -50,11 +65,64 @@ class ZOACLI(LightningCLI):
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:  # before Lightning reads the checkpoint's hyperparameters: it must be whole
+            try:
+                verify_stream_checkpoint(ckpt_path)
+            except (ValueError, FileNotFoundError) as error:
+                raise ConfigError(str(error)) from error
         self._requested_model = _resumed_model_section(self.config)  # before the checkpoint's settings replace it
 
     @override
     def before_instantiate_classes(self) -> None:
         _refuse_replaced_model_settings(self.config, self._requested_model)
+
+    def before_test(self) -> None:
+        """Before any work of ``zoa test``: check a resumed checkpoint, claim the run folders, name an earlier run.
+
+        A resumed checkpoint must be of this very stream, method and precision (checked here, before the corruption
+        cache is built or the network quantized, and again when it is loaded).
+
+        Every folder a callback writes into is created, checked writable and held by this run (a second run into it
+        stops here, naming this one); a fresh run names the results and stream checkpoint an earlier run left there
+        (nothing of them is touched until this run writes its own); each logger's version folder is made while its
+        folder is held, so concurrent runs never share one. Only the first process of a run does this.
+        """
+        if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+            return  # a DDP child process: the launching process claimed the folders
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:  # the whole fingerprint (stream, method, precision), before any data or quantization work
+            precision = run_precision(self.trainer.callbacks)  # type: ignore[attr-defined]
+            current = self.model.stream_fingerprint(self.datamodule, precision)
+            check_same_stream(stored_fingerprint(ckpt_path), current, str(ckpt_path))
+        fresh = not ckpt_path
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, RunFolderWriter):
+                folder = claim_run_folder(callback.run_folder(self.trainer, self.model))
+                earlier = describe_earlier_run(folder) if fresh else None
+                if earlier is not None and folder not in self._named:
+                    self._named.add(folder)
+                    rank_zero_info(
+                        f"{folder} holds an earlier run's {earlier}. This fresh run replaces its results when it "
+                        "writes its own (at its end) and keeps its stream checkpoint as stream-last.previous.ckpt; "
+                        "pass --trainer.default_root_dir <another folder> to keep the runs apart"
+                    )
+        for logger in self.trainer.loggers:
+            if logger.root_dir is not None:
+                claim_logger_version(logger.root_dir, lambda logger=logger: logger.log_dir)
+
+    @override
+    def instantiate_classes(self) -> None:
+        """Build the classes; a value a constructor refuses is a bad argument (:class:`ConfigError`, exit status 2)."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            raise ConfigError(error_message(error)) from error
+
+
+class ConfigError(ValueError):
+    """A config value or argument that a class refused when it was built: reported like a parser error (exit 2)."""
 
 
 def _resumed_model_section(config: Any) -> dict[str, Any] | None:
@@ -111,7 +179,8 @@ _LEAFSPEC_WARNING = r".*isinstance\(treespec, LeafSpec\).*"
 # Lines of jsonargparse's union-type errors that repeat what the line above says or show its internals.
 _ARGPARSE_NOISE = re.compile(
     r"Does not validate against any of the Union subtypes|^\s*Subtypes:|^\s*Errors:|Expected a <class 'NoneType'>"
-    r"|^\s*Given value( type)?:|^\s*- Problem with given class_path"
+    r"|^\s*Given value( type)?:|^\s*- Problem with given class_path|^\s*Not a valid subclass of"
+    r"|^\s*Subclass types expect one of:|^\s*a class path \(str\)$|^\s*a dict (with|without) "
 )
 _PARSER_KEY = re.compile(r'^\s*(?:- )?Parser key "([^"]+)":\s*(.*)$')
 
@@ -136,8 +205,16 @@ def quiet_lightning() -> None:
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message=_LEAFSPEC_WARNING)
+    warnings.formatwarning = warning_line  # a warning is one line for a user: no source line of the code behind it
     # A resumed stream that is already finished serves no domain (the module says so); Lightning's remark is noise.
     warnings.filterwarnings("ignore", message=r"Total length of `OrderedDict` across ranks is zero")
+
+
+def warning_line(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """How ``zoa`` prints a warning: its kind and message on one line (``warnings.formatwarning``'s signature)."""
+    return f"{category.__name__}: {message}\n"
 
 
 def error_message(error: BaseException) -> str:
@@ -193,7 +270,7 @@ def main(args: list[str] | None = None) -> None:
     except Exception as error:
         if debug:
             raise
-        usage = isinstance(error, ArgumentError)
+        usage = isinstance(error, ArgumentError | ConfigError)
         message = error_message(error)
         hint = "run `zoa test --help` for every option" if usage else f"set {DEBUG_ENV_VAR}=1 for the traceback"
         kind = "" if usage or isinstance(error, ValueError | FileNotFoundError) else f"{type(error).__name__}: "
@@ -291,6 +368,37 @@ def export_graphs(args: list[str]) -> dict[str, Path]:
         print(f"wrote {path}")
     print(f"run one with: --trainer.callbacks+=callbacks.OnnxRuntimeCallback --trainer.callbacks.graph {paths['int8']}")
     return paths
+
+
+def resolved_config(args: Sequence[str]) -> dict[str, Any]:
+    """The config that ``zoa test`` arguments resolve to: what ``zoa test ARGS --print_config`` prints, as YAML data.
+
+    A config in ``configs/`` names its parts and may include another config (``config: vit_b16_w8a8.yaml``,
+    ``model: parts/model/...``), so its own YAML does not hold every value; code that needs one (``zoa compare``,
+    the tests) reads it from here, composed exactly as ``zoa test`` composes it. Nothing is instantiated or run.
+
+    Args:
+        args: ``zoa test`` arguments, e.g. ``["-c", "configs/demo.yaml", "--model.init_args.lr", "0.001"]``.
+
+    Returns:
+        Every section (``seed_everything``, ``trainer``, ``model``, ``data``, ``ckpt_path``, ...), defaults filled in.
+
+    Raises:
+        jsonargparse.ArgumentError: for arguments ``zoa test`` refuses (a missing file, an unknown key, a bad value).
+    """
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+            # Called inside another command (zoa compare ...): Lightning warns that sys.argv is not what it parses.
+            warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+            make_cli(["test", *args, "--print_config"], exit_on_error=False)
+    except SystemExit as done:  # --print_config prints, then exits with status 0
+        if done.code not in (0, None):
+            raise
+    data = yaml.safe_load(printed.getvalue())
+    if not isinstance(data, dict):
+        raise RuntimeError(f"zoa test {' '.join(args)} --print_config printed no config: {printed.getvalue()[:200]!r}")
+    return data
 
 
 if __name__ == "__main__":

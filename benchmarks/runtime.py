@@ -27,6 +27,7 @@ run a ZOA batch's passes on the INT8 graph: two calls of ``B`` rows or one call 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -44,7 +45,6 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from benchmarks._measure import SourceData, build_method, median, step
@@ -104,19 +104,25 @@ def build(name: str, backend: str, method: str, nets: dict[str, Any], source: So
 
 
 def demo_overrides(method: str) -> dict[str, Any]:
-    """The settings ``zoa test -c configs/demo.yaml -c configs/methods/<method>.yaml`` adds to the method's config.
+    """The model settings ``zoa test -c configs/demo.yaml -c configs/methods/<method>.yaml`` runs the method with.
 
-    ``configs/demo.yaml``'s model values of the arguments the method's own config does not set (none for another
-    module class).
+    Every ``init_args`` value of the composed config (as ``zoa test`` resolves it: ``configs/demo.yaml`` includes the
+    paper's ViT W8A8 hyperparameters from ``configs/parts/``), but the network and the class count, which the
+    benchmark gives.
     """
+    model = _composed_model(method)
+    return {k: v for k, v in model["init_args"].items() if k not in ("network", "num_classes")}
+
+
+@functools.cache
+def _composed_model(method: str) -> dict[str, Any]:
+    from cli import resolved_config
     from zoa_lightning.method_configs import method_config
 
-    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]
-    own = yaml.safe_load(method_config(method).read_text())["model"]
-    if own["class_path"] != demo["class_path"]:
-        return {}
-    ignored = {"network"}  # (the benchmark gives the network)
-    return {k: v for k, v in demo["init_args"].items() if k not in ignored and k not in own.get("init_args", {})}
+    model: dict[str, Any] = resolved_config(
+        ["-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(method_config(method))]
+    )["model"]
+    return model
 
 
 class SessionClock:

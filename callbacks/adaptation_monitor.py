@@ -14,12 +14,11 @@ from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from zoa_lightning.core.protocols import AdaptationModule, missing_members
-from zoa_lightning.loop import is_last_batch_of_domain
+from zoa_lightning.loop import StreamCallback
 
 __all__ = ["METRIC_NAMES", "AdaptationMonitor"]
 
@@ -40,7 +39,7 @@ METRIC_NAMES: tuple[str, ...] = (
 every loss value the adapter reports in ``last_losses`` (e.g. ``adapt/loss_0`` and ``adapt/loss_1``: ZOA's L0, L+)."""
 
 
-class AdaptationMonitor(Callback):
+class AdaptationMonitor(StreamCallback):
     """Report knowledge-bank events and log the bank and adaptation metrics after every batch.
 
     After every test batch the callback takes the module's new adaptation events (a stream module implementing
@@ -98,22 +97,17 @@ class AdaptationMonitor(Callback):
         self._batch = sum(int(row["batches"]) for row in _observed(pl_module).stream_results())
 
     @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def on_stream_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader_idx: int) -> None:
         self.collect_events(pl_module, dataloader_idx)
         if self.log_metrics and trainer.loggers:
             metrics = self.metrics(pl_module, dataloader_idx)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=self._batch)
         self._batch += 1
-        if is_last_batch_of_domain(trainer, batch_idx, dataloader_idx) and self.log_mixing_weights:
+
+    @override
+    def on_domain_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader_idx: int) -> None:
+        if self.log_mixing_weights:
             self._report_mixing_weights(pl_module)
 
     def collect_events(self, pl_module: pl.LightningModule, dataloader_idx: int = 0) -> list[dict[str, Any]]:

@@ -7,9 +7,12 @@ Lightning's inference mode (calibration creates tensors that must stay ordinary)
 through the module's ``set_network``. All quantization is simulated ("fake"): values are rounded to the integer grid
 and computed in float.
 
-Calibration cache: a calibrated model is saved as ``<cache_dir>/<key>.pt`` (default cache dir
-``~/.cache/zoa_lightning/quant``, or ``$ZOA_CACHE_DIR/quant``), keyed by a hash of the network's float weights, the
-quantizer settings and the calibration images; a later run with the same key loads it instead of recalibrating.
+Calibration cache: a calibrated model is saved as ``<cache_dir>/<method>-w<b>a<b>-<key>.pt`` (default cache dir
+``~/.cache/zoa_lightning/quant``, or ``$ZOA_CACHE_DIR/quant``) with a checksum file beside it, keyed by a hash of the
+network's float weights, the quantizer settings and the calibration images; a later run with the same key loads it
+instead of recalibrating. The full key is kept inside the file and checked with the checksum on load, so a damaged
+file, one of another format, one calibrated from other weights or one holding uncalibrated quantizers is reported
+(naming the file) and replaced by a fresh calibration.
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from typing_extensions import override
 from zoa_lightning.core.layout import resolve_layout
 from zoa_lightning.core.protocols import QuantizableModule, StreamDataModule, missing_members
 from zoa_lightning.core.quant import MQBENCH_BITS, PTQ4VIT_BITS
-from zoa_lightning.files import atomic_write
+from zoa_lightning.files import read_verified, write_verified
 
 __all__ = ["SUPPORTED_BITS", "QuantizationCallback", "default_quant_cache_dir"]
 
 log = logging.getLogger(__name__)
+
+_CACHE_FORMAT = 2  # a dict with the cache key, the state dict and a checksum file beside it
 
 #: Bit widths (inclusive range) each quantizer supports, for weights and activations alike.
 SUPPORTED_BITS: dict[str, tuple[int, int]] = {"ptq4vit": PTQ4VIT_BITS, "mqbench": MQBENCH_BITS}
@@ -184,10 +189,11 @@ class QuantizationCallback(Callback):
         act_bits = self.act_bits if self.act_bits is not None else self._default_act_bits()
         _check_bit_width("bits", self.bits, method, network)
         _check_bit_width("act_bits", act_bits, method, network)
-        path = self.cache_dir / f"{self._cache_key(network, images, method, act_bits)}.pt"
+        key = self._cache_key(network, images, method, act_bits)
+        path = self.cache_path(network, images)
         if self.cache and path.is_file():
             try:
-                return self._load(network, path, method, act_bits), True
+                return self._load(network, path, key, method, act_bits), True
             except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as error:
                 reason = str(error) if len(str(error)) <= 300 else f"{str(error)[:300]} ..."
                 log.warning(
@@ -197,10 +203,18 @@ class QuantizationCallback(Callback):
         if self.cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             buffer = io.BytesIO()
-            torch.save({k: v.detach().cpu() for k, v in quantized.state_dict().items()}, buffer)
-            atomic_write(path, buffer.getvalue())  # several processes may calibrate at once: the last rename wins
+            state = {k: v.detach().cpu() for k, v in quantized.state_dict().items()}
+            torch.save({"format": _CACHE_FORMAT, "key": key, "state_dict": state}, buffer)
+            write_verified(path, buffer.getvalue())  # several processes may calibrate at once: the last rename wins
             log.info("saved calibrated model to %s", path)
         return quantized, False
+
+    def cache_path(self, network: nn.Module, images: Tensor) -> Path:
+        """The cache file of ``network`` calibrated on ``images`` with this callback's settings (it may not exist)."""
+        method = self._method(network)
+        act_bits = self.act_bits if self.act_bits is not None else self._default_act_bits()
+        key = self._cache_key(network, images, method, act_bits)
+        return self.cache_dir / f"{method}-w{self.bits}a{act_bits}-{key[:20]}.pt"
 
     def _calibrate(self, network: nn.Module, images: Tensor, method: str, act_bits: int) -> nn.Module:
         from zoa_lightning.core.quant import quantize_cnn, quantize_vit
@@ -220,12 +234,20 @@ class QuantizationCallback(Callback):
                 network, images, self.bits, act_bits, observer=self.observer, adaround_iters=self.adaround_iters
             )
 
-    def _load(self, network: nn.Module, path: Path, method: str, act_bits: int) -> nn.Module:
-        from zoa_lightning.core.quant import prepare_cnn_quantization, prepare_vit_quantization
+    def _load(self, network: nn.Module, path: Path, key: str, method: str, act_bits: int) -> nn.Module:
+        """The calibrated model of ``path``, checked: its checksum, its format, and that it was built for this key.
 
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
+        The key (the hash of the float network's weights, the quantizer settings and the calibration images) is kept
+        inside the file, so a file put at this name but calibrated from other weights or images is not taken.
+        """
+        from zoa_lightning.core.quant import prepare_cnn_quantization, prepare_vit_quantization, vit_quant_modules
+
+        stored = torch.load(io.BytesIO(read_verified(path)), map_location="cpu", weights_only=True)
+        if not isinstance(stored, dict) or stored.get("format") != _CACHE_FORMAT or "state_dict" not in stored:
+            raise ValueError("it is not a calibration cache file of this version")
+        if stored.get("key") != key:
+            raise ValueError("it was calibrated from another network, quantizer setting or calibration images")
+        state = stored["state_dict"]
         model: nn.Module
         if method == "ptq4vit":
             # prepare_vit_quantization rewrites its argument in place: prepare a copy, so that the float network is
@@ -234,9 +256,13 @@ class QuantizationCallback(Callback):
         else:
             model = prepare_cnn_quantization(network, self.bits, act_bits, observer=self.observer)
         model.load_state_dict(state)
+        uncalibrated = [name for name, module in vit_quant_modules(model) if not module.is_calibrated]
+        if uncalibrated:
+            raise ValueError(f"it holds uncalibrated quantizers ({', '.join(uncalibrated[:3])}, ...)")
         return model.eval()
 
     def _cache_key(self, network: nn.Module, images: Tensor, method: str, act_bits: int) -> str:
+        """The SHA-256 (hex) of the quantizer settings, the float network's weights and the calibration images."""
         digest = hashlib.sha256()
         settings: dict[str, Any] = {
             "version": 1,
@@ -254,7 +280,7 @@ class QuantizationCallback(Callback):
             digest.update(key.encode())
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
         digest.update(images.detach().cpu().contiguous().numpy().tobytes())
-        return f"{method}-w{self.bits}a{act_bits}-{digest.hexdigest()[:20]}"
+        return digest.hexdigest()
 
 
 def _check_bit_width(name: str, value: int, method: str, network: nn.Module | None = None) -> None:

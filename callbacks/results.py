@@ -7,6 +7,7 @@ the writers, the table and the plot live in :mod:`zoa_lightning.reporting` (no L
 too; this module only wires them to the test hooks.
 """
 
+import json
 import resource
 import sys
 import time
@@ -20,8 +21,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from zoa_lightning.core.protocols import ResultsModule, missing_members
-from zoa_lightning.reporting import RUN_COLUMNS, DomainRow, remove_stale_results, results_table, write_results
+from zoa_lightning.core.protocols import FingerprintedModule, ResultsModule, missing_members
+from zoa_lightning.reporting import RUN_COLUMNS, DomainRow, results_table, write_results
+from zoa_lightning.run_folder import claim_run_folder, release_run_folder
 
 __all__ = ["ResultsCallback"]
 
@@ -29,6 +31,14 @@ __all__ = ["ResultsCallback"]
 def _observed(pl_module: "pl.LightningModule") -> ResultsModule:
     """The module as an :class:`~zoa_lightning.core.protocols.ResultsModule` (checked in ``setup``)."""
     return cast(ResultsModule, pl_module)
+
+
+def _recorded_fingerprint(path: Path) -> Any:
+    """The ``fingerprint`` a ``results.json`` records (``None`` if none or unreadable)."""
+    try:
+        return json.loads(path.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _peak_rss_mb() -> float:
@@ -90,6 +100,7 @@ class ResultsCallback(Callback):
         self._elapsed: float = 0.0
         self._started_at: float | None = None
         self._cuda_device: torch.device | None = None
+        self._claimed: Path | None = None
 
     @property
     @override
@@ -102,6 +113,10 @@ class ResultsCallback(Callback):
         running = time.perf_counter() - self._started_at if self._started_at is not None else 0.0
         return self._elapsed + running
 
+    def run_folder(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Path:
+        """Where the result files go: ``out_dir``, or ``<trainer.default_root_dir>/<method>``."""
+        return self._out_dir(trainer, _observed(pl_module).run_info())
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if not isinstance(pl_module, ResultsModule):
@@ -113,6 +128,40 @@ class ResultsCallback(Callback):
             # A fresh test starts at zero; a checkpoint restore calls `load_state_dict` after this, before the start.
             self._elapsed = 0.0
             self._started_at = None
+            if trainer.is_global_zero:  # writable, and no other run writing into it: checked before any work
+                self._claimed = claim_run_folder(self.run_folder(trainer, pl_module))
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "test" and trainer.is_global_zero and trainer.ckpt_path and sum(trainer.num_test_batches) == 0:
+            self._write_finished_stream(trainer, pl_module)
+        if self._claimed is not None:
+            release_run_folder(self._claimed)
+            self._claimed = None
+
+    def _write_finished_stream(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """A resumed stream that was already finished: write its results if the folder lacks them.
+
+        Results already there that record this run's fingerprint are left as they are; missing ones, or another
+        run's, are written from the checkpoint's finished domains (a run killed between its last checkpoint and its
+        results, or an earlier run's results beside a later run's checkpoint).
+        """
+        module = _observed(pl_module)
+        rows = module.stream_results()
+        if not rows:
+            return
+        fingerprint = module.stream_fingerprint() if isinstance(module, FingerprintedModule) else None
+        info = dict(module.run_info())
+        path = self._out_dir(trainer, info) / f"{self.filename_prefix}results.json"
+        if path.is_file() and _recorded_fingerprint(path) == fingerprint:
+            return
+        info.update(seconds=self._elapsed, **self._peak_memory())
+        paths = write_results(
+            rows, info, path.parent, plot=self.plot, prefix=self.filename_prefix, fingerprint=fingerprint
+        )
+        rank_zero_info(
+            f"{type(self).__name__}: wrote the finished stream's {', '.join(str(p) for p in paths.values())}"
+        )
 
     @override
     def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -125,11 +174,6 @@ class ResultsCallback(Callback):
         if self._cuda_device is not None:
             torch.cuda.reset_peak_memory_stats(self._cuda_device)
         self._started_at = time.perf_counter()
-        if trainer.is_global_zero and trainer.ckpt_path is None:
-            # A fresh run replaces an earlier run's files at its end; until then none of them may pass for this run's.
-            removed = remove_stale_results(self._out_dir(trainer, info), self.filename_prefix)
-            if removed:
-                rank_zero_info(f"{type(self).__name__}: removed an earlier run's {', '.join(str(p) for p in removed)}")
 
     def _out_dir(self, trainer: "pl.Trainer", info: Mapping[str, Any]) -> Path:
         return self.out_dir or Path(trainer.default_root_dir) / str(info["method"])
@@ -147,7 +191,9 @@ class ResultsCallback(Callback):
             return
         info = dict(module.run_info())
         info.update(seconds=self._elapsed, **self._peak_memory())
-        paths = write_results(rows, info, self._out_dir(trainer, info), plot=self.plot, prefix=self.filename_prefix)
+        fingerprint = module.stream_fingerprint() if isinstance(module, FingerprintedModule) else None
+        out_dir = self._out_dir(trainer, info)
+        paths = write_results(rows, info, out_dir, plot=self.plot, prefix=self.filename_prefix, fingerprint=fingerprint)
         if self.table:
             from rich.console import Console
 

@@ -176,7 +176,11 @@ def calibration_order(size: int, n: int) -> np.ndarray:
         ValueError: if ``n`` is not in ``1..size``.
     """
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= size:
-        raise ValueError(f"n must be an integer in 1..{size} (the number of available calibration images), got {n!r}")
+        raise ValueError(
+            f"quantization calibration asked for {n!r} clean images and {size} are available: set `calib_images` of "
+            f"callbacks.QuantizationCallback (the config's trainer.callbacks) to an integer in 1..{size}, or give the "
+            "data set more clean images"
+        )
     return np.random.RandomState(CALIBRATION_SEED).permutation(size)[:n]
 
 

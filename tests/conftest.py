@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny timm models (built fresh per test: ZOA rewrites a model in place) and image streams."""
+"""Fixtures shared by every test (the shared helpers that are not fixtures: ``tests/helpers.py``)."""
 
 from __future__ import annotations
 
@@ -6,52 +6,32 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
-import timm
 import torch
-from torch import nn
+
+from tests.helpers import STREAM_CORRUPTIONS
 
 
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """timm zero-initialises some norm scales; give every norm a generic affine so adaptation has an effect."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d | nn.LayerNorm) and m.weight is not None:
-            with torch.no_grad():
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-    return model
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_and_plain_argv() -> Iterator[None]:
+    """Every test (and every fixture it uses) runs with one intra-op thread and ``sys.argv == ["zoa"]``.
 
-
-def make_vit(seed: int = 0) -> nn.Module:
-    """timm ``test_vit`` at 32 px (patch 8: 16 tokens + CLS), 10 classes, deterministic weights."""
-    torch.manual_seed(seed)
-    return _randomize_norms(timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=8), seed).eval()
-
-
-def make_resnet(seed: int = 0) -> nn.Module:
-    """timm ``test_resnet`` with a single-conv stem (the torchvision-style detector tap), 10 classes."""
-    torch.manual_seed(seed)
-    net = timm.create_model("test_resnet", num_classes=10, stem_type="", stem_width=16)
-    return _randomize_norms(net, seed).eval()
-
-
-MODEL_FACTORIES: dict[str, Callable[[int], nn.Module]] = {"vit": make_vit, "resnet": make_resnet}
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Two processes share two cores: keep the single-process reference run to one thread too."""
-    threads = torch.get_num_threads()
+    The tiny models gain nothing from two threads on a shared 2-core machine: intra-op threads only add contention.
+    ``sys.argv`` is what a LightningCLI parses when no arguments are given, so it must not be pytest's. Session-wide,
+    so that module-scoped fixtures (quantized models, calibrations) run on one thread too; both are restored at the end.
+    A test that changes either restores it itself (``monkeypatch``).
+    """
+    threads, argv = torch.get_num_threads(), sys.argv
     torch.set_num_threads(1)
+    sys.argv = ["zoa"]
     yield
     torch.set_num_threads(threads)
+    sys.argv = argv
 
 
 @pytest.fixture(scope="session")
@@ -64,15 +44,6 @@ def digits() -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
-def corrupt_noise(x: torch.Tensor, sigma: float = 0.8, seed: int = 0) -> torch.Tensor:
-    """Additive Gaussian noise: a real distribution change for the detector."""
-    g = torch.Generator().manual_seed(seed)
-    return x + sigma * torch.randn(x.shape, generator=g)
-
-
-STREAM_CORRUPTIONS = ["gaussian_noise", "brightness", "contrast"]
-
-
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A session cache of three fast corruptions of the MNIST test part."""
@@ -81,29 +52,3 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("stream-cache")
     CorruptionStreamDataModule(corruptions=STREAM_CORRUPTIONS, cache_dir=str(path)).prepare_data()
     return path
-
-
-def make_stream(cache: Path, **kwargs: Any) -> Any:
-    """A three-domain MNIST corruption stream with 256 source images, read from the session cache."""
-    from datamodules import CorruptionStreamDataModule
-
-    return CorruptionStreamDataModule(
-        corruptions=STREAM_CORRUPTIONS, cache_dir=str(cache), num_source_images=256, **kwargs
-    )
-
-
-def make_trainer(callbacks: list[pl.Callback] | None = None, batches: int = 2, **kwargs: Any) -> pl.Trainer:
-    """A quiet CPU test Trainer running ``batches`` batches per domain, inference mode off."""
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "limit_test_batches": batches,
-        "inference_mode": False,
-        "callbacks": callbacks or [],
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,9 +31,20 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespac
 from rich.console import Console
 
 from zoa_lightning.method_configs import method_config, method_names
+from zoa_lightning.processes import ChildProcesses
 from zoa_lightning.reporting import write_comparison
+from zoa_lightning.resume import fingerprint_differences, run_precision, stored_fingerprint
 
-__all__ = ["COMPARE_SETTINGS", "build_parser", "compare", "main", "parse_args", "results_file"]
+__all__ = [
+    "COMPARE_SETTINGS",
+    "ChildProcesses",
+    "build_parser",
+    "compare",
+    "main",
+    "parse_args",
+    "results_file",
+    "run_fingerprint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +105,10 @@ def compare(
             with a ``save_dir`` logs there too.
         extra: further ``zoa test`` arguments applied to every method (e.g. ``["--model.init_args.lr", "0.01"]``).
         method_dir: where the method configs live (default :func:`zoa_lightning.method_configs.default_method_dir`).
-        resume: reuse a method's ``results.json`` already under ``out/<method>`` instead of running it again (the
-            caller vouches that it came from the same configs).
+        resume: reuse a method's ``results.json`` already under ``out/<method>`` if it is this setting's (its stream,
+            method settings and precision, as recorded in the file, equal those of the configs and flags now), and
+            continue a method's unfinished stream checkpoint of this setting instead of starting it again; anything
+            else under ``out/<method>`` is run again (the fresh run names what it replaces).
         jobs: methods run at once; with more than one, each process gets ``cpu_count // jobs`` threads.
         log_to_files: send each run's output to ``out/<method>/log.txt`` instead of the terminal (always so when
             ``jobs > 1``); the comparison table then goes to stderr.
@@ -127,30 +140,41 @@ def compare(
 
     def run(method: str, overlay: Path) -> None:
         run_dir = out / method
-        found = results_file(run_dir) if resume else None
-        if found is not None:
-            log.info("reusing %s", found)
-            return
-        command = [sys.executable, "-m", "cli", "test", *(a for c in configs for a in ("-c", c)), "-c", str(overlay)]
+        args = [*(a for c in configs for a in ("-c", c)), "-c", str(overlay)]
         # The method config's name labels the run everywhere (its table, folder and CSV rows), ablations included.
-        command += ["--model.init_args.name", method, "--trainer.default_root_dir", str(run_dir)]
-        command += [logger_dir, str(run_dir)] if logger_dir else []
-        command += list(extra or [])
+        args += ["--model.init_args.name", method, "--trainer.default_root_dir", str(run_dir)]
+        args += [logger_dir, str(run_dir)] if logger_dir else []
+        args += list(extra or [])
+        if resume:
+            decision = _resume_decision(method, run_dir, args)
+            if decision is None:
+                return
+            args += decision
+        command = [sys.executable, "-m", "cli", "test", *args]
         log.info("running %s: %s", method, " ".join(command))
         Console(stderr=log_to_files).print(f"[bold]zoa compare[/bold]: {method}")
         if log_to_files:
             run_dir.mkdir(parents=True, exist_ok=True)
             with (run_dir / "log.txt").open("w") as handle:
-                result = subprocess.run(command, check=False, stdout=handle, stderr=subprocess.STDOUT, env=env)
+                code = children.run(command, stdout=handle, env=env)
         else:
-            result = subprocess.run(command, check=False, env=env)
-        if result.returncode != 0:
+            code = children.run(command, env=env)
+        if code != 0:
             where = f" (log: {run_dir / 'log.txt'})" if log_to_files else ""
-            raise RuntimeError(f"method {method!r} failed (exit {result.returncode}){where}: {' '.join(command)}")
+            raise RuntimeError(f"method {method!r} failed (exit {code}){where}: {' '.join(command)}")
 
+    children = ChildProcesses()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in [pool.submit(run, m, o) for m, o in zip(methods, overlays, strict=True)]:
-            future.result()
+        futures = [pool.submit(run, m, o) for m, o in zip(methods, overlays, strict=True)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            # Interrupted (Ctrl-C) or a method failed: no `zoa test` is left running (nor writing results later), and
+            # none starts; the pool then only waits for threads whose child is already ending.
+            children.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     summaries, rows_by_method = [], {}
     for method in methods:
         found = results_file(out / method)
@@ -163,18 +187,63 @@ def compare(
     return summaries
 
 
+def _resume_decision(method: str, run_dir: Path, args: Sequence[str]) -> list[str] | None:
+    """What ``--resume`` does for one method: ``None`` to reuse its results, else the extra ``zoa test`` arguments.
+
+    Results are reused only if ``results.json`` records this setting's fingerprint (stream, method settings,
+    precision); an unfinished stream checkpoint of this setting is continued (``--ckpt_path``); anything else runs
+    afresh.
+    """
+    expected = run_fingerprint(args)
+    found = results_file(run_dir)
+    if found is not None:
+        stored = json.loads(found.read_text()).get("fingerprint")
+        differences = fingerprint_differences(stored or {}, expected) if stored else ["no fingerprint recorded"]
+        if not differences:
+            log.info("reusing %s", found)
+            Console(stderr=True).print(f"[bold]zoa compare[/bold]: {method}: reusing {found}")
+            return None
+        Console(stderr=True).print(
+            f"[bold]zoa compare[/bold]: {method}: {found} is not this setting's ({'; '.join(differences[:3])}): "
+            "running it again"
+        )
+    for checkpoint in sorted(run_dir.glob("*/stream-last.ckpt")):
+        try:
+            stored_checkpoint = stored_fingerprint(checkpoint)
+        except (ValueError, OSError) as error:
+            Console(stderr=True).print(f"[bold]zoa compare[/bold]: {method}: not continuing {checkpoint} ({error})")
+            continue
+        if stored_checkpoint is not None and not fingerprint_differences(stored_checkpoint, expected):
+            Console(stderr=True).print(f"[bold]zoa compare[/bold]: {method}: continuing {checkpoint}")
+            return ["--ckpt_path", str(checkpoint)]
+    return []
+
+
+def run_fingerprint(args: Sequence[str]) -> dict[str, Any]:
+    """The fingerprint a ``zoa test`` run with ``args`` records (stream, method settings, precision), without running.
+
+    Builds the run's module, data module and callbacks as ``zoa test`` does (the network included, no data loaded)
+    and asks the module (:meth:`~zoa_lightning.methods.base.StreamModule.stream_fingerprint`).
+    """
+    from cli import make_cli
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+        cli = make_cli(list(args), run=False)
+    precision = run_precision(cli.trainer.callbacks)  # type: ignore[attr-defined]
+    return cli.model.stream_fingerprint(cli.datamodule, precision)
+
+
 def _logger_save_dir_flag(configs: Sequence[str]) -> str | None:
     """The flag that moves the configs' logger into a method's run folder, if the configs set one with a folder.
 
-    The last config that sets ``trainer.logger`` decides, as in ``zoa test``; a logger given as a mapping with
-    ``init_args.save_dir`` (e.g. ``lightning.pytorch.loggers.CSVLogger``) is moved, anything else is left alone.
+    The logger is read from the configs composed as ``zoa test`` composes them (:func:`cli.resolved_config`: a config
+    may take its logger from a config it includes); a logger with ``init_args.save_dir`` (e.g.
+    ``lightning.pytorch.loggers.CSVLogger``) is moved, anything else is left alone.
     """
-    logger: Any = None
-    for config in configs:
-        data = yaml.safe_load(Path(config).read_text()) or {}
-        trainer = data.get("trainer") if isinstance(data, dict) else None
-        if isinstance(trainer, dict) and "logger" in trainer:
-            logger = trainer["logger"]
+    from cli import resolved_config  # the zoa test parser; compare runs `python -m cli test` anyway
+
+    logger: Any = resolved_config([a for c in configs for a in ("-c", c)]).get("trainer", {}).get("logger")
     if isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {}):
         return "--trainer.logger.init_args.save_dir"
     return None
@@ -222,7 +291,13 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--out", type=str, default="runs/compare", help="Output folder; one sub-folder per method.")
     parser.add_argument(
-        "--resume", action=ActionYesNo, default=False, help="Reuse a method's results already under --out."
+        "--resume",
+        action=ActionYesNo,
+        default=False,
+        help=(
+            "Reuse a method's results under --out if they are this setting's; continue its unfinished stream "
+            "checkpoint of this setting."
+        ),
     )
     parser.add_argument("--jobs", type=int, default=1, help="Methods run at once (the CPU threads are split).")
     parser.add_argument(

@@ -13,7 +13,16 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["atomic_write", "sha256_of"]
+__all__ = [
+    "DamagedFileError",
+    "atomic_write",
+    "checksum_path",
+    "publish_verified",
+    "read_verified",
+    "sha256_of",
+    "verify_file",
+    "write_verified",
+]
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
@@ -77,3 +86,90 @@ def sha256_of(data: bytes | bytearray | memoryview) -> str:
         'e3b0c44298fc1c14'
     """
     return hashlib.sha256(data).hexdigest()
+
+
+class DamagedFileError(ValueError):
+    """A file whose content does not match the checksum written beside it (or that has no checksum to check)."""
+
+
+def checksum_path(path: str | os.PathLike[str]) -> Path:
+    """The checksum file kept beside ``path``: the same name with ``.sha256`` appended."""
+    target = Path(path)
+    return target.with_name(target.name + ".sha256")
+
+
+def write_verified(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` atomically and its SHA-256 beside it (:func:`checksum_path`), for :func:`read_verified`.
+
+    A crash between the two writes leaves a file and a checksum that disagree: the next :func:`read_verified` says
+    so instead of trusting either.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> read_verified(write_verified(folder / "a.bin", b"data"))
+        b'data'
+    """
+    target = atomic_write(path, data)
+    atomic_write(checksum_path(target), sha256_of(data) + "\n")
+    return target
+
+
+def read_verified(path: str | os.PathLike[str]) -> bytes:
+    """Read a file written by :func:`write_verified`, checking its content against the checksum beside it.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        DamagedFileError: if the checksum file is missing or unreadable, or the content does not match it (the
+            message names the file).
+    """
+    target = Path(path)
+    data = target.read_bytes()
+    _check(target, sha256_of(data))
+    return data
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish_verified(written: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Move a file another writer produced (``written``, in ``path``'s folder) to ``path``, with its checksum beside it.
+
+    For files written by code that cannot write into memory first (e.g. Lightning's ``save_checkpoint``): the content
+    is hashed in blocks, the file renamed over ``path`` (atomic), then the checksum written (:func:`checksum_path`).
+    """
+    source, target = Path(written), Path(path)
+    digest = _file_sha256(source)
+    os.replace(source, target)
+    atomic_write(checksum_path(target), digest + "\n")
+    return target
+
+
+def verify_file(path: str | os.PathLike[str]) -> Path:
+    """Check a file against the checksum beside it (block by block, for large files); returns ``path``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        DamagedFileError: if the checksum file is missing or unreadable, or the content does not match it.
+    """
+    target = Path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"no such file: {target}")
+    _check(target, _file_sha256(target))
+    return target
+
+
+def _check(target: Path, digest: str) -> None:
+    """Raise :class:`DamagedFileError` unless ``digest`` is the checksum written beside ``target``."""
+    sidecar = checksum_path(target)
+    try:
+        expected = sidecar.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DamagedFileError(f"{target} has no readable checksum file {sidecar.name} ({error})") from error
+    if digest != expected:
+        raise DamagedFileError(f"{target} does not match its checksum ({sidecar.name}): the file is damaged")

@@ -10,9 +10,11 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
+from typing_extensions import override
 
-__all__ = ["check_sharded_loaders", "is_last_batch_of_domain"]
+__all__ = ["StreamCallback", "check_sharded_loaders", "is_last_batch_of_domain"]
 
 
 def is_last_batch_of_domain(trainer: pl.Trainer, batch_idx: int, dataloader_idx: int) -> bool:
@@ -25,6 +27,34 @@ def is_last_batch_of_domain(trainer: pl.Trainer, batch_idx: int, dataloader_idx:
     if dataloader_idx >= len(counts) or math.isinf(counts[dataloader_idx]):
         return False
     return batch_idx + 1 >= int(counts[dataloader_idx])
+
+
+class StreamCallback(Callback):
+    """A callback that follows the stream batch by batch and domain by domain (Lightning's test-batch hook, once).
+
+    Subclasses override :meth:`on_stream_batch_end` (after every batch) and :meth:`on_domain_end` (after a domain's
+    last batch, :func:`is_last_batch_of_domain`), both with the batch's test loader index.
+    """
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.on_stream_batch_end(trainer, pl_module, dataloader_idx)
+        if is_last_batch_of_domain(trainer, batch_idx, dataloader_idx):
+            self.on_domain_end(trainer, pl_module, dataloader_idx)
+
+    def on_stream_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader_idx: int) -> None:
+        """After every test batch (nothing by default)."""
+
+    def on_domain_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader_idx: int) -> None:
+        """After the last batch of a domain (nothing by default)."""
 
 
 def check_sharded_loaders(loaders: Any, world_size: int) -> None:

@@ -2,7 +2,7 @@
 
 ``zoa compare`` and the benchmarks take their method lists from here, so adding ``configs/methods/<name>.yaml`` makes
 ``<name>`` available everywhere; nothing else keeps a list of methods. The same files ship inside the installed
-package (``zoa_lightning/method_configs/``), so ``zoa compare`` works from an installed package too.
+package (``zoa_lightning/method_yaml/``), so ``zoa compare`` works from an installed package too.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ _CHECKOUT_METHOD_DIR = Path(__file__).resolve().parents[1] / "configs" / "method
 
 
 def _installed_method_dir() -> Path | None:
-    """The method configs installed with the package (a wheel ships them as ``zoa_lightning/method_configs``)."""
+    """The method configs installed with the package (a wheel ships them as ``zoa_lightning/method_yaml``)."""
     try:
-        folder = Path(str(resources.files("zoa_lightning") / "method_configs"))
+        folder = Path(str(resources.files("zoa_lightning") / "method_yaml"))
     except (ModuleNotFoundError, TypeError):  # pragma: no cover - the package is always importable here
         return None
     return folder if folder.is_dir() else None
@@ -37,7 +37,7 @@ def default_method_dir() -> Path:
         if folder is not None and folder.is_dir():
             return folder
     raise FileNotFoundError(
-        "no method configs found: neither ./configs/methods nor the installed package's method_configs exist; "
+        "no method configs found: neither ./configs/methods nor the installed package's method_yaml exist; "
         "reinstall zoa-lightning or pass the folder of the method configs"
     )
 

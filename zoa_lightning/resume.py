@@ -8,10 +8,22 @@ otherwise domains would be evaluated twice or skipped and one result would mix t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
-__all__ = ["STREAM_KEY", "check_same_stream", "fingerprint_differences", "plain_values", "stream_fingerprint"]
+from zoa_lightning.files import DamagedFileError, verify_file
+
+__all__ = [
+    "STREAM_KEY",
+    "check_same_stream",
+    "fingerprint_differences",
+    "plain_values",
+    "run_precision",
+    "stored_fingerprint",
+    "stream_fingerprint",
+    "verify_stream_checkpoint",
+]
 
 STREAM_KEY = "zoa_stream"
 """Key of a stream checkpoint under which the stream position, finished results and fingerprint live."""
@@ -99,3 +111,55 @@ def check_same_stream(stored: Mapping[str, Any] | None, current: Mapping[str, An
             "Resume with the same data and model configs (and flags) as that run, or start a fresh run without "
             "ckpt_path (`--ckpt_path` on the command line)"
         )
+
+
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of the checkpoints this process verified
+
+
+def run_precision(callbacks: Iterable[Any]) -> str:
+    """The precision tag a run's callbacks give its network: the first quantizer's (``"W8A8"``), else ``"float"``."""
+    from zoa_lightning.core.protocols import PrecisionCallback
+
+    return next((c.precision for c in callbacks if isinstance(c, PrecisionCallback)), "float")
+
+
+def verify_stream_checkpoint(path: str | Path) -> Path:
+    """Check a stream checkpoint against the checksum its writer put beside it, before anything reads it.
+
+    A file this process already verified (same path, size and modification time) is not hashed again.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if it has no checksum file or does not match it (damaged, or not written by ``StreamCheckpoint``).
+    """
+    target = Path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"cannot resume from {target}: no such file")
+    stat = target.stat()
+    key = (str(target.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return target
+    try:
+        verify_file(target)
+        _VERIFIED.add(key)
+        return target
+    except DamagedFileError as error:
+        raise ValueError(
+            f"cannot resume from {path}: {error}. A stream checkpoint is written by StreamCheckpoint with its checksum "
+            "beside it; resume from an undamaged copy, or start a fresh run without ckpt_path"
+        ) from error
+
+
+def stored_fingerprint(path: str | Path) -> dict[str, Any] | None:
+    """The fingerprint a (verified) stream checkpoint holds, or ``None`` if it holds none; reads it lazily.
+
+    Raises:
+        ValueError: as :func:`verify_stream_checkpoint`.
+    """
+    import torch  # here: the rest of this module is plain Python
+
+    verify_stream_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    stream = checkpoint.get(STREAM_KEY) if isinstance(checkpoint, dict) else None
+    fingerprint = stream.get("fingerprint") if isinstance(stream, dict) else None
+    return dict(fingerprint) if isinstance(fingerprint, dict) else None

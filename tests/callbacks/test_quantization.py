@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from callbacks import QuantizationCallback
-from tests.conftest import make_resnet, make_stream, make_trainer, make_vit
+from tests.helpers import make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule, ZOAModule
 
 
@@ -148,3 +149,43 @@ def test_auto_method_checks_the_bit_width_of_the_chosen_quantizer(tmp_path: Path
     with pytest.raises(ValueError, match=re.escape(message)):
         callback.quantize(make_resnet(0), torch.zeros(2, 3, 32, 32))
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["other_weights", "flipped_byte", "uncalibrated", "old_format"])
+def test_a_cache_file_is_taken_only_for_the_network_it_was_calibrated_from(
+    damage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file at the right name is checked: checksum, format, the network and settings it holds, calibration."""
+    from zoa_lightning.core.quant import prepare_vit_quantization
+    from zoa_lightning.files import checksum_path, write_verified
+
+    images = torch.linspace(-1, 1, 8 * 3 * 32 * 32).reshape(8, 3, 32, 32)
+    callback = QuantizationCallback(bits=8, calib_images=8, cache_dir=str(tmp_path), num_candidates=8, search_rounds=1)
+    reference, _ = callback.quantize(make_vit(0), images)
+    callback.quantize(make_vit(1), images)  # another network's file, beside it
+    path, other_path = callback.cache_path(make_vit(0), images), callback.cache_path(make_vit(1), images)
+    assert path != other_path
+    if damage == "other_weights":  # the other network's calibration copied to this network's name
+        path.write_bytes(other_path.read_bytes())
+        checksum_path(path).write_bytes(checksum_path(other_path).read_bytes())
+    elif damage == "flipped_byte":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "uncalibrated":
+        key = torch.load(path, weights_only=True)["key"]
+        state = prepare_vit_quantization(make_vit(0), 8, 8).state_dict()  # prepared, never calibrated
+        buffer = io.BytesIO()
+        torch.save({"format": 2, "key": key, "state_dict": state}, buffer)
+        write_verified(path, buffer.getvalue())
+    else:  # a plain state dict, as the cache held before it kept its key and checksum
+        buffer = io.BytesIO()
+        torch.save(reference.state_dict(), buffer)
+        write_verified(path, buffer.getvalue())
+    with caplog.at_level("WARNING", logger="callbacks.quantization"):
+        again, hit = callback.quantize(make_vit(0), images)
+    assert hit is False, "the unfit file must not be taken"
+    assert any(str(path) in r.getMessage() and "recalibrating" in r.getMessage() for r in caplog.records)
+    probe = torch.linspace(1, -1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(probe), reference(probe))

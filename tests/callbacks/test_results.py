@@ -14,43 +14,18 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 
 import callbacks.results as results_mod
 from callbacks.results import ResultsCallback
+from tests.helpers import RESULT_ROWS, RUN_INFO, make_trainer
 from zoa_lightning.core.protocols import ResultsModule
 from zoa_lightning.reporting import ROW_COLUMNS, RUN_COLUMNS, write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _row(index: int, rnd: int, corruption: str, acc1: float, acc5: float, n: int) -> dict[str, Any]:
-    return {
-        "index": index,
-        "domain": f"r{rnd}/{corruption}",
-        "round": rnd,
-        "corruption": corruption,
-        "acc1": acc1,
-        "acc5": acc5,
-        "n": n,
-        "batches": n // 50,
-        "forward_passes": 3 * (n // 50),
-        "skipped_batches": 0,
-        "seconds": 0.5,
-    }
-
-
-# Unweighted mean acc1 = 55, acc5 = 81.25; weighted by n it would differ (acc1 52.5).
-ROWS = [
-    _row(0, 1, "gaussian_noise", 50.0, 80.0, 100),
-    _row(1, 1, "fog", 40.0, 70.0, 300),
-    _row(2, 2, "gaussian_noise", 70.0, 90.0, 100),
-    _row(3, 2, "fog", 60.0, 85.0, 300),
-]
-INFO = {"method": "zoa", "model": "test_vit", "bits": "W8A8", "seed": 7}
-
-
 class StreamModel(BoringModel):
     def __init__(self, rows: list[dict[str, Any]] | None = None, info: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self._rows = ROWS if rows is None else rows
-        self._info = INFO if info is None else info
+        self._rows = RESULT_ROWS if rows is None else rows
+        self._info = RUN_INFO if info is None else info
 
     def stream_results(self) -> list[dict[str, Any]]:
         return [dict(row) for row in self._rows]
@@ -65,18 +40,7 @@ class HalfStreamModel(BoringModel):
 
 
 def _trainer(root: Path, *cbs: ResultsCallback) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_test_batches=1,
-        inference_mode=False,
-        default_root_dir=root,
-        callbacks=list(cbs),
-    )
+    return make_trainer(list(cbs), batches=1, default_root_dir=root)
 
 
 def test_writes_json_csv_png_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,14 +63,14 @@ def test_writes_json_csv_png_and_table(tmp_path: Path, capsys: pytest.CaptureFix
     assert summary["seconds_per_batch"] == pytest.approx(summary["seconds"] / 16, abs=1e-6)
     assert summary["memory_kind"] == "cpu_max_rss"
     assert summary["peak_memory_mb"] > 1
-    assert data["domains"] == ROWS
+    assert data["domains"] == RESULT_ROWS
 
     with (out / "results.csv").open(newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames or ()) == (*ROW_COLUMNS, *RUN_COLUMNS)
         csv_rows = list(reader)
-    assert [r["domain"] for r in csv_rows] == [r["domain"] for r in ROWS]
-    assert [float(r["acc1"]) for r in csv_rows] == [r["acc1"] for r in ROWS]
+    assert [r["domain"] for r in csv_rows] == [r["domain"] for r in RESULT_ROWS]
+    assert [float(r["acc1"]) for r in csv_rows] == [r["acc1"] for r in RESULT_ROWS]
     assert {(r["method"], r["model"], r["bits"]) for r in csv_rows} == {("zoa", "test_vit", "W8A8")}
 
     png = (out / "accuracy.png").read_bytes()
@@ -128,7 +92,7 @@ def test_prefix_no_plot_no_table_and_log_line(
     cb = ResultsCallback(out_dir=str(tmp_path / "a" / "b"), filename_prefix="zoa_", plot=False, table=False)
     _trainer(tmp_path, cb).test(StreamModel())
 
-    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["zoa_results.csv", "zoa_results.json"]
+    assert _files(tmp_path / "a" / "b") == ["zoa_results.csv", "zoa_results.json"]
     assert "r1/fog" not in capsys.readouterr().out
     assert len(messages) == 1
     assert str(tmp_path / "a" / "b" / "zoa_results.json") in messages[0]
@@ -137,7 +101,9 @@ def test_prefix_no_plot_no_table_and_log_line(
 
 def test_files_are_overwritten(tmp_path: Path) -> None:
     _trainer(tmp_path, ResultsCallback(out_dir=tmp_path, plot=False, table=False)).test(StreamModel())
-    _trainer(tmp_path, ResultsCallback(out_dir=tmp_path, plot=False, table=False)).test(StreamModel(rows=ROWS[:1]))
+    _trainer(tmp_path, ResultsCallback(out_dir=tmp_path, plot=False, table=False)).test(
+        StreamModel(rows=RESULT_ROWS[:1])
+    )
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["summary"]["domains"] == 1
     assert data["summary"]["mean_acc1"] == pytest.approx(50.0)
@@ -162,7 +128,7 @@ def test_no_finished_domains_warns_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="no finished domains"):
         _trainer(tmp_path, ResultsCallback(out_dir=out)).test(StreamModel(rows=[]))
-    assert not out.exists()
+    assert _files(out) == []  # the folder was claimed (made and checked writable) up front, nothing written
 
 
 def test_state_dict_round_trip_and_state_key() -> None:
@@ -217,9 +183,14 @@ def test_init_validation_and_cli_arguments() -> None:
     assert math.isfinite(cb.elapsed_seconds)
 
 
-def test_files_are_replaced_atomically_and_a_fresh_run_removes_an_older_runs(tmp_path: Path) -> None:
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not the run folder's lock file
+
+
+def test_an_older_runs_results_stay_until_a_new_run_has_its_own(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    write_results(ROWS, INFO, out)  # an older run: json, csv and png
+    write_results(RESULT_ROWS, RUN_INFO, out)  # an older run: json, csv and png
+    older = {name: (out / name).read_bytes() for name in _files(out)}
     cb = ResultsCallback(out_dir=out, plot=False, table=False)
 
     class Failing(StreamModel):
@@ -228,15 +199,16 @@ def test_files_are_replaced_atomically_and_a_fresh_run_removes_an_older_runs(tmp
 
     with pytest.raises(RuntimeError, match="crashed"):
         _trainer(tmp_path, cb).test(Failing())
-    assert not any(out.iterdir()), "an older run's results must not pass for this run's"
-    _trainer(tmp_path, ResultsCallback(out_dir=out, plot=False, table=False)).test(StreamModel())
-    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]  # no temporary files left
+    assert {name: (out / name).read_bytes() for name in _files(out)} == older, "a crashed run must not lose them"
+    _trainer(tmp_path, ResultsCallback(out_dir=out, plot=False, table=False)).test(StreamModel(rows=RESULT_ROWS[:1]))
+    assert _files(out) == ["results.csv", "results.json"]  # replaced whole (no plot asked), no temporary files left
+    assert json.loads((out / "results.json").read_text())["summary"]["domains"] == 1
 
 
 def test_rolled_back_batches_show_in_the_table_and_the_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rows = [{**row, "skipped_batches": 2 if i == 1 else 0} for i, row in enumerate(ROWS)]
+    rows = [{**row, "skipped_batches": 2 if i == 1 else 0} for i, row in enumerate(RESULT_ROWS)]
     with pytest.warns(UserWarning, match="rolled back its adaptation on 2 batch"):
         _trainer(tmp_path, ResultsCallback(out_dir=tmp_path / "o")).test(StreamModel(rows))
     printed = capsys.readouterr().out

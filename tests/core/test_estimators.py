@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import make_resnet, make_vit
+from tests.helpers import make_resnet, make_vit
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.estimators import (
     draw_perturbations,
@@ -25,6 +25,7 @@ from zoa_lightning.core.estimators import (
     tap_differences,
 )
 from zoa_lightning.core.spsa import spsa_gradients
+from zoa_lightning.core.taps import PassResult
 
 B = 16
 
@@ -41,6 +42,17 @@ def _noisy(digits: torch.Tensor, start: int = 600) -> torch.Tensor:
     return x + 0.8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(start))
 
 
+def _statistics_weights(adapter: ZOA, clean: PassResult) -> torch.Tensor:
+    """The per-image statistics weights of a clean pass (``lambda_bp`` 30), its batch mean and std from its sums."""
+    features, n = clean.record.features(), float(clean.stats[-1])
+    dim = features.shape[1]
+    mean = clean.stats[:dim] / n
+    std = ((clean.stats[dim : 2 * dim] - n * mean * mean) / (n - 1)).sqrt()
+    return statistics_weights(
+        features, mean, std, adapter.source.mean, adapter.source.std, adapter.loss.tap_dims, 30.0, n
+    )
+
+
 def test_each_images_difference_is_its_exact_directional_derivative(digits: torch.Tensor) -> None:
     adapter = _adapter(digits, estimator="per_sample")
     x = _noisy(digits)
@@ -49,12 +61,7 @@ def test_each_images_difference_is_its_exact_directional_derivative(digits: torc
     alpha0, theta0 = bank.alpha[:k].clone(), bank.theta.clone()
     clean = adapter.fitness(x)
     features, n = clean.record.features(), float(clean.stats[-1])
-    dim = features.shape[1]
-    mean = clean.stats[:dim] / n
-    std = ((clean.stats[dim : 2 * dim] - n * mean * mean) / (n - 1)).sqrt()
-    weights = statistics_weights(
-        features, mean, std, adapter.source.mean, adapter.source.std, adapter.loss.tap_dims, 30.0, n
-    )
+    weights = _statistics_weights(adapter, clean)
     u = draw_perturbations(B, theta0.numel(), "rademacher", torch.Generator().manual_seed(0))
     rows = theta0.expand(B, -1).clone().requires_grad_(True)  # every image its own parameters
     with torch.enable_grad(), bank.evaluated_at(alpha0.expand(B, k), rows):
@@ -116,12 +123,7 @@ def test_tap_attribution_credits_each_epsilon_only_with_the_taps_that_depend_on_
     # The per-tap differences add up to the image's total difference.
     clean = adapter.fitness(x)
     feats, n = clean.record.features(), float(clean.stats[-1])
-    dim = feats.shape[1]
-    mean = clean.stats[:dim] / n
-    std = ((clean.stats[dim : 2 * dim] - n * mean * mean) / (n - 1)).sqrt()
-    weights = statistics_weights(
-        feats, mean, std, adapter.source.mean, adapter.source.std, adapter.loss.tap_dims, 30, n
-    )
+    weights = _statistics_weights(adapter, clean)
     u = draw_perturbations(B, bank.size, "rademacher", torch.Generator().manual_seed(0))
     with bank.evaluated_at(bank.alpha[:k].expand(B, k), bank.theta + 0.01 * u):
         plus = adapter.fitness(x)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import timm
 import torch
 import torchvision
 from torch import nn
 
-from zoa_lightning.core import ModelLayout, ZOAConfig, resolve_layout
+from tests.helpers import make_vit
+from zoa_lightning.core import ZOA, ModelLayout, ZOAConfig, resolve_layout
 
 
 def _width(model: nn.Module, layout: ModelLayout) -> int:
@@ -82,22 +85,74 @@ def test_explicit_layout_attribute_is_used_and_checked() -> None:
         resolve_layout(model)
 
 
-def test_config_resolves_reference_and_corrected_switches() -> None:
-    ref_cnn = ZOAConfig().resolved("cnn")
-    assert (ref_cnn.resnet_shift, ref_cnn.compact_similarity, ref_cnn.detector_passes) == ("scalar", False, 2)
-    assert ref_cnn.seed_detector_from_source
-    assert not ZOAConfig().resolved("vit").seed_detector_from_source
-    cor = ZOAConfig(mode="corrected").resolved("cnn")
-    assert (cor.resnet_shift, cor.compact_similarity, cor.detector_passes) == ("vector", True, 1)
-    assert not cor.seed_detector_from_source
-    assert ZOAConfig(mode="corrected", detector_passes=2).resolved("vit").detector_passes == 2
-    with pytest.raises(ValueError, match="spsa_c"):
-        ZOAConfig(spsa_c=0)
-
-
 def test_deep_stem_detector_reads_the_first_stem_convolution() -> None:
     model = timm.create_model("test_resnet", num_classes=10)  # conv1 is conv-BN-act-conv-BN-act-conv
     assert isinstance(model.conv1, nn.Sequential)
     assert resolve_layout(model).detector == "conv1.0"
     with torch.device("meta"):
         assert resolve_layout(timm.create_model("resnet50d")).detector == "conv1.0"
+
+
+# ------------------------------------------------------------------ the prediction ZOA makes is the network's own
+_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 10}
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"reg_tokens": 2}, {"fc_norm": True}, {"no_embed_class": True}, {"class_token": True}]
+)
+def test_for_every_accepted_vit_family_zoa_predicts_what_the_network_does(options: dict) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    net = VisionTransformer(**_VIT, **options).eval()
+    adapter = ZOA(net, ZOAConfig())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, record = adapter.taps.run(x, "predict")
+        torch.testing.assert_close(adapter.taps.head(record.final()), logits)  # what the shifted prediction reads
+        torch.testing.assert_close(logits, net(x))  # nothing adapted yet: the network's own forward
+
+
+def test_a_distilled_vit_is_refused_by_zoa_and_foa() -> None:
+    from timm.models.deit import VisionTransformerDistilled
+
+    from zoa_lightning.core.methods import FOA
+
+    net = VisionTransformerDistilled(**_VIT).eval()
+    with pytest.raises(ValueError, match=r"distilled ViT: it predicts the mean of two heads, `head` .*`head_dist`"):
+        ZOA(net, ZOAConfig())
+    with pytest.raises(ValueError, match=r"FOA's activation shift and loss read the class token's head alone"):
+        FOA(net, popsize=2)
+
+
+def test_a_network_whose_output_is_not_its_head_alone_is_refused() -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = make_vit(0)
+            self.extra = nn.Linear(3 * 32 * 32, 10)
+            self.zoa_layout = resolve_layout(self.inner)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) + self.extra(x.flatten(1))
+
+    net = TwoHeads()
+    net.zoa_layout = dataclasses.replace(
+        net.zoa_layout,
+        norms=tuple(f"inner.{n}" for n in net.zoa_layout.norms),
+        detector=f"inner.{net.zoa_layout.detector}",
+        taps=tuple(f"inner.{n}" for n in net.zoa_layout.taps),
+        head=f"inner.{net.zoa_layout.head}",
+    )
+    with pytest.raises(TypeError, match=r"is not its head 'inner.head' applied to the head's input"):
+        ZOA(net, ZOAConfig(), input_size=(3, 32, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float64])
+def test_a_batch_of_another_dtype_is_refused_before_anything_changes(dtype: torch.dtype) -> None:
+    adapter = ZOA(make_vit(0), ZOAConfig(detector_min_batch=4))
+    adapter.collect_source_statistics([torch.randn(8, 3, 32, 32)])
+    before = {k: v.clone() for k, v in adapter.adaptation_state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=rf"the network takes torch.float32 images, got a {dtype} batch"):
+        adapter(torch.zeros(4, 3, 32, 32, dtype=dtype))
+    after = adapter.adaptation_state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())

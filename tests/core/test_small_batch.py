@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import MODEL_FACTORIES, corrupt_noise
+from tests.helpers import MODEL_FACTORIES, corrupt_noise
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.loss import loss_statistics
 from zoa_lightning.core.small_batch import SmallBatches

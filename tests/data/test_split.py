@@ -69,10 +69,14 @@ def test_folder_errors_name_the_path_and_the_layout(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"neither 'mnist' nor an existing folder") as missing:
         load_clean_split(str(tmp_path / "nowhere"), 16)
     assert FOLDER_LAYOUT in str(missing.value)
-    single = _folder(tmp_path / "single", classes=1, per_class=1)
-    with pytest.raises(ValueError, match=r"holds 1 image\(s\); at least 2"):
+    single = _folder(tmp_path / "single", classes=2, per_class=1)
+    (single / "class1" / "0.png").unlink()
+    with pytest.raises(ValueError, match=r"the class folder\(s\) class1 hold no image files.*remove the empty ones"):
+        load_clean_split(str(single), 16)  # an empty class folder is no class (it used to count as one)
+    (single / "class1").rmdir()
+    with pytest.raises(ValueError, match=r"has 1 class folder \(class0\): a classifier needs at least two classes"):
         load_clean_split(str(single), 16)
-    broken = _folder(tmp_path / "broken", classes=1, per_class=2)
+    broken = _folder(tmp_path / "broken", classes=2, per_class=2)
     (broken / "class0" / "0.png").write_bytes(b"not a png")
     with pytest.raises(UnreadableImageError, match=r"0\.png"):
         load_clean_split(str(broken), 16)

@@ -7,13 +7,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from skimage import data
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from datamodules import ImageNetCDataModule
 from datamodules.imagenet_c import imagenet_class_index
+from tests.helpers import imagenet_c_data, photo, resized, save_class_tree
 
 # ImageNet-1k synsets whose canonical indices (281 tabby cat, 967 espresso) differ from their folder positions (0, 1)
 WNIDS = ("n02123045", "n07920052")
@@ -26,13 +25,9 @@ LABEL_SPACE_CASES = [("auto", 1000, IMAGENET_LABELS), ("imagenet", 1000, IMAGENE
 def _write_class_tree(
     root: Path, size: int, suffix: str = ".JPEG", photos: dict[str, tuple[str, ...]] = PHOTOS
 ) -> None:
-    for wnid, names in photos.items():
-        (root / wnid).mkdir(parents=True)
-        for name in names:
-            photo = (
-                Image.fromarray(getattr(data, name)()).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            )
-            photo.save(root / wnid / f"{name}{suffix}", quality=90)
+    pairs = [(wnid, name) for wnid, names in photos.items() for name in names]
+    images = [resized(photo(name), size) for _, name in pairs]
+    save_class_tree(images, [name for _, name in pairs], [wnid for wnid, _ in pairs], root, suffix)
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +45,8 @@ def _ds(loader: DataLoader) -> Any:
 
 
 def _make(tree: Path, **kwargs: Any) -> ImageNetCDataModule:
-    args: dict[str, Any] = {
-        "root": str(tree / "c"),
-        "source_root": str(tree / "val"),
-        "calib_root": str(tree / "train"),
-        "corruptions": CORRUPTIONS,
-        "image_size": 32,
-        "batch_size": 3,
-        "rounds": 2,
-    }
-    args.update(kwargs)
-    return ImageNetCDataModule(**args)
+    options = {"corruptions": CORRUPTIONS, "image_size": 32, "batch_size": 3, "rounds": 2}
+    return imagenet_c_data(tree, "c", **{**options, **kwargs})
 
 
 def _labels(loader: DataLoader) -> list[int]:
@@ -125,7 +111,7 @@ def test_source_and_calibration(tree: Path) -> None:
     assert chosen == [folder.samples[i][0] for i in expected]
     resnet = _make(tree, norm="imagenet").calibration_images(2)
     assert not torch.allclose(calib, resnet)
-    with pytest.raises(ValueError, match=r"n must be an integer in 1\.\.4"):
+    with pytest.raises(ValueError, match=r"asked for 5 clean images and 4 are available: set .calib_images. of"):
         dm.calibration_images(5)
     with pytest.raises(ValueError, match="source_root"):
         _make(tree, source_root=None).source_dataloader()

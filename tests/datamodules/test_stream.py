@@ -155,6 +155,8 @@ def test_source_calibration_val(built: CorruptionStreamDataModule, tmp_path: Pat
     assert torch.equal(calib[:4], built.calibration_images(4))
     with pytest.raises(ValueError, match=r"1\.\.4000"):
         built.calibration_images(0)
+    with pytest.raises(ValueError, match=r"asked for 5000 clean images and 4000 are available: set .calib_images."):
+        built.calibration_images(5000)  # the error names the option to lower
     assert len(_ds(built.val_dataloader())) == 1000
     with pytest.raises(ValueError, match="num_source_images=5000"):
         _make(tmp_path, num_source_images=5000).source_dataloader()

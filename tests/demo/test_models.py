@@ -21,7 +21,8 @@ from zoa_lightning.demo import (
     default_weights_path,
     load_demo_model,
 )
-from zoa_lightning.demo.train import Recipe, _augment, _lr_factor
+from zoa_lightning.demo.recipes import Recipe
+from zoa_lightning.demo.train import _augment, _lr_factor
 
 
 @pytest.fixture(scope="module")

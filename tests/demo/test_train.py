@@ -17,7 +17,8 @@ from cli import make_cli
 from datamodules import CorruptionStreamDataModule
 from zoa_lightning.data import load_mnist_split
 from zoa_lightning.demo import load_demo_model
-from zoa_lightning.demo.train import DEFAULT_OUT, _parse_args, load_training_data, main
+from zoa_lightning.demo.recipes import load_training_data
+from zoa_lightning.demo.train import DEFAULT_OUT, _parse_args, main
 
 CLASSES = 3
 PER_CLASS = 14  # 42 images: 34 training (enough for 32 calibration images), 8 test
@@ -64,7 +65,7 @@ def test_training_data_is_the_stream_split_with_the_folder_classes(folder: Path)
 
 @pytest.mark.usefixtures("_restore_torch_globals")
 def test_train_on_a_folder_then_adapt_with_the_printed_command(
-    folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "weights"
     with caplog.at_level(logging.INFO, logger="zoa_lightning.demo.train"):
@@ -82,7 +83,6 @@ def test_train_on_a_folder_then_adapt_with_the_printed_command(
 
     # The printed command adapts the trained model on the folder's corruption stream (one batch, one cheap corruption;
     # the quantization callback is left out to keep the test short: the network is the trained float model).
-    monkeypatch.setattr("sys.argv", ["zoa"])
     cli = make_cli(
         [
             *args[1:],

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from callbacks import OnnxRuntimeCallback, QuantizationCallback, StreamCheckpoint
-from cli import main
-from tests.conftest import make_resnet, make_stream, make_trainer, make_vit
+from cli import main, resolved_config
+from tests.helpers import make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule, ZOAModule
 from zoa_lightning.core.runtime.network import RuntimeNetwork
 from zoa_lightning.methods.tent import TentModule
@@ -169,7 +169,8 @@ def test_zoa_export_writes_graphs_that_zoa_test_runs(
 ) -> None:
     monkeypatch.setattr("sys.argv", ["zoa"])
     monkeypatch.setenv("ZOA_CACHE_DIR", str(tmp_path / "cache"))
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())  # W8A8 with the fake quantizer
+    config = resolved_config(["-c", str(ROOT / "configs" / "demo.yaml")])  # W8A8 with the fake quantizer
+    config = {k: v for k, v in config.items() if k in ("seed_everything", "trainer", "model", "data")}
     corruptions = ["gaussian_noise", "brightness", "contrast"]
     config["data"]["init_args"].update(corruptions=corruptions, cache_dir=str(cache_dir), num_source_images=256)
     callbacks = [c for c in config["trainer"]["callbacks"] if "RichProgressBar" not in c["class_path"]]
@@ -208,9 +209,7 @@ class _SaveEachBatch(pl.Callback):
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_two_gloo_processes_on_the_runtime_backend_adapt_as_one(
-    cache_dir: Path, tmp_path: Path, one_thread: None
-) -> None:
+def test_two_gloo_processes_on_the_runtime_backend_adapt_as_one(cache_dir: Path, tmp_path: Path) -> None:
     batch, batches = 43, 3
     options = {"lr": 0.005, "spsa_c": 0.05, "domain_t": 0.1, "detector_min_batch": batch}
     cache = str(tmp_path / "graphs")

@@ -35,7 +35,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelLayout", "check_image_batch", "default_input_size", "resolve_layout"]
+__all__ = [
+    "ModelLayout",
+    "check_head_prediction",
+    "check_image_batch",
+    "check_image_dtype",
+    "default_input_size",
+    "refuse_distilled_vit",
+    "resolve_layout",
+]
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,24 @@ def resolve_layout(model: nn.Module) -> ModelLayout:
     return layout
 
 
+def refuse_distilled_vit(model: nn.Module, method: str) -> None:
+    """Raise ``ValueError`` for a distilled ViT (timm's DeiT with ``head_dist``), whose prediction two heads share.
+
+    Args:
+        model: the network.
+        method: who refuses it, for the message (``"ZOA"``, ``"FOA"``).
+    """
+    if getattr(model, "dist_token", None) is not None or isinstance(getattr(model, "head_dist", None), nn.Module):
+        raise ValueError(
+            f"{type(model).__name__} is a distilled ViT: it predicts the mean of two heads, `head` on the class token "
+            f"and `head_dist` on the distillation token, while {method}'s activation shift and loss read the class "
+            "token's head alone, so its predictions would silently drop `head_dist`. Use the model without "
+            "distillation (e.g. deit_small_patch16_224 instead of deit_small_distilled_patch16_224)"
+        )
+
+
 def _vit_layout(model: nn.Module) -> ModelLayout:
+    refuse_distilled_vit(model, "ZOA")
     depth = len(model.blocks)  # type: ignore[arg-type]
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", "token") != "token":
@@ -210,13 +235,14 @@ def check_image_batch(images: Tensor, model: nn.Module, layout: ModelLayout, inp
         input_size: ``(C, H, W)`` the network was built for.
 
     Raises:
-        ValueError: for a non-4-d input, the wrong channel count, a size a ViT cannot embed, an empty batch, or NaN/Inf
-            values (the message counts them).
+        ValueError: for a non-4-d input, another dtype than the network's, the wrong channel count, a size a ViT cannot
+            embed, an empty batch, or NaN/Inf values (the message counts them).
     """
     c, h, w = input_size
     if not isinstance(images, Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"ZOA expects an image batch of shape (B, {c}, H, W), got {shape}")
+    check_image_dtype(images, model)
     if images.shape[1] != c:
         raise ValueError(f"ZOA expects {c}-channel images (B, {c}, H, W), got shape {tuple(images.shape)}")
     if layout.kind == "vit":
@@ -234,3 +260,42 @@ def check_image_batch(images: Tensor, model: nn.Module, layout: ModelLayout, inp
     if not bool(torch.isfinite(images).all()):
         bad = int((~torch.isfinite(images)).sum())
         raise ValueError(f"the input batch contains {bad} NaN/Inf values; nothing was adapted on it")
+
+
+def check_image_dtype(images: Tensor, model: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``images`` has the floating dtype of the network's parameters.
+
+    A ``uint8`` batch (raw pixels) or a float16/float64 one would otherwise fail deep inside the network with torch's
+    dtype mismatch, or silently run at another precision.
+
+    Raises:
+        ValueError: naming both dtypes and how to convert.
+    """
+    expected = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if images.dtype != expected:
+        hint = "images.float() / 255, then normalise" if not images.is_floating_point() else f"images.to({expected})"
+        raise ValueError(
+            f"the network takes {expected} images, got a {images.dtype} batch of shape {tuple(images.shape)}: convert "
+            f"it ({hint}, as the data modules do) before adapting on it"
+        )
+
+
+def check_head_prediction(logits: Tensor, head_logits: Tensor, model: nn.Module, head: str) -> None:
+    """Raise ``TypeError`` unless a network's prediction is its head applied to the head's input.
+
+    ZOA predicts with ``head(final + shift)`` and its loss reads the head input as the final feature; a network whose
+    output also reads something else (a second head, an ensemble) would have part of its prediction dropped.
+
+    Args:
+        logits: the network's own output for a probe batch.
+        head_logits: ``head(head input)`` for the same batch.
+        model: the network, for the message.
+        head: the head's qualified name.
+    """
+    if logits.shape != head_logits.shape or not torch.allclose(logits, head_logits, rtol=1e-4, atol=1e-5):
+        raise TypeError(
+            f"the prediction of {type(model).__name__} is not its head {head!r} applied to the head's input (the "
+            "network's output reads more than that, e.g. a second head), so ZOA's activation-shifted prediction would "
+            "differ from the network's own; give ZOA a network whose output is its head's, or a zoa_layout naming the "
+            "module that produces the whole prediction"
+        )

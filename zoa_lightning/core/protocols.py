@@ -21,7 +21,9 @@ from zoa_lightning.core.layout import ModelLayout
 __all__ = [
     "AdaptationModule",
     "BankAdapter",
+    "FingerprintedModule",
     "MixingBank",
+    "PrecisionCallback",
     "QuantizableModule",
     "ResultsModule",
     "ResumableDataModule",
@@ -106,6 +108,25 @@ class ResultsModule(Protocol):
 
 
 @runtime_checkable
+class FingerprintedModule(Protocol):
+    """A stream module that can say what identifies its run (stream, method, precision) in plain values."""
+
+    def stream_fingerprint(self) -> dict[str, Any]:
+        """``{"data": ..., "method": ..., "precision": ...}`` (see :mod:`zoa_lightning.resume`)."""
+        ...
+
+
+@runtime_checkable
+class PrecisionCallback(Protocol):
+    """A callback that sets the network's precision before the method runs (a quantizer)."""
+
+    @property
+    def precision(self) -> str:
+        """The precision tag it gives the network, e.g. ``"W8A8"``."""
+        ...
+
+
+@runtime_checkable
 class AdaptationModule(ResultsModule, Protocol):
     """What the adaptation monitor and the stream checkpoint read from a stream module (``StreamModule``)."""
 
@@ -186,8 +207,11 @@ class ResumableDataModule(Protocol):
 def missing_members(obj: object, protocol: type) -> list[str]:
     """Names of the protocol's public members (methods, properties and annotated attributes) that ``obj`` lacks.
 
+    Members a protocol inherits from the protocols it extends count too.
+
     For error messages, e.g. ``missing_members(object(), SourceDataModule) == ["source_dataloader"]``.
     """
-    names = [*vars(protocol), *getattr(protocol, "__annotations__", {})]
+    protocols = [c for c in reversed(protocol.__mro__) if getattr(c, "_is_protocol", False) and c is not Protocol]
+    names = [n for c in protocols for n in (*vars(c), *vars(c).get("__annotations__", {}))]
     members = [n for n in dict.fromkeys(names) if not n.startswith("_") or n == "__call__"]
     return [n for n in members if not hasattr(obj, n)]

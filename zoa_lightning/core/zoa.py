@@ -24,7 +24,7 @@ from zoa_lightning.core.batch_norm import BatchStatistics
 from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.detector import DetectorSums, DomainShiftDetector
 from zoa_lightning.core.estimators import GradientEstimator, check_estimator
-from zoa_lightning.core.layout import ModelLayout, check_image_batch
+from zoa_lightning.core.layout import ModelLayout, check_head_prediction, check_image_batch
 from zoa_lightning.core.loss import ZOALoss, loss_statistics
 from zoa_lightning.core.methods.base import Adapter
 from zoa_lightning.core.network import bind_network, network_input_size, network_layout
@@ -110,6 +110,12 @@ class ZOA(Adapter):
             probe_logits, probe = self.taps.run(zeros := torch.zeros(2, *self.input_size, device=device), "probe")
         if probe.head_input is None or len(probe.taps) != len(self.layout.taps):
             raise RuntimeError("the layout's taps or head were not reached by the model's forward")
+        with torch.no_grad():  # the prediction must be the head's alone (a distilled ViT's is not): a random probe
+            check = torch.randn(2, *self.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+            no_shift = torch.zeros(int(probe.head_input.shape[1]), device=device, dtype=dtype)
+            logits, record = self.taps.run(check, "predict", shift=no_shift)  # record.shifted = head(final + 0)
+            assert record.shifted is not None
+            check_head_prediction(logits, record.shifted, model, self.layout.head)
         self.num_classes = int(probe_logits.shape[-1])
         self.loss = ZOALoss([int(t.shape[1]) for t in probe.taps] + [int(probe.head_input.shape[1])], cfg.lambda_bp)
         self.final_dim = self.loss.tap_dims[-1]

@@ -16,6 +16,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "UnreadableImageError",
     "class_folders",
+    "has_image_file",
     "index_image_folder",
     "is_image_file",
     "read_rgb",
@@ -70,6 +71,11 @@ def class_folders(root: Path, what: str, layout: str) -> list[str]:
     if not names:
         raise FileNotFoundError(f"{what} {root} has no class sub-folders. Expected layout: {layout}")
     return names
+
+
+def has_image_file(folder: Path) -> bool:
+    """Whether ``folder`` holds at least one image file, at any depth (stops at the first one)."""
+    return any(is_image_file(name) for _, _, names in os.walk(folder, followlinks=True) for name in names)
 
 
 def index_image_folder(root: Path, classes: Sequence[str], what: str, layout: str) -> list[tuple[str, int]]:

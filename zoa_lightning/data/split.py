@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from zoa_lightning.data.images import class_folders, index_image_folder, square_image
+from zoa_lightning.data.images import IMAGE_EXTENSIONS, class_folders, has_image_file, index_image_folder, square_image
 from zoa_lightning.data.mnist import MNIST_NUM_CLASSES, MNIST_SPLIT_SEED, load_mnist_split
 
 __all__ = [
@@ -71,10 +71,25 @@ def dataset_classes(dataset: str) -> list[str]:
     Raises:
         FileNotFoundError: if ``dataset`` is neither ``"mnist"`` nor a folder with class sub-folders; the message
             names the path and the expected layout.
+        ValueError: if a class sub-folder holds no image (it would count as a class without images) or the folder
+            has fewer than two classes (nothing to classify); the message names the folders.
     """
     if is_mnist(dataset):
         return [str(i) for i in range(MNIST_NUM_CLASSES)]
-    return class_folders(_folder_root(dataset), "dataset folder", FOLDER_LAYOUT)
+    root = _folder_root(dataset)
+    classes = class_folders(root, "dataset folder", FOLDER_LAYOUT)
+    empty = [name for name in classes if not has_image_file(root / name)]
+    if empty:
+        raise ValueError(
+            f"dataset folder {root}: the class folder(s) {', '.join(empty)} hold no image files "
+            f"({', '.join(IMAGE_EXTENSIONS)}); every sub-folder is a class, so remove the empty ones or add images"
+        )
+    if len(classes) < 2:
+        raise ValueError(
+            f"dataset folder {root} has {len(classes)} class folder ({classes[0]}): a classifier needs at least two "
+            f"classes, one sub-folder each ({FOLDER_LAYOUT})"
+        )
+    return classes
 
 
 def load_clean_split(dataset: str, image_size: int) -> CleanSplit:
@@ -89,7 +104,8 @@ def load_clean_split(dataset: str, image_size: int) -> CleanSplit:
 
     Raises:
         FileNotFoundError: if the folder is missing or has no class sub-folders or images.
-        ValueError: if the folder holds fewer than 2 images, or ``image_size`` is not positive.
+        ValueError: if a class folder holds no image, the folder has fewer than two classes, or ``image_size`` is not
+            positive.
         zoa_lightning.data.UnreadableImageError: if an image file cannot be decoded.
     """
     if is_mnist(dataset):
@@ -97,9 +113,7 @@ def load_clean_split(dataset: str, image_size: int) -> CleanSplit:
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     root = _folder_root(dataset)
-    samples = index_image_folder(root, dataset_classes(dataset), "dataset folder", FOLDER_LAYOUT)
-    if len(samples) < 2:
-        raise ValueError(f"dataset folder {root} holds {len(samples)} image(s); at least 2 are needed for a split")
+    samples = index_image_folder(root, dataset_classes(dataset), "dataset folder", FOLDER_LAYOUT)  # 2 classes or more
     images = np.stack([square_image(path, image_size) for path, _ in samples])
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     order = np.random.RandomState(SPLIT_SEED).permutation(len(samples))

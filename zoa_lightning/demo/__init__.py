@@ -4,24 +4,7 @@
 builds one and loads its shipped ``safetensors`` weights, which ``python -m zoa_lightning.demo.train`` creates.
 """
 
-from zoa_lightning.demo.models import (
-    DEMO_MEAN,
-    DEMO_MODEL_NAMES,
-    DEMO_STD,
-    build_demo_cnn,
-    build_demo_model,
-    build_demo_vit,
-    default_weights_path,
-    load_demo_model,
-)
+from zoa_lightning.demo import models
+from zoa_lightning.demo.models import *  # noqa: F403  (the public names of models.py, listed once there)
 
-__all__ = [
-    "DEMO_MEAN",
-    "DEMO_MODEL_NAMES",
-    "DEMO_STD",
-    "build_demo_cnn",
-    "build_demo_model",
-    "build_demo_vit",
-    "default_weights_path",
-    "load_demo_model",
-]
+__all__ = models.__all__

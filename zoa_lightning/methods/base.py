@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from zoa_lightning.core.layout import check_image_dtype
 from zoa_lightning.core.methods.base import Adapter, device_of
 from zoa_lightning.core.protocols import (
     BankAdapter,
@@ -43,7 +44,7 @@ from zoa_lightning.core.protocols import (
 from zoa_lightning.loop import check_sharded_loaders, is_last_batch_of_domain
 from zoa_lightning.networks import build_network
 from zoa_lightning.reporting import DomainRow, mean_of
-from zoa_lightning.resume import STREAM_KEY, check_same_stream, stream_fingerprint
+from zoa_lightning.resume import STREAM_KEY, check_same_stream, stream_fingerprint, verify_stream_checkpoint
 
 __all__ = ["StreamModule"]
 
@@ -206,12 +207,20 @@ class StreamModule(pl.LightningModule):
             adapter.collect_source_statistics(images, max_batches=self.source_batches)
 
     def adapt_step(self, images: Tensor) -> Tensor:
-        """Return the logits the method predicts for ``images`` (adapting on them if it adapts): calls the adapter."""
+        """Return the logits the method predicts for ``images`` (adapting on them if it adapts): calls the adapter.
+
+        Raises:
+            ValueError: for a batch that is not a 4-d tensor of the network's floating dtype.
+        """
         if self.adapter is None:
             raise RuntimeError(
                 f"{type(self).__name__} has no adapter yet: trainer.test builds it in setup; from Python call "
                 "setup_method(datamodule) first"
             )
+        if not isinstance(images, Tensor) or images.ndim != 4:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"{type(self).__name__} expects an image batch of shape (B, C, H, W), got {shape}")
+        check_image_dtype(images, self.adapter.model)
         return self.adapter(images)
 
     def reduce_sum(self, stats: Tensor) -> Tensor:
@@ -316,6 +325,8 @@ class StreamModule(pl.LightningModule):
             TypeError: if the data module cannot start a stream after its first domains.
         """
         path = str(self.trainer.ckpt_path or "the checkpoint")
+        if self.trainer.ckpt_path:  # whole, as its checksum says, before anything of it is applied
+            verify_stream_checkpoint(self.trainer.ckpt_path)
         stream = checkpoint.get(STREAM_KEY)
         check_same_stream(None if stream is None else stream.get("fingerprint"), self.stream_fingerprint(), path)
         assert stream is not None
@@ -328,21 +339,25 @@ class StreamModule(pl.LightningModule):
             return
         rank_zero_info(f"resuming the stream at domain {self.start_domain} of {len(self.domains)}")
 
-    def stream_fingerprint(self) -> dict[str, Any]:
+    def stream_fingerprint(self, datamodule: Any = None, precision: str | None = None) -> dict[str, Any]:
         """What a stream checkpoint must match to be resumed (:func:`zoa_lightning.resume.stream_fingerprint`).
+
+        Args:
+            datamodule: the stream's data module (default: the trainer's).
+            precision: the network's precision tag (default: this module's, ``"W8A8"`` once quantized).
 
         Raises:
             TypeError: without a data module that can resume a stream and name it.
         """
-        datamodule = self._datamodule()
+        datamodule = self._datamodule() if datamodule is None else datamodule
         if not isinstance(datamodule, ResumableDataModule):
             raise TypeError(
                 f"{type(self).__name__} checkpoints and resumes streams of a data module that names its stream and can "
                 f"start after its first domains; {type(datamodule).__name__} lacks "
                 f"{missing_members(datamodule, ResumableDataModule)}"
             )
-        hparams = dict(self.hparams)
-        return stream_fingerprint(datamodule.stream_fingerprint(), type(self).__name__, hparams, self.precision_tag)
+        precision = self.precision_tag if precision is None else precision
+        return stream_fingerprint(datamodule.stream_fingerprint(), type(self).__name__, dict(self.hparams), precision)
 
     def _report_finished_stream(self, path: str, next_domain: int, stop_domain: int | None) -> None:
         """Say that a resumed checkpoint has nothing left to run (``trainer.test`` then runs no batch)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 from typing_extensions import override
 
@@ -9,6 +11,9 @@ from zoa_lightning.core.methods.foa import FOA, check_prompt_vit
 from zoa_lightning.methods.base import StreamModule
 
 __all__ = ["FOAModule"]
+
+# FOA's hyperparameters are written once, in the adapter's signature; the module takes its defaults from there.
+_FOA = {n: p.default for n, p in inspect.signature(FOA.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
 class FOAModule(StreamModule):
@@ -29,9 +34,6 @@ class FOAModule(StreamModule):
     trust.
 
     Args:
-        network: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        weights: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        num_classes: see :class:`~zoa_lightning.methods.base.StreamModule`.
         num_prompts: prompt tokens inserted after the class token (3).
         popsize: CMA-ES population (27); a batch costs ``popsize + 1`` forward passes.
         sigma0: CMA-ES initial step size (1).
@@ -45,7 +47,6 @@ class FOAModule(StreamModule):
             demo ViT's forward runs about 2× faster compiled. The first batch pays the compilation (about 30 s on
             that CPU), a CPU needs a C++ compiler, and the numbers equal the eager ones up to float rounding (which
             can move a value across a quantisation step). State-dict keys are unchanged.
-        name: see :class:`~zoa_lightning.methods.base.StreamModule`.
     """
 
     method_name = "foa"
@@ -56,13 +57,13 @@ class FOAModule(StreamModule):
         network: str | nn.Module = "demo_vit",
         weights: str | None = None,
         num_classes: int = 10,
-        num_prompts: int = 3,
-        popsize: int = 27,
-        sigma0: float = 1.0,
-        fitness_lambda: float = 0.4,
-        reference_batch: int = 64,
-        use_shift: bool = True,
-        seed: int = 2020,
+        num_prompts: int = _FOA["num_prompts"],
+        popsize: int = _FOA["popsize"],
+        sigma0: float = _FOA["sigma0"],
+        fitness_lambda: float = _FOA["fitness_lambda"],
+        reference_batch: int = _FOA["reference_batch"],
+        use_shift: bool = _FOA["use_shift"],
+        seed: int = _FOA["seed"],
         source_batches: int | None = None,
         compile_blocks: bool = False,
         name: str | None = None,
@@ -73,17 +74,8 @@ class FOAModule(StreamModule):
     @override
     def build_adapter(self, network: nn.Module) -> FOA:
         h = self.hparams
-        adapter = FOA(
-            network,
-            num_prompts=h["num_prompts"],
-            popsize=h["popsize"],
-            sigma0=h["sigma0"],
-            fitness_lambda=h["fitness_lambda"],
-            reference_batch=h["reference_batch"],
-            use_shift=h["use_shift"],
-            seed=h["seed"],
-            reduce_fn=self.reduce_sum,
-        )
+        settings = {name: h[name] for name in _FOA if name in h}  # every FOA hyperparameter the module takes
+        adapter = FOA(network, **settings, reduce_fn=self.reduce_sum)
         if h["compile_blocks"]:
             for block in network.blocks:  # type: ignore[union-attr]
                 block.compile(dynamic=False)

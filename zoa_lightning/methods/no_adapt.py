@@ -13,14 +13,7 @@ __all__ = ["NoAdaptModule"]
 
 
 class NoAdaptModule(StreamModule):
-    """No adaptation: the (quantized) network in eval mode; BatchNorm keeps its running statistics.
-
-    Args:
-        network: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        weights: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        num_classes: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        name: see :class:`~zoa_lightning.methods.base.StreamModule`.
-    """
+    """No adaptation: the (quantized) network in eval mode; BatchNorm keeps its running statistics."""
 
     method_name = "no_adapt"
 

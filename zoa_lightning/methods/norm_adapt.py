@@ -38,12 +38,6 @@ class NormAdaptModule(StreamModule):
     (after quantization), so this also holds in eval mode. A vision transformer has no BatchNorm (its LayerNorms are
     untouched): for it this method is **identical to no_adapt**; the setup logs a warning saying so. One forward pass
     per batch.
-
-    Args:
-        network: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        weights: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        num_classes: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        name: see :class:`~zoa_lightning.methods.base.StreamModule`.
     """
 
     method_name = "norm_adapt"

@@ -23,11 +23,7 @@ class T3AModule(StreamModule):
     (fixed-size buffers). Per-process state: meant for one device.
 
     Args:
-        network: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        weights: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        num_classes: see :class:`~zoa_lightning.methods.base.StreamModule`.
         filter_k: supports kept per pseudo-class (20).
-        name: see :class:`~zoa_lightning.methods.base.StreamModule`.
     """
 
     method_name = "t3a"

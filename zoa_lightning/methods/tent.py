@@ -27,12 +27,8 @@ class TentModule(StreamModule):
     steps in ``zero_gradient_steps`` (also in :meth:`run_info`) and warns once.
 
     Args:
-        network: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        weights: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        num_classes: see :class:`~zoa_lightning.methods.base.StreamModule`.
         lr: SGD learning rate (0.001: FOA's Tent setting for ViT-B, batch 64; Tent's ResNet-50 one is 0.00025).
         momentum: SGD momentum (0.9).
-        name: see :class:`~zoa_lightning.methods.base.StreamModule`.
     """
 
     method_name = "tent"

@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from zoa_lightning.core import ZOA, ZOAConfig
+from zoa_lightning.core.estimators import check_estimator
 from zoa_lightning.core.layout import ModelLayout, resolve_layout
 from zoa_lightning.core.network import EngineNetwork
 from zoa_lightning.methods.base import StreamModule
@@ -34,16 +35,12 @@ class ZOAModule(StreamModule):
     ``docs/algorithm.md``.
 
     Args:
-        network: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        weights: see :class:`~zoa_lightning.methods.base.StreamModule`.
-        num_classes: see :class:`~zoa_lightning.methods.base.StreamModule`.
         <every ZOAConfig field>
         source_batches: clean batches used for source statistics (``None``: the whole source loader).
         adapt_norms: qualified names of the normalization layers to adapt (``blocks.4.norm2``, ``layer2.0.bn1``, ...),
             replacing the spec's choice for the model kind (:func:`~zoa_lightning.core.layout.resolve_layout`); any
             order, kept in network order. Fewer adapted values make the one-sample SPSA estimate less noisy. ``None``:
             the spec's layers.
-        name: see :class:`~zoa_lightning.methods.base.StreamModule`.
     """
 
     method_name = "zoa"
@@ -101,6 +98,8 @@ class ZOAModule(StreamModule):
             raise ValueError(f"adapt_norms must name at least one layer, each once; got {adapt_norms}")
         self.adapt_norms = None if adapt_norms is None else list(adapt_norms)
         self.config = ZOAConfig(**{f.name: arguments[f.name] for f in dataclasses.fields(ZOAConfig)})
+        if self.config.estimator == "per_sample":  # refused at once for a BatchNorm network, not after calibration
+            check_estimator(self.config, resolve_layout(self.get_network()), world_size=1)
 
     @override
     def build_adapter(self, network: nn.Module) -> ZOA:

@@ -7,7 +7,6 @@ round-trip its state and report plain run info; its optional capabilities are ex
 
 from __future__ import annotations
 
-import doctest
 import importlib
 import inspect
 import pkgutil
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import zoa_lightning.core.methods as methods_package
-from tests.conftest import make_vit
+from tests.helpers import make_vit
 from zoa_lightning.core import ZOA
 from zoa_lightning.core.methods import Adapter
 from zoa_lightning.core.protocols import BankAdapter, SourceStatisticsAdapter
@@ -69,9 +68,3 @@ def test_every_adapter_counts_the_passes_it_claims_and_round_trips_its_state(cls
     restored = cls(make_vit(0))
     restored.load_state_dict(adapter.state_dict())
     assert (restored.batches, restored.forward_passes) == (1, adapter.passes_per_batch)
-
-
-@pytest.mark.parametrize("module", _method_modules())
-def test_docstring_examples_run(module: str) -> None:
-    result = doctest.testmod(importlib.import_module(module), verbose=False)
-    assert result.failed == 0

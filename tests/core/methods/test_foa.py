@@ -7,8 +7,7 @@ import io
 import pytest
 import torch
 
-from tests.conftest import make_resnet, make_vit
-from tests.core.methods.conftest import images
+from tests.helpers import images, make_resnet, make_vit
 from zoa_lightning.core.methods.foa import FOA, foa_fitness, prompt_forward
 
 

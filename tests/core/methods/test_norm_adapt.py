@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tests.conftest import make_resnet, make_vit
-from tests.core.methods.conftest import images
+from tests.helpers import images, make_resnet, make_vit
 from zoa_lightning.core.methods.no_adapt import NoAdapt
 from zoa_lightning.core.methods.norm_adapt import NormAdapt, use_batch_statistics
 

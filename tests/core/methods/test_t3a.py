@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.conftest import make_resnet, make_vit
-from tests.core.methods.conftest import images
+from tests.helpers import images, make_resnet, make_vit
 from zoa_lightning.core import softmax_entropy
 from zoa_lightning.core.methods.norm_adapt import use_batch_statistics
 from zoa_lightning.core.methods.t3a import T3A, t3a_prototypes, t3a_select

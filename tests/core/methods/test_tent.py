@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import make_resnet, make_vit
-from tests.core.methods.conftest import images
+from tests.helpers import images, make_resnet, make_vit
 from zoa_lightning.core import softmax_entropy
 from zoa_lightning.core.methods.tent import Tent
 

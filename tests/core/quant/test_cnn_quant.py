@@ -1,7 +1,6 @@
 import copy
 import io
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torchvision
 from torch import Tensor, fx, nn
 
+from tests import helpers
 from zoa_lightning.core.layout import resolve_layout
 from zoa_lightning.core.quant.cnn import (
     default_activation_bits,
@@ -27,18 +27,9 @@ def _float_model(name: str) -> nn.Module:
     return torchvision.models.resnet18(num_classes=10).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The CI box has 2 cores shared by several runs; intra-op threads oversubscribe them and slow AdaRound ~10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def images() -> Tensor:
-    return torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return helpers.images(8, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -15,29 +15,20 @@ QUANT_DIR = Path(quant.__file__).parent
 
 
 def test_public_names_import_from_every_earlier_path() -> None:
-    from zoa_lightning.core.quant import (
-        calibrate_vit_quantization,
-        prepare_vit_quantization,
-        quantization_disabled,
-        quantize_vit,
-        set_quantization_enabled,
-        vit_quant_modules,
-    )
-    from zoa_lightning.core.quant.vit import QuantAttention, QuantLinear, SoftmaxQuantMatMul
+    import zoa_lightning.core.quant.vit as quant_vit
 
-    assert quantize_vit is calibration.quantize_vit
-    assert calibrate_vit_quantization is calibration.calibrate_vit_quantization
-    assert prepare_vit_quantization is modules.prepare_vit_quantization
-    assert (quantization_disabled, set_quantization_enabled, vit_quant_modules) == (
-        modules.quantization_disabled,
-        modules.set_quantization_enabled,
-        modules.vit_quant_modules,
-    )
-    assert (QuantAttention, QuantLinear, SoftmaxQuantMatMul) == (
-        modules.QuantAttention,
-        modules.QuantLinear,
-        modules.SoftmaxQuantMatMul,
-    )
+    homes = {  # name importable from zoa_lightning.core.quant -> the module that defines it
+        "quantize_vit": calibration,
+        "calibrate_vit_quantization": calibration,
+        "prepare_vit_quantization": modules,
+        "quantization_disabled": modules,
+        "set_quantization_enabled": modules,
+        "vit_quant_modules": modules,
+    }
+    for name, home in homes.items():
+        assert getattr(quant, name) is getattr(home, name), name
+    for name in ("QuantAttention", "QuantLinear", "SoftmaxQuantMatMul"):  # zoa_lightning.core.quant.vit
+        assert getattr(quant_vit, name) is getattr(modules, name), name
 
 
 def test_state_dict_keys_are_those_calibration_caches_were_written_with() -> None:

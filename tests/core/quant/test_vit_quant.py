@@ -1,7 +1,6 @@
 import copy
 import io
 import warnings
-from collections.abc import Iterator
 from typing import Literal
 
 import pytest
@@ -11,7 +10,15 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from tests import helpers
 from zoa_lightning.core.layout import resolve_layout
+from zoa_lightning.core.quant import (
+    prepare_vit_quantization,
+    quantization_disabled,
+    quantize_vit,
+    set_quantization_enabled,
+    vit_quant_modules,
+)
 from zoa_lightning.core.quant._common import (
     fake_quant_post_gelu,
     fake_quant_post_softmax,
@@ -19,18 +26,7 @@ from zoa_lightning.core.quant._common import (
     interval_candidate_scales,
     post_gelu_negative_interval,
 )
-from zoa_lightning.core.quant.vit import (
-    QuantAttention,
-    QuantConv2d,
-    QuantLinear,
-    QuantMatMul,
-    SoftmaxQuantMatMul,
-    prepare_vit_quantization,
-    quantization_disabled,
-    quantize_vit,
-    set_quantization_enabled,
-    vit_quant_modules,
-)
+from zoa_lightning.core.quant.vit import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, SoftmaxQuantMatMul
 from zoa_lightning.core.quant.vit import calibration as vq
 
 Quantized = dict[int, VisionTransformer]
@@ -43,23 +39,14 @@ def _float_vit(seed: int = 0) -> VisionTransformer:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # 2 cores shared by several developers: one intra-op thread avoids OpenMP oversubscription (2x faster here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def calib() -> Tensor:
-    return torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return helpers.images(16, seed=1)
 
 
 @pytest.fixture(scope="module")
 def images() -> Tensor:
-    return torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    return helpers.images(16, seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_resnet, make_vit
+from tests.helpers import make_resnet, make_vit
 from zoa_lightning.core.layout import resolve_layout
 
 GraphFactory = Callable[[str, str], Path]

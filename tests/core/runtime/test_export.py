@@ -10,8 +10,8 @@ import onnx
 import pytest
 import torch
 
-from tests.conftest import make_resnet, make_vit
 from tests.core.runtime.conftest import GraphFactory
+from tests.helpers import make_resnet, make_vit
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.detector import DetectorSums, detector_sums
 from zoa_lightning.core.layout import resolve_layout

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import corrupt_noise, make_resnet, make_vit
 from tests.core.runtime.conftest import GraphFactory
+from tests.helpers import corrupt_noise, make_resnet, make_vit
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.batch_norm import BatchStatistics
 from zoa_lightning.core.layout import resolve_layout
@@ -44,7 +44,7 @@ def _stream(digits: torch.Tensor, batch: int, batches: int) -> list[torch.Tensor
     ids=["vit-reference", "vit-per-sample", "resnet-reference", "resnet-small-batches"],
 )
 def test_runtime_float_graph_follows_the_torch_engine(
-    graph: GraphFactory, digits: torch.Tensor, one_thread: None, net: str, batch: int, options: dict[str, Any]
+    graph: GraphFactory, digits: torch.Tensor, net: str, batch: int, options: dict[str, Any]
 ) -> None:
     config = ZOAConfig(**{"lr": 0.005, "spsa_c": 0.05, "domain_t": 0.1, "detector_min_batch": 32, **options})
     engines = [ZOA(MAKE[net](0), config), ZOA(RuntimeNetwork(graph(net, "float")), config)]
@@ -136,7 +136,7 @@ class _ThreadSum:
 
 @pytest.mark.parametrize("precision", ["float", "int8"])
 def test_two_ranks_on_the_runtime_backend_adapt_as_one(
-    graph: GraphFactory, digits: torch.Tensor, one_thread: None, precision: str
+    graph: GraphFactory, digits: torch.Tensor, precision: str
 ) -> None:
     # INT8: activations that differ by float rounding (a 21-row call is not bit-identical to a 43-row one) fall into
     # neighbouring quantization bins now and then; a bin moves the perturbed loss by ~1e-5, so the adapted values drift

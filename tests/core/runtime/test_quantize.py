@@ -8,8 +8,8 @@ import onnx
 import pytest
 import torch
 
-from tests.conftest import corrupt_noise
 from tests.core.runtime.conftest import GraphFactory
+from tests.helpers import corrupt_noise
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.runtime.network import QUANTIZED_OPS, RuntimeNetwork
 from zoa_lightning.core.runtime.quantize import quantize_graph, quantized_value_paths
@@ -38,7 +38,7 @@ def test_int8_graph_quantizes_weights_and_leaves_the_adapted_values_float(graph:
 
 @pytest.mark.parametrize("net", ["vit", "resnet"])
 def test_int8_engine_adapts_and_predicts_like_the_float_graph(
-    graph: GraphFactory, digits: torch.Tensor, one_thread: None, net: str
+    graph: GraphFactory, digits: torch.Tensor, net: str
 ) -> None:
     config = ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, detector_min_batch=32)
     engines = [ZOA(RuntimeNetwork(graph(net, precision)), config) for precision in ("float", "int8")]

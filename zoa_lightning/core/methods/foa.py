@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from zoa_lightning.core.layout import refuse_distilled_vit
 from zoa_lightning.core.methods.base import Adapter
 from zoa_lightning.core.shift import ActivationShift
 from zoa_lightning.core.source import SourceStatistics
@@ -54,6 +55,7 @@ def check_prompt_vit(model: nn.Module) -> None:
             f"FOA inserts prompt tokens into a timm VisionTransformer; {type(model).__name__} lacks {missing}. "
             "FOA's CNN variant (foa_resnet, a convolutional input prompt) is not implemented: use a ViT network"
         )
+    refuse_distilled_vit(model, "FOA")
     if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", "token") != "token":
         raise ValueError(
             "FOA's features read the class token: build the VisionTransformer with class_token=True and "

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,8 @@ __all__ = [
     "set_quantization_enabled",
     "vit_quant_modules",
 ]
+
+_Weighted = TypeVar("_Weighted", "QuantLinear", "QuantConv2d")
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,14 @@ class FakeQuantModule(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._is_calibrated = bool(self.calibrated)
+
+
+def _take_float_parameters(layer: _Weighted, source: nn.Linear | nn.Conv2d) -> _Weighted:
+    """Give a new quantised ``layer`` the ``source`` layer's weight and bias (shared, not copied) and mode."""
+    layer.weight = source.weight
+    layer.bias = source.bias  # type: ignore[assignment]  # nn.Conv2d types its bias as a Tensor
+    layer._reset_quant_buffers(device=source.weight.device, dtype=source.weight.dtype)
+    return layer.train(source.training)
 
 
 class QuantLinear(FakeQuantModule, nn.Linear):
@@ -236,11 +246,7 @@ class QuantLinear(FakeQuantModule, nn.Linear):
             device="meta",
             dtype=linear.weight.dtype,
         )
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer._reset_quant_buffers(device=linear.weight.device, dtype=linear.weight.dtype)
-        layer.train(linear.training)
-        return layer
+        return _take_float_parameters(layer, linear)
 
     @property
     def has_input_quant(self) -> bool:
@@ -371,11 +377,7 @@ class QuantConv2d(FakeQuantModule, nn.Conv2d):
             device="meta",
             dtype=conv.weight.dtype,
         )
-        layer.weight = conv.weight
-        layer.bias = conv.bias
-        layer._reset_quant_buffers(device=conv.weight.device, dtype=conv.weight.dtype)
-        layer.train(conv.training)
-        return layer
+        return _take_float_parameters(layer, conv)
 
     @property
     def has_input_quant(self) -> bool:

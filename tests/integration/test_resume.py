@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 
 import zoa_lightning.methods.base as module_mod
 from callbacks import AdaptationMonitor, ResultsCallback, StreamCheckpoint
 from cli import make_cli
 from datamodules import CorruptionStreamDataModule
-from tests.conftest import STREAM_CORRUPTIONS, make_stream, make_trainer, make_vit
+from tests.helpers import STREAM_CORRUPTIONS, make_stream, make_trainer, make_vit, quick_zoa_config
 from zoa_lightning import NoAdaptModule, ZOAModule
+from zoa_lightning.files import write_verified
 from zoa_lightning.resume import fingerprint_differences
 
 
@@ -103,7 +104,7 @@ def test_resuming_a_finished_stream_says_so_and_leaves_the_results(
     out = tmp_path / "results"
     callbacks = [StreamCheckpoint(dirpath=str(tmp_path)), ResultsCallback(out_dir=out, plot=False)]
     make_trainer(callbacks, batches=1).test(NoAdaptModule(network=make_vit(0)), datamodule=make_stream(cache_dir))
-    written = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    written = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.suffix != ".lock"}
     assert "results.json" in written
 
     messages: list[str] = []
@@ -115,7 +116,7 @@ def test_resuming_a_finished_stream_says_so_and_leaves_the_results(
     )
     assert results == []
     assert any("already finished: 3 of 3 domains ran" in m for m in messages), messages
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == written
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.suffix != ".lock"} == written
     assert [r["domain"] for r in resumed.stream_results()] == [f"r1/{c}" for c in STREAM_CORRUPTIONS]
 
 
@@ -123,55 +124,19 @@ def test_a_checkpoint_without_fingerprint_is_refused(cache_dir: Path, tmp_path: 
     ckpt = _first_domain(cache_dir, tmp_path)
     state = torch.load(ckpt, weights_only=True)
     state["zoa_stream"].pop("fingerprint", None)  # not a stream checkpoint this project wrote
-    torch.save(state, ckpt)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_verified(ckpt, buffer.getvalue())  # whole, with its checksum: refused for what it holds
     resumed = NoAdaptModule(network=make_vit(0))
     with pytest.raises(ValueError, match="holds no stream fingerprint"):
         make_trainer(batches=1).test(resumed, datamodule=make_stream(cache_dir), ckpt_path=str(ckpt))
 
 
 # ---------------------------------------------------------------------------------------------------------- the CLI
-def _config(tmp_path: Path, cache_dir: Path) -> Path:
-    """A quick ZOA run through `zoa test` (demo ViT, no quantization) that writes a stream checkpoint per domain."""
-    config = {
-        "seed_everything": 2020,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "inference_mode": False,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_model_summary": False,
-            "enable_progress_bar": False,
-            "limit_test_batches": 1,
-            "default_root_dir": str(tmp_path / "run"),
-            "callbacks": [
-                {"class_path": "callbacks.AdaptationMonitor", "init_args": {"verbose": False}},
-                {"class_path": "callbacks.StreamCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}},
-                {
-                    "class_path": "callbacks.ResultsCallback",
-                    "init_args": {"out_dir": str(tmp_path / "results"), "plot": False, "table": False},
-                },
-            ],
-        },
-        "model": {
-            "class_path": "zoa_lightning.ZOAModule",
-            "init_args": {"network": "demo_vit", "lr": 0.0005, "source_batches": 1},
-        },
-        "data": {
-            "class_path": "datamodules.CorruptionStreamDataModule",
-            "init_args": {"corruptions": STREAM_CORRUPTIONS, "cache_dir": str(cache_dir), "num_source_images": 64},
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def test_cli_resume_refuses_model_flags_the_checkpoint_would_replace(
     cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("sys.argv", ["zoa"])
-    config = _config(tmp_path, cache_dir)
+    config = quick_zoa_config(tmp_path, cache_dir, tmp_path / "ckpt", tmp_path / "results")
     make_cli(["test", "-c", str(config), "--data.init_args.stop_domain", "2"])
     ckpt = tmp_path / "ckpt" / "stream-last.ckpt"
     assert torch.load(ckpt, weights_only=True)["zoa_stream"]["next_domain"] == 2

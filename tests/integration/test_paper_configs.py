@@ -12,7 +12,6 @@ whole file 171 to 318 s.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,14 @@ import pytest
 import torch
 import yaml
 
-from cli import make_cli
+from cli import make_cli, resolved_config
 from datamodules import corrupt_images
-from tests.test_real_files import PHOTOS, _photo, _save, _variants
+from tests.helpers import PHOTOS, photo, photo_variants, save_class_tree
 from zoa_lightning.core.quant import vit_quant_modules
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORRUPTIONS = ["gaussian_noise", "fog"]
 TREE_PHOTOS = ["chelsea", "coffee", "rocket", "camera"]  # one image each, four ImageNet-1k wnids
 BATCH = 2
@@ -46,17 +45,17 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("paper_tree")
     wnids = [PHOTOS[name][0] for name in TREE_PHOTOS]
     for split, size in (("imagenet-c", 224), ("val", 256), ("train", 256)):
-        images = np.stack([_variants(_photo(n), PHOTOS[n][2], 1, size, seed=0)[0] for n in TREE_PHOTOS])
+        images = np.stack([photo_variants(photo(n), PHOTOS[n][2], 1, size, seed=0)[0] for n in TREE_PHOTOS])
         if split == "imagenet-c":
             for corruption in CORRUPTIONS:
-                _save(
+                save_class_tree(
                     corrupt_images(images, corruption, severity=5, seed=0),
                     TREE_PHOTOS,
                     wnids,
                     base / split / corruption / "5",
                 )
         else:
-            _save(images, TREE_PHOTOS, wnids, base / split)
+            save_class_tree(images, TREE_PHOTOS, wnids, base / split)
     return base
 
 
@@ -80,7 +79,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
 
 
 def _overrides(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """The config's own callbacks with the calibration shrunk, plus the run-size overrides, as a config file."""
+    """The config's own callbacks with the calibration shrunk, plus the run-size overrides, as a config file.
+
+    ``config`` is the config as ``zoa test`` composes it from its parts (:func:`cli.resolved_config`).
+    """
     callbacks = config["trainer"]["callbacks"]
     for callback in callbacks:
         if callback["class_path"] == "callbacks.QuantizationCallback":
@@ -111,14 +113,12 @@ def test_paper_config_runs_end_to_end(
     tree: Path,
     checkpoints: dict[str, tuple[Path, dict[str, torch.Tensor]]],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sys, "argv", ["zoa"])
     precision, weights_name, kept = CONFIGS[name]
     weights, state = checkpoints[weights_name]
     config_path = ROOT / "configs" / name
     override = tmp_path / "override.yaml"
-    override.write_text(yaml.safe_dump(_overrides(yaml.safe_load(config_path.read_text()), tmp_path)))
+    override.write_text(yaml.safe_dump(_overrides(resolved_config(["-c", str(config_path)]), tmp_path)))
     args = [
         "-c",
         str(config_path),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +12,19 @@ import pytest
 import yaml
 
 import zoa_lightning.compare as compare_mod
+import zoa_lightning.processes as processes
 from cli import main as cli_main
+from cli import resolved_config
 from zoa_lightning.compare import COMPARE_SETTINGS, compare, main, parse_args, results_file
 from zoa_lightning.method_configs import method_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ROOT / "configs" / "methods"
 
 
 @pytest.mark.slow
 def test_compare_runs_each_method_and_writes_the_report(tmp_path: Path, cache_dir: Path) -> None:
-    config = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    config = resolved_config(["-c", str(ROOT / "configs/demo.yaml")])  # composed from its parts, every key written
     config["trainer"]["callbacks"] = [
         c for c in config["trainer"]["callbacks"] if "Quantization" not in c["class_path"]
     ]
@@ -136,14 +138,20 @@ def test_no_config_or_jobs_below_one_are_refused(tmp_path: Path) -> None:
         compare([str(ROOT / "configs/demo.yaml")], ["zoa"], tmp_path, jobs=0)
 
 
-def test_a_logger_with_a_folder_moves_into_each_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _failing_children(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every method's child process fails at once; the commands it was given, in order."""
     commands: list[list[str]] = []
 
-    def fake_run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    def fake_run(self: Any, command: list[str], **kwargs: Any) -> int:
         commands.append(command)
-        return subprocess.CompletedProcess(command, 1)
+        return 1
 
-    monkeypatch.setattr(compare_mod.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare_mod.ChildProcesses, "run", fake_run)
+    return commands
+
+
+def test_a_logger_with_a_folder_moves_into_each_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands = _failing_children(monkeypatch)
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump({"trainer": {"logger": False}}))
     logged = tmp_path / "logged.yaml"
@@ -156,3 +164,128 @@ def test_a_logger_with_a_folder_moves_into_each_run_folder(tmp_path: Path, monke
         compare([str(plain), str(logged)], ["zoa"], tmp_path / "b", method_dir=METHODS)
     flag = commands[-1].index("--trainer.logger.init_args.save_dir")
     assert commands[-1][flag + 1] == str(tmp_path / "b" / "zoa")
+
+
+def test_a_logger_from_an_included_config_moves_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # demo_w4a4.yaml takes its CSV logger from demo.yaml (`config: demo.yaml`): compare reads the composed config.
+    commands = _failing_children(monkeypatch)
+    for config, moved in (("demo_w4a4.yaml", True), ("vit_b16_w8a8.yaml", False)):
+        with pytest.raises(RuntimeError, match="method 'zoa' failed"):
+            compare([str(ROOT / "configs" / config)], ["zoa"], tmp_path / config, method_dir=METHODS)
+        assert ("--trainer.logger.init_args.save_dir" in commands[-1]) == moved, config
+
+
+# ------------------------------------------------------------------------------------------------ --resume and children
+def _results(folder: Path, fingerprint: dict[str, Any] | None) -> Path:
+    """A results.json of a finished run under ``folder/<method>/`` recording ``fingerprint``."""
+    run = folder / "zoa"
+    run.mkdir(parents=True)
+    record: dict[str, Any] = {"summary": {"domains": 3, "mean_acc1": 50.0}, "domains": []}
+    if fingerprint is not None:
+        record["fingerprint"] = fingerprint
+    (run / "results.json").write_text(json.dumps(record))
+    return run / "results.json"
+
+
+def _checkpoint(folder: Path, fingerprint: dict[str, Any]) -> Path:
+    """A stream checkpoint (with its checksum) under ``folder/<method>/`` recording ``fingerprint``."""
+    import io
+
+    import torch
+
+    from zoa_lightning.files import write_verified
+
+    buffer = io.BytesIO()
+    torch.save({"zoa_stream": {"fingerprint": fingerprint, "next_domain": 1}}, buffer)
+    (folder / "zoa").mkdir(parents=True, exist_ok=True)
+    return write_verified(folder / "zoa" / "stream-last.ckpt", buffer.getvalue())
+
+
+SETTING = {"data": {"seed": 1}, "method": {"class": "ZOAModule", "lr": 0.1}, "precision": "W8A8"}
+
+
+def test_resume_reuses_only_results_of_this_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compare_mod, "run_fingerprint", lambda args: SETTING)
+    _results(tmp_path / "same", SETTING)
+    assert compare_mod._resume_decision("zoa", tmp_path / "same", []) is None  # reused
+    for name, recorded in [
+        ("seed", {**SETTING, "data": {"seed": 2}}),  # the stream changed
+        ("flag", {**SETTING, "method": {"class": "ZOAModule", "lr": 0.2}}),  # a model flag changed
+        ("bits", {**SETTING, "precision": "W4A4"}),
+        ("none", None),  # results that record no setting at all
+    ]:
+        _results(tmp_path / name, recorded)
+        assert compare_mod._resume_decision("zoa", tmp_path / name, []) == [], name  # run again
+
+
+def test_resume_continues_an_unfinished_checkpoint_of_this_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compare_mod, "run_fingerprint", lambda args: SETTING)
+    checkpoint = _checkpoint(tmp_path / "run", SETTING)
+    assert compare_mod._resume_decision("zoa", tmp_path / "run", []) == ["--ckpt_path", str(checkpoint)]
+    _checkpoint(tmp_path / "other", {**SETTING, "precision": "float"})
+    assert compare_mod._resume_decision("zoa", tmp_path / "other", []) == []  # another setting's: a fresh run
+    damaged = _checkpoint(tmp_path / "damaged", SETTING)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert compare_mod._resume_decision("zoa", tmp_path / "damaged", []) == []
+
+
+def test_children_are_stopped_with_the_comparison_and_die_with_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    children = compare_mod.ChildProcesses()
+    marker = tmp_path / "written"
+    sleeper = [sys.executable, "-c", f"import time, pathlib; time.sleep(30); pathlib.Path({str(marker)!r}).touch()"]
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(children.run(sleeper)))
+    thread.start()
+    time.sleep(1.0)
+    children.stop()  # an interrupted comparison
+    thread.join(timeout=15)
+    assert codes, "the child should have been stopped"
+    assert codes[0] != 0
+    # The parent killed outright (SIGKILL, no clean-up): its child dies with it instead of writing results later.
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from zoa_lightning.compare import ChildProcesses; "
+         f"print('started', flush=True); ChildProcesses().run({sleeper!r})"], stdout=subprocess.PIPE, text=True
+    )  # fmt: skip
+    assert parent.stdout is not None
+    assert parent.stdout.readline().strip() == "started"
+    time.sleep(1.0)
+    parent.kill()
+    parent.wait()
+    time.sleep(1.0)
+    alive = subprocess.run(["pgrep", "-f", str(marker)], capture_output=True, text=True, check=False).stdout.split()
+    assert not alive, "the child outlived its killed parent"
+    assert not marker.exists()
+
+
+def test_an_interrupted_comparison_returns_at_once_and_starts_no_other_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    started: list[str] = []
+    popen = subprocess.Popen
+
+    def fake_popen(command: list[str], **kwargs: Any) -> Any:  # each method's `zoa test` is a long sleep here
+        started.append(command[command.index("--model.init_args.name") + 1])
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # Ctrl-C while it runs
+        return popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+
+    monkeypatch.setattr(processes.subprocess, "Popen", fake_popen)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        compare([str(ROOT / "configs/demo.yaml")], ["zoa", "no_adapt"], tmp_path, method_dir=METHODS)
+    assert time.monotonic() - start < 30, "it waited for the child instead of stopping it"
+    assert started == ["zoa"], "no method starts after the interrupt"

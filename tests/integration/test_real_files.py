@@ -21,15 +21,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from skimage import data
 from torch import nn
 
 from datamodules import ImageNetCDataModule, corrupt_images
+from tests.helpers import PHOTOS, imagenet_c_data, make_trainer, photo, photo_variants, save_class_tree
 from zoa_lightning import NoAdaptModule, ZOAModule
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.methods import StreamModule
@@ -37,17 +35,6 @@ from zoa_lightning.networks import build_network
 
 pytestmark = pytest.mark.slow
 
-Box = tuple[float, float, float, float]
-
-# photo -> (ImageNet-1k wnid, a word of its lemma, region holding the object as fractions (left, top, right, bottom))
-PHOTOS: dict[str, tuple[str, str, Box]] = {
-    "chelsea": ("n02123045", "tabby", (0.0, 0.0, 1.0, 1.0)),
-    "coffee": ("n07920052", "espresso", (0.0, 0.0, 1.0, 1.0)),
-    "rocket": ("n03773504", "missile", (0.0, 0.0, 1.0, 1.0)),  # a launcher on its pad; no "rocket" class
-    "camera": ("n04485082", "tripod", (0.0, 0.0, 1.0, 1.0)),  # the cameraman's camera stands on a tripod
-    "stereo_motorcycle": ("n03785016", "moped", (0.0, 0.0, 1.0, 1.0)),  # no "motorcycle" class in ImageNet-1k
-    "astronaut": ("n04266014", "space shuttle", (0.55, 0.0, 1.0, 0.6)),  # the shuttle model behind the astronaut
-}
 CORRUPTIONS = ["gaussian_noise", "fog"]
 VARIANTS = {"imagenet-c": 12, "val": 6, "train": 2}  # per photo
 SIZES = {"imagenet-c": 224, "val": 256, "train": 256}  # ImageNet-C images are 224×224; clean ones are resized to 256
@@ -56,84 +43,30 @@ IMAGES_PER_CORRUPTION = VARIANTS["imagenet-c"] * len(PHOTOS)
 BATCHES_PER_CORRUPTION = math.ceil(IMAGES_PER_CORRUPTION / BATCH)
 
 
-def _photo(name: str) -> np.ndarray:
-    image = getattr(data, name)()
-    if isinstance(image, tuple):  # stereo_motorcycle returns (left, right, disparity)
-        image = image[0]
-    return np.asarray(Image.fromarray(image).convert("RGB"))
-
-
-def _variants(image: np.ndarray, box: Box, count: int, size: int, seed: int) -> list[np.ndarray]:
-    """Seeded square crops (75–100 % of the region's shorter side), horizontal flips and shifts, resized to ``size``."""
-    rng = np.random.default_rng(seed)
-    height, width = image.shape[:2]
-    left, top = round(box[0] * width), round(box[1] * height)
-    right, bottom = round(box[2] * width), round(box[3] * height)
-    short = min(right - left, bottom - top)
-    out = []
-    for k in range(count):
-        side = short if k == 0 else round(short * rng.uniform(0.75, 1.0))
-        x0 = left + (right - left - side) // 2 if k == 0 else int(rng.integers(left, right - side + 1))
-        y0 = top + (bottom - top - side) // 2 if k == 0 else int(rng.integers(top, bottom - side + 1))
-        crop = Image.fromarray(image[y0 : y0 + side, x0 : x0 + side])
-        if k > 0 and rng.random() < 0.5:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out.append(np.asarray(crop.resize((size, size), Image.Resampling.LANCZOS)))
-    return out
-
-
-def _save(images: np.ndarray, names: list[str], wnids: list[str], folder: Path) -> None:
-    for image, name, wnid in zip(images, names, wnids, strict=True):
-        (folder / wnid).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / wnid / f"{name}.JPEG", quality=90)
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("real_files")
     for split, per_photo in VARIANTS.items():
         images, names, wnids = [], [], []
-        for index, (photo, (wnid, _, box)) in enumerate(PHOTOS.items()):
+        for index, (name, (wnid, _, box)) in enumerate(PHOTOS.items()):
             seed = [index, list(VARIANTS).index(split)]
-            for k, image in enumerate(_variants(_photo(photo), box, per_photo, SIZES[split], seed=seed)):
+            for k, image in enumerate(photo_variants(photo(name), box, per_photo, SIZES[split], seed=seed)):
                 images.append(image)
-                names.append(f"{photo}_{k:02d}")
+                names.append(f"{name}_{k:02d}")
                 wnids.append(wnid)
         stack = np.stack(images)
         if split == "imagenet-c":
             for corruption in CORRUPTIONS:
                 corrupted = corrupt_images(stack, corruption, severity=5, seed=0)
-                _save(corrupted, names, wnids, base / split / corruption / "5")
+                save_class_tree(corrupted, names, wnids, base / split / corruption / "5")
         else:
-            _save(stack, names, wnids, base / split)
+            save_class_tree(stack, names, wnids, base / split)
     return base
 
 
 def _datamodule(tree: Path, **kwargs: Any) -> ImageNetCDataModule:
-    args: dict[str, Any] = {
-        "root": str(tree / "imagenet-c"),
-        "source_root": str(tree / "val"),
-        "calib_root": str(tree / "train"),
-        "corruptions": CORRUPTIONS,
-        "norm": "imagenet",
-        "batch_size": BATCH,
-        "image_size": 224,
-        "num_workers": 0,
-    }
-    args.update(kwargs)
-    return ImageNetCDataModule(**args)
-
-
-def _trainer() -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        inference_mode=False,
-    )
+    options = {"corruptions": CORRUPTIONS, "norm": "imagenet", "batch_size": BATCH, "image_size": 224, "num_workers": 0}
+    return imagenet_c_data(tree, "imagenet-c", **{**options, **kwargs})
 
 
 def _check_rows(module: StreamModule, passes_per_batch: int) -> list[dict[str, Any]]:
@@ -170,7 +103,7 @@ def test_tree_uses_real_imagenet_wnids(tree: Path) -> None:
 def test_no_adapt_and_zoa_on_real_photos(tree: Path) -> None:
     dm = _datamodule(tree)
     plain = NoAdaptModule(network="efficientnet_lite0", weights="package:efficientnet-lite0", num_classes=1000)
-    _trainer().test(plain, datamodule=dm)
+    make_trainer(batches=None).test(plain, datamodule=dm)
     _check_rows(plain, passes_per_batch=1)
 
     # the clean validation photos, through the source transform (Resize 256, CenterCrop 224, ImageNet statistics) and
@@ -195,7 +128,7 @@ def test_no_adapt_and_zoa_on_real_photos(tree: Path) -> None:
         lr=1e-4,
         spsa_c=0.01,
     )
-    _trainer().test(zoa, datamodule=_datamodule(tree))
+    make_trainer(batches=None).test(zoa, datamodule=_datamodule(tree))
     _check_rows(zoa, passes_per_batch=2)
     assert zoa.skipped_batches() == 0
     assert all(row["skipped_batches"] == 0 for row in zoa.stream_results())
@@ -209,7 +142,7 @@ def test_unreadable_image_stops_the_run(tree: Path, tmp_path: Path) -> None:
     dm = _datamodule(tree, root=str(root), corruptions=["fog"])
     module = NoAdaptModule(network="efficientnet_lite0", weights="package:efficientnet-lite0", num_classes=1000)
     with pytest.raises(OSError, match=f"cannot decode image file '{re.escape(str(bad))}'"):
-        _trainer().test(module, datamodule=dm)
+        make_trainer(batches=None).test(module, datamodule=dm)
 
 
 def test_zoa_first_prediction_is_the_batch_statistics_network(tree: Path) -> None:

@@ -8,30 +8,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
 
 from callbacks import AdaptationMonitor, StreamCheckpoint
-from tests.conftest import STREAM_CORRUPTIONS, make_resnet, make_stream, make_trainer, make_vit
+from tests.helpers import STREAM_CORRUPTIONS, RecordLogits, make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule, StreamModule, ZOAModule
 from zoa_lightning.core import ZOAConfig
 from zoa_lightning.core.methods import Adapter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CORRUPTIONS = STREAM_CORRUPTIONS
 _data = make_stream
 _trainer = make_trainer
-
-
-class _Record(pl.Callback):
-    def __init__(self) -> None:
-        self.logits: list[torch.Tensor] = []
-
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
-        self.logits.append(outputs.detach().clone())
 
 
 def _zoa(network: torch.nn.Module | None = None, **kwargs: Any) -> ZOAModule:
@@ -80,17 +71,17 @@ def test_class_count_mismatch_is_reported(cache_dir: Path) -> None:
 
 
 def test_stream_split_in_two_runs_gives_the_same_predictions(cache_dir: Path, tmp_path: Path) -> None:
-    full = _Record()
+    full = RecordLogits()
     _trainer([full], batches=3).test(_zoa(make_vit(0), detector_min_batch=16), datamodule=_data(cache_dir))
 
-    first = _Record()
+    first = RecordLogits()
     _trainer([first, StreamCheckpoint(dirpath=str(tmp_path))], batches=3).test(
         _zoa(make_vit(0), detector_min_batch=16), datamodule=_data(cache_dir, stop_domain=2)
     )
     ckpt = tmp_path / "stream-last.ckpt"
     assert ckpt.is_file()
 
-    second = _Record()
+    second = RecordLogits()
     resumed = _zoa(make_vit(0), detector_min_batch=16)
     _trainer([second, StreamCheckpoint(dirpath=str(tmp_path / "b"))], batches=3).test(
         resumed, datamodule=_data(cache_dir), ckpt_path=str(ckpt)
@@ -201,7 +192,7 @@ def test_a_last_batch_of_one_image_is_predicted_by_a_batchnorm_network(cache_dir
     # test_resnet's last stage is 1×1 at 32 px: one image has a single value per channel there, so its BatchNorms mix
     # in their source statistics instead of failing (it was refused before small-batch support)
     module = _zoa(make_resnet(0))
-    record = _Record()
+    record = RecordLogits()
     _trainer(callbacks=[record], batches=4).test(module, datamodule=_data(cache_dir, batch_size=333))
     assert [logits.shape[0] for logits in record.logits[:4]] == [333, 333, 333, 1]
     assert all(torch.isfinite(logits).all() for logits in record.logits)
@@ -362,13 +353,12 @@ def test_zoa_module_documents_every_config_field_with_the_config_s_own_text() ->
     module = {p.arg_name: p.description for p in parse(ZOAModule.__doc__ or "").params}
     assert set(config) == {f.name for f in dataclasses.fields(ZOAConfig)}
     assert {name: module.get(name) for name in config} == config
-    assert set(module) - set(config) == {"network", "weights", "num_classes", "source_batches", "adapt_norms", "name"}
+    assert set(module) - set(config) == {"source_batches", "adapt_norms"}  # the template's own are StreamModule's
 
 
-def test_a_config_file_sets_every_zoa_config_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_config_file_sets_every_zoa_config_field(tmp_path: Path) -> None:
     from cli import make_cli
 
-    monkeypatch.setattr("sys.argv", ["zoa"])
     types = get_type_hints(ZOAConfig)
     values = {f.name: _non_default(f.name, types[f.name], f.default) for f in dataclasses.fields(ZOAConfig)}
     overlay = tmp_path / "every_field.yaml"
@@ -377,3 +367,9 @@ def test_a_config_file_sets_every_zoa_config_field(tmp_path: Path, monkeypatch: 
     assert isinstance(cli.model, ZOAModule)
     assert dataclasses.asdict(cli.model.config) == values
     assert all(values[name] != getattr(ZOAConfig(), name) for name in values)
+
+
+def test_per_sample_on_a_batchnorm_network_is_refused_at_construction() -> None:
+    # It used to be refused in setup, after the quantizer had calibrated the network (minutes on a real model).
+    with pytest.raises(TypeError, match=r"estimator='per_sample' needs a network whose images do not interact"):
+        ZOAModule(network=make_resnet(0), estimator="per_sample")

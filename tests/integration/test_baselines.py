@@ -1,9 +1,8 @@
-"""Baseline LightningModules under Trainer.test on a real small stream (their configs: tests/test_method_configs.py)."""
+"""Baseline LightningModules under Trainer.test on a small real stream (configs: test_method_configs.py)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,33 +11,11 @@ import pytest
 import torch
 
 from callbacks import StreamCheckpoint
-from tests.conftest import STREAM_CORRUPTIONS, make_resnet, make_stream, make_trainer, make_vit
+from tests.helpers import STREAM_CORRUPTIONS, RecordLogits, make_resnet, make_stream, make_trainer, make_vit
 from zoa_lightning import NoAdaptModule
 from zoa_lightning.methods import FOAModule, NormAdaptModule, T3AModule, TentModule
 
 CORRUPTIONS = STREAM_CORRUPTIONS
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: intra-op threads only add contention (3-4x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.argv", ["zoa"])
-
-
-class _Record(pl.Callback):
-    def __init__(self) -> None:
-        self.logits: list[torch.Tensor] = []
-
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
-        self.logits.append(outputs.detach().clone())
 
 
 def _module(method: str, make: Any) -> pl.LightningModule:
@@ -80,7 +57,7 @@ def test_baseline_runs_the_stream_with_its_pass_count(method: str, make: Any, pa
 
 
 def test_norm_adapt_on_a_vit_is_no_adapt_and_says_so(cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    plain, adapted = _Record(), _Record()
+    plain, adapted = RecordLogits(), RecordLogits()
     make_trainer([plain], batches=1).test(NoAdaptModule(network=make_vit(0)), datamodule=make_stream(cache_dir))
     with caplog.at_level(logging.WARNING, logger="zoa_lightning.methods.norm_adapt"):
         make_trainer([adapted], batches=1).test(NormAdaptModule(network=make_vit(0)), datamodule=make_stream(cache_dir))
@@ -89,7 +66,7 @@ def test_norm_adapt_on_a_vit_is_no_adapt_and_says_so(cache_dir: Path, caplog: py
 
 
 def test_norm_adapt_changes_resnet_predictions_without_changing_parameters(cache_dir: Path) -> None:
-    plain, adapted = _Record(), _Record()
+    plain, adapted = RecordLogits(), RecordLogits()
     make_trainer([plain], batches=1).test(NoAdaptModule(network=make_resnet(0)), datamodule=make_stream(cache_dir))
     net = make_resnet(0)
     params = {k: v.clone() for k, v in net.named_parameters()}
@@ -99,7 +76,7 @@ def test_norm_adapt_changes_resnet_predictions_without_changing_parameters(cache
 
 
 def test_tent_under_default_inference_mode_names_the_flag_before_the_first_batch(cache_dir: Path) -> None:
-    module, record = TentModule(network=make_vit(0)), _Record()
+    module, record = TentModule(network=make_vit(0)), RecordLogits()
     with pytest.raises(RuntimeError, match=r"TentModule back-propagates.*trainer\.inference_mode: false"):
         make_trainer([record], batches=1, inference_mode=True).test(module, datamodule=make_stream(cache_dir))
     assert not record.logits
@@ -140,13 +117,13 @@ def test_stream_split_in_two_runs_gives_the_same_predictions(method: str, cache_
         return _module(method, make_vit)
 
     kwargs = {"batch_size": 16}
-    full = _Record()
+    full = RecordLogits()
     make_trainer([full], batches=2).test(build(), datamodule=make_stream(cache_dir, **kwargs))
-    first = _Record()
+    first = RecordLogits()
     make_trainer([first, StreamCheckpoint(dirpath=str(tmp_path))], batches=2).test(
         build(), datamodule=make_stream(cache_dir, stop_domain=2, **kwargs)
     )
-    second = _Record()
+    second = RecordLogits()
     make_trainer([second, StreamCheckpoint(dirpath=str(tmp_path / "b"))], batches=2).test(
         build(), datamodule=make_stream(cache_dir, **kwargs), ckpt_path=str(tmp_path / "stream-last.ckpt")
     )
@@ -160,7 +137,7 @@ def test_stream_split_in_two_runs_gives_the_same_predictions(method: str, cache_
 def test_foa_with_compiled_blocks_matches_eager(cache_dir: Path) -> None:
     runs = {}
     for compiled in (False, True):
-        record = _Record()
+        record = RecordLogits()
         module = FOAModule(network=make_vit(0), popsize=4, source_batches=1, compile_blocks=compiled)
         make_trainer([record], batches=2).test(module, datamodule=make_stream(cache_dir, batch_size=16))
         runs[compiled] = (record.logits, module)

@@ -9,19 +9,28 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from datamodules._common import GlobalBatchShardSampler, make_loader
-from tests.conftest import corrupt_noise, make_resnet, make_stream, make_trainer, make_vit
+from tests.helpers import (
+    ThreadAllReduce,
+    assert_ranks_step_as_one,
+    corrupt_noise,
+    load_recorded,
+    make_resnet,
+    make_stream,
+    make_vit,
+    rank_slice,
+    run_ranks,
+    single_and_gloo_runs,
+    thread_ranks,
+)
 from zoa_lightning import ZOAModule
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.loop import check_sharded_loaders
@@ -44,7 +53,7 @@ def test_shards_concatenate_to_the_single_process_batches(size: int, batch: int,
         assert max(map(len, slices)) - min(map(len, slices)) <= 1
 
 
-def test_shard_sampler_rejects_batches_too_small_to_split() -> None:
+def test_shard_sampler_rejects_batches_too_small_torank_slice() -> None:
     with pytest.raises(ValueError, match=r"batch_size=1 is the global batch.*batch_size >= 2"):
         GlobalBatchShardSampler(100, 1, 2, 0)
     with pytest.raises(ValueError, match=r"last global batch of a 1001-image loader holds 1 image"):
@@ -91,92 +100,8 @@ def test_module_rejects_unsharded_loaders_and_batchnorm_networks() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- engine
-class _ThreadAllReduce:
-    """A sum all-reduce between threads, standing in for ``trainer.strategy.reduce`` across processes."""
-
-    def __init__(self, world: int) -> None:
-        self.slots: list[torch.Tensor | None] = [None] * world
-        self.barrier = threading.Barrier(world, timeout=120)
-
-    def for_rank(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def reduce(stats: torch.Tensor) -> torch.Tensor:
-            self.slots[rank] = stats.clone()
-            self.barrier.wait()
-            total = torch.stack(self.slots).sum(0)  # type: ignore[arg-type]
-            self.barrier.wait()  # nobody overwrites a slot before everyone has read them all
-            return total
-
-        return reduce
-
-
-def _run_ranks(work: Callable[[int], None], world: int) -> None:
-    errors: list[BaseException] = []
-
-    def target(rank: int) -> None:
-        try:
-            work(rank)
-        except BaseException as error:  # re-raised in the test thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
-def _split(batch: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    b = batch.shape[0]
-    return batch[b * rank // world : b * (rank + 1) // world]
-
-
-Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # logits, epsilons, mixing logits after a batch
-
-
-def _thread_ranks(
-    networks: list[torch.nn.Module], config: ZOAConfig, source: Any, stream: list[torch.Tensor]
-) -> tuple[list[ZOA], list[list[Step]]]:
-    """One engine per network, each in a thread 'process' on its slice of every batch.
-
-    Engines are built inside their rank (a BatchNorm network's probe forward already reduces); build the networks
-    outside, since building seeds the global generator and threads would race.
-    """
-    world = len(networks)
-    comm = _ThreadAllReduce(world)
-    engines: list[ZOA | None] = [None] * world
-    got: list[list[Step]] = [[] for _ in range(world)]
-
-    def rank_work(rank: int) -> None:
-        engine = ZOA(networks[rank], config, reduce_fn=comm.for_rank(rank), rank=rank, world_size=world)
-        engines[rank] = engine
-        engine.collect_source_statistics([_split(x, world, rank) for x in source])
-        for x in stream:
-            logits = engine(_split(x, world, rank))
-            got[rank].append((logits, engine.bank.theta.clone(), engine.bank.alpha.clone()))
-
-    _run_ranks(rank_work, world)
-    return [e for e in engines if e is not None], got
-
-
-def _assert_ranks_step_as_one(
-    want: list[Step], got: list[list[Step]], atol: float = 1e-5, logits_atol: float = 1e-4, label: str = ""
-) -> None:
-    """Two ranks' epsilons and mixing logits equal each other and, within ``atol``, one engine's after every batch."""
-    for i, (logits, theta, alpha) in enumerate(want):
-        r0, r1 = got[0][i], got[1][i]
-        assert torch.equal(r0[1], r1[1]), f"{label}ranks' epsilons differ after batch {i}"
-        assert torch.equal(r0[2], r1[2]), f"{label}ranks' mixing logits differ after batch {i}"
-        torch.testing.assert_close(r0[1], theta, rtol=0, atol=atol, msg=lambda m: f"{label}{m}")
-        torch.testing.assert_close(r0[2], alpha, rtol=0, atol=atol, msg=lambda m: f"{label}{m}")
-        torch.testing.assert_close(torch.cat([r0[0], r1[0]]), logits, rtol=0, atol=logits_atol)
-
-
 @pytest.mark.parametrize("estimator", ["spsa", "per_sample", "per_sample+taps"])
-def test_sharded_engine_steps_as_one_engine_on_the_global_batch(
-    digits: torch.Tensor, one_thread: None, estimator: str
-) -> None:
+def test_sharded_engine_steps_as_one_engine_on_the_global_batch(digits: torch.Tensor, estimator: str) -> None:
     # per_sample: every image's direction is drawn by its global index, so the ranks draw as the single engine does;
     # +taps: the per-tap differences (n, T) are all-reduced instead of the n totals.
     world, batch = 2, 64
@@ -199,18 +124,18 @@ def test_sharded_engine_steps_as_one_engine_on_the_global_batch(
     want = [(single(x), single.bank.theta.clone(), single.bank.alpha.clone(), int(single.bank.count)) for x in stream]
     assert single.counter("stores") >= 1, "the stream should make the single engine store knowledge"
 
-    comm = _ThreadAllReduce(world)
+    comm = ThreadAllReduce(world)
     engines = [ZOA(make_vit(0), config, reduce_fn=comm.for_rank(r), rank=r, world_size=world) for r in range(world)]
     got: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]] = [[] for _ in range(world)]
 
     def rank_work(rank: int) -> None:
         engine = engines[rank]
-        engine.collect_source_statistics([_split(x, world, rank) for x in source])
+        engine.collect_source_statistics([rank_slice(x, world, rank) for x in source])
         for x in stream:
-            logits = engine(_split(x, world, rank))
+            logits = engine(rank_slice(x, world, rank))
             got[rank].append((logits, engine.bank.theta.clone(), engine.bank.alpha.clone(), int(engine.bank.count)))
 
-    _run_ranks(rank_work, world)
+    run_ranks(rank_work, world)
     torch.testing.assert_close(engines[0].source.std, single.source.std, rtol=1e-5, atol=1e-6)
     for i, (logits, theta, alpha, count) in enumerate(want):
         r0, r1 = got[0][i], got[1][i]
@@ -240,55 +165,24 @@ def test_reduced_elements_per_batch_are_a_few_feature_vectors(digits: torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning DDP
-class _RecordPerBatch(pl.Callback):
-    """Save the adaptation state after every batch (and the domain rows at the end) from inside each process."""
-
-    def __init__(self, out_dir: Path, tag: str) -> None:
-        self.out_dir, self.tag, self.step = str(out_dir), tag, 0
-
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
-        adapter = pl_module.adapter  # type: ignore[attr-defined]
-        state = {
-            "theta": adapter.bank.theta.clone(),
-            "alpha": adapter.bank.alpha.clone(),
-            "count": int(adapter.bank.count),
-            "events": [dict(e) for e in adapter.events],
-            "logits": outputs.detach().clone(),
-            "labels": args[0][1].clone(),
-        }
-        torch.save(state, f"{self.out_dir}/{self.tag}{trainer.global_rank}_batch{self.step}.pt")
-        self.step += 1
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rows = pl_module.stream_results()  # type: ignore[attr-defined]
-        torch.save(rows, f"{self.out_dir}/{self.tag}{trainer.global_rank}_rows.pt")
-
-
-def _load(path: Path) -> Any:
-    return torch.load(path, weights_only=False)
-
-
+@pytest.mark.slow  # two spawned gloo processes; the thread-rank tests above check the same equality in seconds
 @pytest.mark.ddp
-def test_two_gloo_processes_adapt_exactly_as_one(cache_dir: Path, tmp_path: Path, one_thread: None) -> None:
+def test_two_gloo_processes_adapt_exactly_as_one(cache_dir: Path, tmp_path: Path) -> None:
     # A 43-image global batch splits 21 + 22: uneven slices. The detector needs 43 images: only the global count has.
     batch, batches = 43, 3
     options = {"lr": 0.005, "spsa_c": 0.05, "domain_t": 0.1, "detector_min_batch": batch}
 
-    single = make_trainer([_RecordPerBatch(tmp_path, "single")], batches=batches)
-    want = single.test(ZOAModule(network=make_vit(0), **options), datamodule=make_stream(cache_dir, batch_size=batch))
-    ddp = make_trainer(
-        [_RecordPerBatch(tmp_path, "ddp")],
-        batches=batches,
-        strategy="ddp_spawn",
-        devices=2,
-        use_distributed_sampler=False,
+    want, got = single_and_gloo_runs(
+        tmp_path,
+        lambda: ZOAModule(network=make_vit(0), **options),
+        lambda: make_stream(cache_dir, batch_size=batch),
+        batches,
     )
-    got = ddp.test(ZOAModule(network=make_vit(0), **options), datamodule=make_stream(cache_dir, batch_size=batch))
 
     steps = 3 * batches
     for i in range(steps):
-        ref = _load(tmp_path / f"single0_batch{i}.pt")
-        r0, r1 = _load(tmp_path / f"ddp0_batch{i}.pt"), _load(tmp_path / f"ddp1_batch{i}.pt")
+        ref = load_recorded(tmp_path / f"single0_batch{i}.pt")
+        r0, r1 = load_recorded(tmp_path / f"ddp0_batch{i}.pt"), load_recorded(tmp_path / f"ddp1_batch{i}.pt")
         assert (len(r0["labels"]), len(r1["labels"])) == (21, 22)
         assert torch.equal(torch.cat([r0["labels"], r1["labels"]]), ref["labels"]), f"batch {i} was not split"
         assert torch.equal(r0["theta"], r1["theta"]), f"ranks' epsilons differ after batch {i}"
@@ -304,14 +198,12 @@ def test_two_gloo_processes_adapt_exactly_as_one(cache_dir: Path, tmp_path: Path
     assert len(got) == len(want) == 3
     for g, w in zip(got, want, strict=True):
         assert g == pytest.approx(w, abs=1e-6)
-    rows, ref_rows = _load(tmp_path / "ddp0_rows.pt"), _load(tmp_path / "single0_rows.pt")
+    rows, ref_rows = load_recorded(tmp_path / "ddp0_rows.pt"), load_recorded(tmp_path / "single0_rows.pt")
     assert [(r["n"], r["batches"]) for r in rows] == [(r["n"], r["batches"]) for r in ref_rows] == [(129, 3)] * 3
     assert [r["acc1"] for r in rows] == pytest.approx([r["acc1"] for r in ref_rows], abs=1e-6)
 
 
-def test_sharded_batchnorm_network_steps_as_one_engine_on_the_global_batch(
-    digits: torch.Tensor, one_thread: None
-) -> None:
+def test_sharded_batchnorm_network_steps_as_one_engine_on_the_global_batch(digits: torch.Tensor) -> None:
     # Every BatchNorm (adapted or not) normalises with the all-reduced statistics of the global batch.
     world, batch = 2, 32
     config = ZOAConfig(lr=0.005, spsa_c=0.05, domain_t=0.1, detector_min_batch=batch)
@@ -325,7 +217,7 @@ def test_sharded_batchnorm_network_steps_as_one_engine_on_the_global_batch(
     want = [(single(x), single.bank.theta.clone(), single.bank.alpha.clone()) for x in stream]
 
     networks = [make_resnet(0) for _ in range(world)]
-    engines, got = _thread_ranks(networks, config, source, stream)
-    _assert_ranks_step_as_one(want, got)
+    engines, got = thread_ranks(networks, config, source, stream)
+    assert_ranks_step_as_one(want, got)
     assert float(want[-1][1].abs().max()) > 0  # the single engine did adapt
     assert [e["batch"] for e in engines[0].events] == [e["batch"] for e in single.events]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -15,21 +14,12 @@ import yaml
 
 from benchmarks._measure import SourceData, build_method, step
 from cli import make_cli
-from tests.conftest import make_stream, make_trainer, make_vit
+from tests.helpers import make_stream, make_trainer, make_vit
 from zoa_lightning.method_configs import method_config, method_names
 from zoa_lightning.methods import StreamModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_plain_argv(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr("sys.argv", ["zoa"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(module: StreamModule, cache_dir: Path) -> list[dict]:

@@ -9,8 +9,18 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import MODEL_FACTORIES, corrupt_noise, make_resnet, make_stream, make_trainer, make_vit
-from tests.test_distributed import _assert_ranks_step_as_one, _load, _RecordPerBatch, _thread_ranks
+from tests.helpers import (
+    MODEL_FACTORIES,
+    assert_ranks_step_as_one,
+    corrupt_noise,
+    load_recorded,
+    make_resnet,
+    make_stream,
+    make_trainer,
+    make_vit,
+    single_and_gloo_runs,
+    thread_ranks,
+)
 from zoa_lightning import ZOAModule
 from zoa_lightning.core import ZOA, ZOAConfig
 
@@ -51,33 +61,43 @@ def _single_and_sharded(kind: str, digits: torch.Tensor, batch: int) -> None:
         stream = [x for x in stream if len(x) >= world]  # DDP, so the sharded run compares the stream without it
         _, want = _run_single(kind, source, stream)
     networks = [MODEL_FACTORIES[kind](0) for _ in range(world)]
-    _, got = _thread_ranks(networks, CONFIG, source, stream)
-    # One process normalises a full batch with torch's float32 batch norm, two with float64 sums over their slices;
-    # over ~10 SPSA steps the rounding difference reaches 1.3e-5 on one CNN epsilon (batch 23). Logits: float32 sums
-    # in another order (BatchNorm statistics over two slices) move a few by ~1e-4.
-    tolerance = 1e-5 if kind == "vit" else 2e-5
-    _assert_ranks_step_as_one(want, got, tolerance, 5e-4, f"batch size {batch}: ")
+    _, got = thread_ranks(networks, CONFIG, source, stream)
+    # One process normalises a full batch with torch's float32 batch norm, two with float64 sums over their slices.
+    # The rounding difference is ~1e-7 on most batch sizes, but a two-image tail (one image per process, 48 = 46 + 2)
+    # has a loss difference near its rounding, and the normalised step turns that into up to 2.1e-5 on one CNN epsilon
+    # (0.4 % of lr; batch 46; 1.3e-5 at batch 23 on another CPU). Logits: float32 sums in another order (BatchNorm
+    # statistics over two slices) move a few by ~1e-4.
+    tolerance = 1e-5 if kind == "vit" else 5e-5
+    assert_ranks_step_as_one(want, got, tolerance, 5e-4, f"batch size {batch}: ")
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
 @pytest.mark.parametrize("batch", FAST_SIZES)
-def test_batch_sizes_adapt_store_and_shard_exactly(
-    kind: str, batch: int, digits: torch.Tensor, one_thread: None
-) -> None:
+def test_batch_sizes_adapt_store_and_shard_exactly(kind: str, batch: int, digits: torch.Tensor) -> None:
     _single_and_sharded(kind, digits, batch)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
-def test_every_batch_size_from_1_to_64_adapts_stores_and_shards_exactly(
-    kind: str, digits: torch.Tensor, one_thread: None
-) -> None:
+def test_every_batch_size_from_1_to_64_adapts_stores_and_shards_exactly(kind: str, digits: torch.Tensor) -> None:
     for batch in range(1, 65):
         _single_and_sharded(kind, digits, batch)
 
 
-@pytest.mark.parametrize("order", sorted(ORDERS))
-@pytest.mark.parametrize(("make", "batch"), [(make_vit, 1), (make_resnet, 1), (make_vit, 8), (make_resnet, 64)])
+STREAM_RUNS = [(make_vit, 1), (make_resnet, 1), (make_vit, 8), (make_resnet, 64)]
+# One run of every order stays in the fast suite, each network and batch size among them; the other twelve are slow.
+FAST_RUNS = {"continual": (make_vit, 1), "label_dirichlet": (make_resnet, 1), "mixed": (make_vit, 8),
+             "gradual": (make_resnet, 64)}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("order", "make", "batch"),
+    [
+        pytest.param(order, make, batch, marks=() if FAST_RUNS[order] == (make, batch) else pytest.mark.slow)
+        for make, batch in STREAM_RUNS
+        for order in sorted(ORDERS)
+    ],
+)
 def test_every_stream_order_runs_end_to_end(order: str, make: Any, batch: int, cache_dir: Path) -> None:
     module = ZOAModule(network=make(0), lr=0.005, spsa_c=0.05)
     results = make_trainer(batches=3).test(module, datamodule=make_stream(cache_dir, batch_size=batch, **ORDERS[order]))
@@ -89,27 +109,20 @@ def test_every_stream_order_runs_end_to_end(order: str, make: Any, batch: int, c
 
 
 def _ddp_states(tmp_path: Path, tag: str, step: int) -> list[dict[str, Any]]:
-    return [_load(tmp_path / f"{tag}{rank}_batch{step}.pt") for rank in range(2)]
+    return [load_recorded(tmp_path / f"{tag}{rank}_batch{step}.pt") for rank in range(2)]
 
 
 def _gloo_against_one_process(
     tmp_path: Path, cache_dir: Path, make: Any, data: dict[str, Any], batches: int, options: dict[str, Any]
 ) -> None:
     """Run ``make(0)`` under ZOAModule on one process and on two gloo processes; compare after every batch."""
-    single = make_trainer([_RecordPerBatch(tmp_path, "single")], batches=batches)
-    single.test(ZOAModule(network=make(0), **options), datamodule=make_stream(cache_dir, **data))
-    ddp = make_trainer(
-        [_RecordPerBatch(tmp_path, "ddp")],
-        batches=batches,
-        strategy="ddp_spawn",
-        devices=2,
-        use_distributed_sampler=False,
+    single_and_gloo_runs(
+        tmp_path, lambda: ZOAModule(network=make(0), **options), lambda: make_stream(cache_dir, **data), batches
     )
-    ddp.test(ZOAModule(network=make(0), **options), datamodule=make_stream(cache_dir, **data))
     steps = len(list(tmp_path.glob("single0_batch*.pt")))
     assert steps >= batches
     for i in range(steps):
-        ref = _load(tmp_path / f"single0_batch{i}.pt")
+        ref = load_recorded(tmp_path / f"single0_batch{i}.pt")
         r0, r1 = _ddp_states(tmp_path, "ddp", i)
         half = data["batch_size"] // 2
         assert (len(r0["labels"]), len(r1["labels"])) == (half, data["batch_size"] - half)
@@ -122,9 +135,10 @@ def _gloo_against_one_process(
     assert float(ref["theta"].abs().max()) > 0, "the single process should have adapted"
 
 
+@pytest.mark.slow  # two spawned gloo processes; test_batch_sizes_adapt_store_and_shard_exactly checks it in threads
 @pytest.mark.ddp
 def test_two_gloo_processes_adapt_a_batchnorm_network_on_small_mixed_batches_exactly_as_one(
-    cache_dir: Path, tmp_path: Path, one_thread: None
+    cache_dir: Path, tmp_path: Path
 ) -> None:
     # Global batches of 6 (3 per process) from the mixed-domain stream: pooled loss statistics, chunked detection and
     # the BatchNorm prior, all from sums over both processes.
@@ -137,7 +151,7 @@ def test_two_gloo_processes_adapt_a_batchnorm_network_on_small_mixed_batches_exa
 @pytest.mark.parametrize("order", sorted(ORDERS))
 @pytest.mark.parametrize("make", [make_vit, make_resnet])
 def test_two_gloo_processes_with_one_image_each_adapt_every_order_exactly_as_one(
-    order: str, make: Any, cache_dir: Path, tmp_path: Path, one_thread: None
+    order: str, make: Any, cache_dir: Path, tmp_path: Path
 ) -> None:
     options = {"lr": 0.005, "spsa_c": 0.05, "detector_min_batch": 8}
     _gloo_against_one_process(tmp_path, cache_dir, make, {"batch_size": 2, **ORDERS[order]}, 12, options)

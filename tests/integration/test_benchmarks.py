@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import make_resnet, make_vit
+from tests.helpers import make_resnet, make_vit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import accuracy, cost, estimators, robustness  # noqa: E402
