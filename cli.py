@@ -1,7 +1,8 @@
 """The ``zoa`` command: LightningCLI over the stream modules, data modules and callbacks of zoa-lightning.
 
 ``zoa test -c configs/demo.yaml`` runs the embedded demo, ``zoa compare -c configs/demo.yaml --methods zoa no_adapt``
-compares methods on one stream; configs compose (``-c configs/demo.yaml -c
+compares methods on one stream, ``zoa export -c configs/demo.yaml --out graphs`` writes the ONNX graphs the ONNX
+Runtime backend runs (docs/runtime.md); configs compose (``-c configs/demo.yaml -c
 configs/methods/no_adapt.yaml``) and flags override them (``--model.init_args.lr 0.001``). ``zoa test --help``
 documents every argument; ``--print_config`` prints the resolved YAML. From Python, ``make_cli(args=[...], run=False)``
 returns the CLI object with ``model``, ``datamodule`` and ``trainer`` built but not run, and
@@ -36,7 +37,7 @@ from zoa_lightning.methods import StreamModule
 from zoa_lightning.resume import check_same_stream, run_precision, stored_fingerprint, verify_stream_checkpoint
 from zoa_lightning.run_folder import RunFolderWriter, claim_logger_version, claim_run_folder, describe_earlier_run
 
-__all__ = ["ZOACLI", "ConfigError", "main", "make_cli", "resolved_config"]
+__all__ = ["ZOACLI", "ConfigError", "export_graphs", "main", "make_cli", "resolved_config"]
 
 _TEST_DEFAULTS = Path(__file__).resolve().parent / "zoa_lightning" / "test_defaults.yaml"
 
@@ -239,7 +240,9 @@ def error_message(error: BaseException) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``zoa`` console script; ``zoa compare ...`` runs :mod:`zoa_lightning.compare`.
+    """Entry point of the ``zoa`` console script (``zoa compare`` and ``zoa export`` are dispatched here).
+
+    ``zoa compare ...`` runs :mod:`zoa_lightning.compare`, ``zoa export ...`` :func:`export_graphs`.
 
     An error (a bad config value, a missing file, a diverged run) is printed as its message alone, first and last
     line, with exit status 2 for arguments and 1 otherwise; ``ZOA_DEBUG=1`` shows the full traceback instead.
@@ -257,6 +260,9 @@ def main(args: list[str] | None = None) -> None:
             from zoa_lightning.compare import main as compare_main
 
             compare_main(argv[1:])
+            return
+        if argv[:1] == ["export"]:
+            export_graphs(argv[1:])
             return
         make_cli(args, exit_on_error=False)
     except (KeyboardInterrupt, SystemExit):
@@ -300,6 +306,68 @@ def make_cli(args: list[str] | None = None, run: bool = True, *, exit_on_error: 
         args=args,
         run=run,
     )
+
+
+EXPORT_USAGE = (
+    "zoa export -c <config.yaml> [-c <method.yaml>] [--out FOLDER] [zoa test flags]: write the float and INT8 ONNX "
+    "graphs of the config's network for its method, and a JSON sidecar (docs/runtime.md)"
+)
+
+
+def export_graphs(args: list[str]) -> dict[str, Path]:
+    """``zoa export``: the float and INT8 graphs that ``callbacks.OnnxRuntimeCallback`` would run for these configs.
+
+    The configs and flags are those of ``zoa test``; the network and the method's adapted layers come from the model
+    section, the calibration images from the data section (the count from the config's ``OnnxRuntimeCallback`` or
+    ``QuantizationCallback``, else 32). Writes ``<out>/<network>-<method>.float.onnx``, ``.int8.onnx`` and ``.json``
+    (``--out`` defaults to ``graphs``).
+
+    Args:
+        args: the arguments after ``zoa export``.
+
+    Returns:
+        ``{"float": path, "int8": path}``.
+
+    Raises:
+        ValueError: without arguments, or for a method that cannot run on ONNX Runtime.
+    """
+    import torch
+
+    from callbacks.onnx_runtime import OnnxRuntimeCallback
+    from zoa_lightning.core.protocols import RuntimeModule
+    from zoa_lightning.core.runtime.graphs import write_graphs
+
+    out, rest, i = Path("graphs"), [], 0
+    while i < len(args):
+        if args[i] == "--out" and i + 1 < len(args):
+            out, i = Path(args[i + 1]), i + 2
+        elif args[i].startswith("--out="):
+            out, i = Path(args[i].split("=", 1)[1]), i + 1
+        elif args[i] in ("-h", "--help"):
+            print(EXPORT_USAGE)
+            return {}
+        else:
+            rest.append(args[i])
+            i += 1
+    if not rest:
+        raise ValueError(f"zoa export needs a config: {EXPORT_USAGE}")
+    cli = make_cli(rest, run=False, exit_on_error=False)
+    module, data = cli.model, cli.datamodule
+    if not isinstance(module, RuntimeModule) or not isinstance(module, StreamModule):
+        raise ValueError(f"{type(module).__name__} cannot run on ONNX Runtime: export no_adapt or a ZOA configuration")
+    callbacks = cli.trainer.callbacks  # type: ignore[attr-defined]  # a Trainer property mypy does not see
+    runtime = next((c for c in callbacks if isinstance(c, OnnxRuntimeCallback)), OnnxRuntimeCallback())
+    network = module.get_network()
+    layout = module.runtime_layout(network)
+    data.prepare_data()
+    images = data.calibration_images(runtime.calibration_count(callbacks)).cpu()
+    stem = f"{module.network_name}-{module.run_name}"
+    with torch.no_grad():
+        paths = write_graphs(network, layout, images, out, stem)
+    for path in (*paths.values(), out / f"{stem}.json"):
+        print(f"wrote {path}")
+    print(f"run one with: --trainer.callbacks+=callbacks.OnnxRuntimeCallback --trainer.callbacks.graph {paths['int8']}")
+    return paths
 
 
 def resolved_config(args: Sequence[str]) -> dict[str, Any]:

@@ -118,7 +118,8 @@ def build_method(
             other refusals (``ValueError`` for a bad hyperparameter).
     """
     parser = method_parser()
-    flags = [f"--model.init_args.{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
+    flags = [f"--model.init_args.{key}={value if isinstance(value, str) else json.dumps(value)}"
+             for key, value in (overrides or {}).items()]  # fmt: skip
     config = parser.parse_args(
         ["--config", str(method_config(method, method_dir)), "--model.init_args.num_classes", str(num_classes), *flags]
     )

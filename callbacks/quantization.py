@@ -134,6 +134,11 @@ class QuantizationCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "test":
             return
+        from callbacks.onnx_runtime import OnnxRuntimeCallback  # (a local import: that module imports this one)
+
+        if any(isinstance(c, OnnxRuntimeCallback) for c in trainer.callbacks):  # type: ignore[attr-defined]
+            rank_zero_info("QuantizationCallback: ONNX Runtime quantizes the network (OnnxRuntimeCallback); skipped")
+            return
         if not isinstance(pl_module, QuantizableModule):
             raise TypeError(
                 f"QuantizationCallback needs get_network()/set_network(); {type(pl_module).__name__} lacks "

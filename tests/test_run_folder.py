@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from zoa_lightning import run_folder
 from zoa_lightning.run_folder import (
     LOCK_NAME,
     RunFolderBusy,
@@ -22,13 +23,21 @@ from zoa_lightning.run_folder import (
     release_run_folder,
 )
 
-_HOLDER = """
-import sys, time
-from zoa_lightning.run_folder import claim_run_folder
-claim_run_folder(sys.argv[1])
+# Other processes load run_folder.py alone (standard library only): importing the package costs seconds per process.
+_LOAD = (
+    "import importlib.util, sys; "
+    f"spec = importlib.util.spec_from_file_location('run_folder', {str(Path(run_folder.__file__))!r}); "
+    "run_folder = importlib.util.module_from_spec(spec); spec.loader.exec_module(run_folder)\n"
+)
+_HOLDER = (
+    _LOAD
+    + """
+import time
+run_folder.claim_run_folder(sys.argv[1])
 print("held", flush=True)
 time.sleep(60)
 """
+)
 
 
 def _hold_in_another_process(folder: Path) -> subprocess.Popen[str]:
@@ -56,8 +65,11 @@ def test_claims_in_one_process_are_counted(tmp_path: Path) -> None:
     claim_run_folder(tmp_path)  # the results callback and the stream checkpoint of one run
     release_run_folder(tmp_path)
     check = subprocess.run(
-        [sys.executable, "-c", "import sys; from zoa_lightning.run_folder import claim_run_folder as c; c(sys.argv[1])",
-         str(tmp_path)], capture_output=True, text=True, check=False)  # fmt: skip
+        [sys.executable, "-c", _LOAD + "run_folder.claim_run_folder(sys.argv[1])", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert check.returncode != 0, "still held by the second claim"
     release_run_folder(tmp_path)
     assert subprocess.run(check.args, check=False).returncode == 0

@@ -233,39 +233,6 @@ def test_resume_continues_an_unfinished_checkpoint_of_this_setting(
     assert compare_mod._resume_decision("zoa", tmp_path / "damaged", []) == []
 
 
-def test_children_are_stopped_with_the_comparison_and_die_with_it(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-    import threading
-    import time
-
-    children = compare_mod.ChildProcesses()
-    marker = tmp_path / "written"
-    sleeper = [sys.executable, "-c", f"import time, pathlib; time.sleep(30); pathlib.Path({str(marker)!r}).touch()"]
-    codes: list[int] = []
-    thread = threading.Thread(target=lambda: codes.append(children.run(sleeper)))
-    thread.start()
-    time.sleep(1.0)
-    children.stop()  # an interrupted comparison
-    thread.join(timeout=15)
-    assert codes, "the child should have been stopped"
-    assert codes[0] != 0
-    # The parent killed outright (SIGKILL, no clean-up): its child dies with it instead of writing results later.
-    parent = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from zoa_lightning.compare import ChildProcesses; "
-         f"print('started', flush=True); ChildProcesses().run({sleeper!r})"], stdout=subprocess.PIPE, text=True
-    )  # fmt: skip
-    assert parent.stdout is not None
-    assert parent.stdout.readline().strip() == "started"
-    time.sleep(1.0)
-    parent.kill()
-    parent.wait()
-    time.sleep(1.0)
-    alive = subprocess.run(["pgrep", "-f", str(marker)], capture_output=True, text=True, check=False).stdout.split()
-    assert not alive, "the child outlived its killed parent"
-    assert not marker.exists()
-
-
 def test_an_interrupted_comparison_returns_at_once_and_starts_no_other_method(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -280,12 +247,18 @@ def test_an_interrupted_comparison_returns_at_once_and_starts_no_other_method(
 
     def fake_popen(command: list[str], **kwargs: Any) -> Any:  # each method's `zoa test` is a long sleep here
         started.append(command[command.index("--model.init_args.name") + 1])
-        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()  # Ctrl-C while it runs
+        threading.Timer(1.0, interrupt).start()  # Ctrl-C while it runs
         return popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
 
+    interrupted: list[float] = []
+
+    def interrupt() -> None:
+        interrupted.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
     monkeypatch.setattr(processes.subprocess, "Popen", fake_popen)
-    start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         compare([str(ROOT / "configs/demo.yaml")], ["zoa", "no_adapt"], tmp_path, method_dir=METHODS)
-    assert time.monotonic() - start < 30, "it waited for the child instead of stopping it"
+    # Timed from the interrupt (the child sleeps 60 s): what comes before it depends on the machine's load.
+    assert time.monotonic() - interrupted[0] < 30, "it waited for the child instead of stopping it"
     assert started == ["zoa"], "no method starts after the interrupt"

@@ -113,9 +113,23 @@ def test_demo_configs_run_the_papers_vit_w8a8_hyperparameters_on_the_demo_vit(na
     assert (trainer["devices"], trainer["strategy"]) == ((2, "ddp") if name == "demo_ddp" else (1, "auto"))
 
 
+def test_the_onnx_demo_is_the_demo_with_the_int8_graph_in_the_quantizer_s_place() -> None:
+    resolved, demo = _resolved("demo_onnx"), _resolved("demo")
+    assert resolved["model"] == demo["model"]
+    assert resolved["data"] == demo["data"]
+    classes = [c["class_path"] for c in demo["trainer"]["callbacks"]]
+    assert classes[1] == "callbacks.QuantizationCallback"
+    classes[1] = "callbacks.OnnxRuntimeCallback"
+    assert [c["class_path"] for c in resolved["trainer"]["callbacks"]] == classes
+    runtime = resolved["trainer"]["callbacks"][1]["init_args"]
+    assert (runtime["precision"], runtime["calib_images"], runtime["intra_op_threads"]) == ("int8", 32, 1)
+    trainer = resolved["trainer"]
+    assert trainer["default_root_dir"] == trainer["logger"]["init_args"]["save_dir"] == "runs/demo_onnx"
+
+
 def test_every_config_is_pinned_here() -> None:
     overlays = {"demo_tuned"}  # composed after a demo config; tests/integration/test_cli.py checks it
-    assert {c.stem for c in CONFIGS} == set(PAPER) | set(DEMO) | overlays
+    assert {c.stem for c in CONFIGS} == set(PAPER) | set(DEMO) | {"demo_onnx"} | overlays
 
 
 @pytest.mark.parametrize("part", PARTS, ids=lambda p: str(p.relative_to(CONFIG_DIR / "parts")))

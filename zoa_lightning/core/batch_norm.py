@@ -105,8 +105,7 @@ class BatchStatistics(nn.Module):
         mean = stats[:c] / stats[2 * c]
         var = (stats[c : 2 * c] / stats[2 * c] - mean * mean).clamp_min(0)
         images = float(stats[2 * c + 1])
-        if self.record:
-            self._pending.append((offset, mean, var, images))
+        self.note(offset, mean, var, images)
         running = self.running[offset : offset + 2 * c].to(mean.device)
         weight = images / (images + prior)
         spread = weight * (1 - weight) * (mean - running[:c]) ** 2  # the mixture's variance includes its means' spread
@@ -114,6 +113,15 @@ class BatchStatistics(nn.Module):
         var = weight * var + (1 - weight) * running[c:] + spread
         scale = torch.rsqrt(var + eps).to(x.dtype).view(1, c, 1, 1)
         return (x - mean.to(x.dtype).view(1, c, 1, 1)) * scale
+
+    def note(self, offset: int, mean: Tensor, var: Tensor, images: float) -> None:
+        """Keep a BatchNorm's batch mean and biased variance (float64) for :meth:`commit` if this pass records.
+
+        :meth:`normalize` calls it; a network that computes the statistics elsewhere (an inference engine's graph)
+        hands them in here, with the layer's ``offset`` and the batch's image count.
+        """
+        if self.record:
+            self._pending.append((offset, mean, var, images))
 
     def commit(self, images_per_window: int) -> None:
         """Fold the statistics recorded in this batch's prediction pass into the running estimates.

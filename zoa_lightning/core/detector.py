@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -10,18 +11,34 @@ from torch import Tensor, nn
 
 from zoa_lightning.core.stats import ReduceFn, channel_moments, finish
 
-__all__ = ["DomainShiftDetector", "detector_statistics", "detector_sums", "finish_sums"]
+__all__ = ["DetectorSums", "DomainShiftDetector", "detector_statistics", "detector_sums", "finish_sums"]
 
 
-def detector_sums(output: Tensor, kind: Literal["vit", "cnn"], num_prefix_tokens: int, reduce_fn: ReduceFn) -> Tensor:
+@dataclass(frozen=True)
+class DetectorSums:
+    """This process's sums of the detector tensor, computed where the network ran (an inference engine's graph).
+
+    Args:
+        values: ``[Σx (C), Σx² (C), values per channel, images]``, float64, over this process's images only.
+    """
+
+    values: Tensor
+
+
+def detector_sums(
+    output: Tensor | DetectorSums, kind: Literal["vit", "cnn"], num_prefix_tokens: int, reduce_fn: ReduceFn
+) -> Tensor:
     """``[Σx (C), Σx² (C), values per channel, images]`` of the detector tensor, float64, summed over processes.
 
     Args:
-        output: the detector module's output: ``(B, tokens, C)`` for a ViT, ``(B, C, H, W)`` for a CNN.
+        output: the detector module's output: ``(B, tokens, C)`` for a ViT, ``(B, C, H, W)`` for a CNN; or its
+            sums already taken (:class:`DetectorSums`), which are only summed over processes.
         kind: ``"vit"`` or ``"cnn"``.
         num_prefix_tokens: leading ViT tokens (class token, registers) left out of the sums and the count.
         reduce_fn: sums the statistics vector over processes.
     """
+    if isinstance(output, DetectorSums):
+        return reduce_fn(output.values)
     if kind == "vit":
         output = output[:, num_prefix_tokens:]  # patch tokens only, for the sums and the count
         s1, s2 = channel_moments(output, (0, 1))
@@ -103,7 +120,7 @@ class DomainShiftDetector(nn.Module):
 
     def observe(
         self,
-        output: Tensor,
+        output: Tensor | DetectorSums,
         kind: Literal["vit", "cnn"],
         num_prefix_tokens: int,
         reduce_fn: ReduceFn,

@@ -229,7 +229,8 @@ def check_image_batch(images: Tensor, model: nn.Module, layout: ModelLayout, inp
 
     Args:
         images: the batch.
-        model: the network (a ViT's patch embedding says which sizes it accepts).
+        model: the network (a ViT's patch embedding says which sizes it accepts; a ViT without one, e.g. an
+            exported graph, accepts ``input_size`` only).
         layout: the network's layout.
         input_size: ``(C, H, W)`` the network was built for.
 
@@ -245,7 +246,7 @@ def check_image_batch(images: Tensor, model: nn.Module, layout: ModelLayout, inp
     if images.shape[1] != c:
         raise ValueError(f"ZOA expects {c}-channel images (B, {c}, H, W), got shape {tuple(images.shape)}")
     if layout.kind == "vit":
-        embed = model.patch_embed
+        embed = getattr(model, "patch_embed", None)  # None: a graph that takes one image size only
         if getattr(embed, "strict_img_size", True) and tuple(images.shape[2:]) != (h, w):
             raise ValueError(f"this ViT expects images of shape (B, {c}, {h}, {w}), got {tuple(images.shape)}")
         ph, pw = getattr(embed, "patch_size", (1, 1))

@@ -4,9 +4,9 @@
   offer beyond it is a protocol here: :class:`SourceStatisticsAdapter` (clean-data statistics before the stream) and
   :class:`BankAdapter` (a knowledge bank whose events are reported).
 * Glue to glue: callbacks never import the LightningModule and the module never imports callbacks; each side checks
-  in ``setup`` that the other implements what it needs (:class:`QuantizableModule`, :class:`ResultsModule`,
-  :class:`AdaptationModule`, :class:`StreamDataModule`, :class:`ResumableDataModule`) and fails early with a message
-  naming what is missing.
+  in ``setup`` that the other implements what it needs (:class:`QuantizableModule`, :class:`RuntimeModule`,
+  :class:`ResultsModule`, :class:`AdaptationModule`, :class:`StreamDataModule`, :class:`ResumableDataModule`) and fails
+  early with a message naming what is missing.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
+
+from zoa_lightning.core.layout import ModelLayout
 
 __all__ = [
     "AdaptationModule",
@@ -25,6 +27,7 @@ __all__ = [
     "QuantizableModule",
     "ResultsModule",
     "ResumableDataModule",
+    "RuntimeModule",
     "SourceDataModule",
     "SourceStatisticsAdapter",
     "StreamDataModule",
@@ -75,6 +78,19 @@ class QuantizableModule(Protocol):
 
     def set_network(self, network: nn.Module, precision: str) -> None:
         """Install the quantized network; ``precision`` is a tag such as ``"W8A8"``."""
+        ...
+
+
+@runtime_checkable
+class RuntimeModule(QuantizableModule, Protocol):
+    """A module whose method can run on a network an inference engine runs (``callbacks.OnnxRuntimeCallback``)."""
+
+    def runtime_layout(self, network: nn.Module) -> ModelLayout | None:
+        """Where the method acts in ``network``: the layout an exported graph must serve, or ``None`` (plain graph).
+
+        Raises:
+            ValueError: if the method's settings cannot run on an inference engine (the message says why).
+        """
         ...
 
 

@@ -81,6 +81,7 @@ class SmallBatches(nn.Module):
         self.active = False  # this batch is pooled
         self.share = 1.0  # n / N of this batch (1 when it stands alone)
         self.images = 0
+        self._earlier: tuple[float, Tensor | None] | None = None  # this batch's _recent (the ring is fixed till finish)
 
     def begin(self, images: int) -> None:
         """Decide whether a batch of ``images`` (all processes) is pooled: small, and not right after a full one."""
@@ -88,6 +89,7 @@ class SmallBatches(nn.Module):
         self.images = int(images)
         self.active = images < self.pool_images and not (previous >= self.pool_images)
         self.share = 1.0
+        self._earlier = None
 
     def _recent(self, needed: float) -> Tensor | None:
         """The sum of the most recent rows whose image counts reach ``needed`` (all rows if they do not)."""
@@ -95,13 +97,15 @@ class SmallBatches(nn.Module):
         if filled == 0 or needed <= 0:
             return None
         capacity = self.history.shape[0]
-        newest_first = [(int(self.head) - 1 - k) % capacity for k in range(filled)]
-        counts = self.history[newest_first, -1].tolist()
+        head = int(self.head)
+        newest_first = [(head - 1 - k) % capacity for k in range(filled)]
+        counts = self.history[:, -1].tolist()  # (one plain read; indexed in Python)
         taken, total = 0, 0.0
         while taken < filled and total < needed:
-            total += counts[taken]
+            total += counts[newest_first[taken]]
             taken += 1
-        rows = self.history[newest_first[:taken]]
+        order = torch.tensor(newest_first[:taken], device=self.history.device)
+        rows = self.history.index_select(0, order)
         return rows.sum(0)  # a fixed order (newest first): the same bits on every process and after a resume
 
     def pooled(self, stats: Tensor) -> Tensor:
@@ -109,7 +113,10 @@ class SmallBatches(nn.Module):
         if not self.active:
             return stats
         own = float(stats[-1].detach())
-        earlier = self._recent(self.pool_images - own)
+        needed = self.pool_images - own
+        if self._earlier is None or self._earlier[0] != needed:  # a batch's passes have the same images: one sum
+            self._earlier = (needed, self._recent(needed))
+        earlier = self._earlier[1]
         if earlier is None:
             self.share = 1.0
             return stats
@@ -128,7 +135,7 @@ class SmallBatches(nn.Module):
 
         A detected shift empties the pool (the past is another domain), and so does a full batch.
         """
-        active, self.active, self.share = self.active, False, 1.0
+        active, self.active, self.share, self._earlier = self.active, False, 1.0, None
         if stats is None:
             return
         if detected or not active:

@@ -3,7 +3,8 @@
 :class:`NetworkTaps` hooks the modules a :class:`~zoa_lightning.core.layout.ModelLayout` names. A forward run through
 :meth:`NetworkTaps.run` records the loss features (the taps and the head input) and hands the detector tensor to a
 callback while the pass is still running (a knowledge store must happen before the adapted layers read the bank);
-any other forward of the network passes the hooks untouched.
+any other forward of the network passes the hooks untouched. It is the torch implementation of the engine's
+:class:`~zoa_lightning.core.network.Forward`; an inference-engine network fills the same :class:`PassRecord`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class PassRecord:
     head_input: Tensor | None = None
     detector_channels: int = 0
     detected: bool = False
+    shifted: Tensor | None = None
+    """The head's logits on the activation-shifted final features, when the pass was run with a shift."""
 
     def final(self) -> Tensor:
         """The head input ``(B, D)`` (the final features) of the pass."""
@@ -73,12 +76,11 @@ class NetworkTaps:
     Args:
         model: the network.
         layout: where to hook.
-        on_detector: called with the detector tensor and the pass record during every recorded pass except probes.
+        on_detector: called with the detector tensor and the pass record during every recorded pass except probes
+            and predictions.
     """
 
-    def __init__(
-        self, model: nn.Module, layout: ModelLayout, on_detector: Callable[[Tensor, PassRecord], None]
-    ) -> None:
+    def __init__(self, model: nn.Module, layout: ModelLayout, on_detector: Callable[[Any, PassRecord], None]) -> None:
         self.model, self.layout, self.on_detector = model, layout, on_detector
         self._record: PassRecord | None = None
         get = model.get_submodule
@@ -86,14 +88,21 @@ class NetworkTaps:
         self._handles += [get(name).register_forward_hook(self._tap_hook) for name in layout.taps]
         self._handles.append(get(layout.head).register_forward_pre_hook(self._head_hook))
 
-    def run(self, images: Tensor, mode: PassMode, pass_index: int = 0) -> tuple[Tensor, PassRecord]:
-        """One forward of the network on ``images``, recorded; returns ``(logits, record)``."""
+    def run(
+        self, images: Tensor, mode: PassMode, pass_index: int = 0, shift: Tensor | None = None
+    ) -> tuple[Tensor, PassRecord]:
+        """One forward of the network on ``images``, recorded; returns ``(logits, record)``.
+
+        With a ``shift`` ``(D,)`` the record also holds ``head(final + shift)`` (:attr:`PassRecord.shifted`).
+        """
         record = PassRecord(mode, pass_index)
         self._record = record
         try:
             logits = self.model(images)
         finally:
             self._record = None
+        if shift is not None:
+            record.shifted = self.head(record.final() + shift)
         return logits, record
 
     def first_taps(self, images: Tensor, modules: Sequence[str]) -> list[int]:
@@ -128,15 +137,17 @@ class NetworkTaps:
         """The classifier head applied to final features (e.g. activation-shifted ones)."""
         return self.model.get_submodule(self.layout.head)(features)
 
-    def _tap_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        if self._record is None:
-            return
-        if self.layout.kind == "vit":
+    @staticmethod
+    def tap_feature(layout: ModelLayout, output: Tensor) -> Tensor:
+        """The loss feature ``(B, d)`` of a tap module's output: a ViT's class token, a CNN's spatial mean."""
+        if layout.kind == "vit":
             # A copy, not a view: a view would keep the whole (B, N, C) block output alive until the pass ends.
-            feature = output[:, 0].clone()
-        else:
-            feature = output.mean((2, 3)) if output.ndim == 4 else output.flatten(1)
-        self._record.taps.append(feature)
+            return output[:, 0].clone()
+        return output.mean((2, 3)) if output.ndim == 4 else output.flatten(1)
+
+    def _tap_hook(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if self._record is not None:
+            self._record.taps.append(self.tap_feature(self.layout, output))
 
     def _head_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._record is not None:

@@ -20,27 +20,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zoa_lightning.core.bank import fuse_norms
 from zoa_lightning.core.batch_norm import BatchStatistics
 from zoa_lightning.core.config import ZOAConfig
-from zoa_lightning.core.detector import DomainShiftDetector
+from zoa_lightning.core.detector import DetectorSums, DomainShiftDetector
 from zoa_lightning.core.estimators import GradientEstimator, check_estimator
 from zoa_lightning.core.guard import SourceGuard
-from zoa_lightning.core.layout import (
-    ModelLayout,
-    check_head_prediction,
-    check_image_batch,
-    default_input_size,
-    resolve_layout,
-)
+from zoa_lightning.core.layout import ModelLayout, check_head_prediction, check_image_batch
 from zoa_lightning.core.loss import ZOALoss, loss_statistics
 from zoa_lightning.core.methods.base import Adapter
+from zoa_lightning.core.network import bind_network, network_input_size, network_layout
 from zoa_lightning.core.policies import UnadaptedPredictions, on_shift
 from zoa_lightning.core.shift import ActivationShift
 from zoa_lightning.core.small_batch import SmallBatches
 from zoa_lightning.core.source import SourceStatistics
 from zoa_lightning.core.stats import CountedReduce, ReduceFn
-from zoa_lightning.core.taps import NetworkTaps, PassRecord, PassResult
+from zoa_lightning.core.taps import PassRecord, PassResult
 from zoa_lightning.core.transaction import AdaptationDiverged, BatchGuard, Rollback
 from zoa_lightning.core.update import ZOAUpdate
 
@@ -56,8 +50,9 @@ class ZOA(Adapter):
     (batch 2) to size its buffers, so every ``state_dict`` shape is fixed from construction on.
 
     Args:
-        model: a timm ``VisionTransformer`` (class token), a timm/torchvision ``ResNet``, a timm ``EfficientNet``, or
-            any classifier carrying a ``zoa_layout`` attribute.
+        model: a timm ``VisionTransformer`` (class token), a timm/torchvision ``ResNet``, a timm ``EfficientNet``, any
+            classifier carrying a ``zoa_layout`` attribute, or a network an inference engine runs
+            (:class:`~zoa_lightning.core.network.EngineNetwork`, e.g. an ONNX Runtime graph; docs/runtime.md).
         config: hyperparameters; the quirk switches are resolved for the model kind (see :class:`ZOAConfig`).
         layout: override where ZOA acts; default :func:`~zoa_lightning.core.layout.resolve_layout`.
         input_size: ``(C, H, W)`` of the probe forward; default the ViT's image size or ``(C, 64, 64)`` for CNNs.
@@ -92,8 +87,7 @@ class ZOA(Adapter):
     ) -> None:
         super().__init__(model)
         self.rank, self.world_size = rank, world_size
-        self.layout = layout if layout is not None else resolve_layout(model)
-        self.layout.check(model)
+        self.layout = network_layout(model, layout)
         cfg = self.config = (config or ZOAConfig()).resolved(self.layout.kind)
         self.reduce = CountedReduce(reduce_fn)  # counts what it hands over (not checkpointed)
         self.last_losses = ()  # the last batch's L0 and L+ (diagnostics)
@@ -102,15 +96,16 @@ class ZOA(Adapter):
         model.requires_grad_(False)
         # Every BatchNorm's batch settings (under DDP: global-batch statistics) and running test-statistics estimates
         self.batch_statistics = BatchStatistics(self.reduce if world_size > 1 else None)
-        self.bank = fuse_norms(
-            model, self.layout, self.batch_statistics, max_entries=cfg.max_weight_nums, alpha_scale=cfg.alpha_scale,
+        # The network's adapted layers read this bank; self.taps runs the recorded passes (network.py)
+        self.bank, self.taps = bind_network(
+            model, self.layout, self.batch_statistics, self._on_detector, world_size=world_size,
+            estimator=cfg.estimator, max_entries=cfg.max_weight_nums, alpha_scale=cfg.alpha_scale,
             weight_margin=cfg.weight_margin, alpha_clip=cfg.alpha_clip, compact_similarity=bool(cfg.compact_similarity),
             initial_alpha=float(torch.randn(1, generator=self.generator)),
         )  # fmt: skip
         self.batch_statistics.to(self.bank.theta.device)
         check_estimator(cfg, self.layout, world_size)
-        self.taps = NetworkTaps(model, self.layout, self._on_detector)
-        self.input_size = input_size or default_input_size(model, self.layout)
+        self.input_size = input_size or network_input_size(model, self.layout)
         device, dtype = self.bank.theta.device, self.bank.theta.dtype
         with torch.no_grad():
             probe_logits, probe = self.taps.run(zeros := torch.zeros(2, *self.input_size, device=device), "probe")
@@ -118,8 +113,10 @@ class ZOA(Adapter):
             raise RuntimeError("the layout's taps or head were not reached by the model's forward")
         with torch.no_grad():  # the prediction must be the head's alone (a distilled ViT's is not): a random probe
             check = torch.randn(2, *self.input_size, generator=torch.Generator().manual_seed(0)).to(device)
-            logits, record = self.taps.run(check, "predict")
-            check_head_prediction(logits, self.taps.head(record.final()), model, self.layout.head)
+            no_shift = torch.zeros(int(probe.head_input.shape[1]), device=device, dtype=dtype)
+            logits, record = self.taps.run(check, "predict", shift=no_shift)  # record.shifted = head(final + 0)
+            assert record.shifted is not None
+            check_head_prediction(logits, record.shifted, model, self.layout.head)
         self.num_classes = int(probe_logits.shape[-1])
         self.loss = ZOALoss([int(t.shape[1]) for t in probe.taps] + [int(probe.head_input.shape[1])], cfg.lambda_bp)
         self.final_dim = self.loss.tap_dims[-1]
@@ -139,16 +136,21 @@ class ZOA(Adapter):
         self.unadapted = UnadaptedPredictions(model, self.bank, self.counters)
 
     # ------------------------------------------------------------------ passes, detector, shift
-    def _pass(self, images: Tensor, pass_index: int, shift: Tensor | None, mode: str = "adapt") -> PassResult:
+    def _pass(
+        self, images: Tensor, pass_index: int, shift: Tensor | None, mode: str = "adapt", late: Tensor | None = None
+    ) -> PassResult:
         """One forward of the network with the loss of spec §2; with ``loss_on_shifted`` the loss reads shifted logits.
 
         The returned feature mean is always that of the unshifted features (the activation shift's EMA tracks them).
+        A ``late`` shift (the prediction's, when the loss reads unshifted logits) puts ``head(final + late)`` in the
+        record's ``shifted``.
         """
-        logits, record = self.taps.run(images, mode, pass_index)  # type: ignore[arg-type]
         applied = shift if self.config.loss_on_shifted else None
+        logits, record = self.taps.run(images, mode, pass_index, applied if applied is not None else late)  # type: ignore[arg-type]
         if applied is not None:
             record.head_input = record.final() + applied
-            logits = self.taps.head(record.head_input)
+            assert record.shifted is not None
+            logits = record.shifted
         features = record.features()
         own = self.reduce(loss_statistics(features, logits))
         if mode == "adapt":
@@ -170,7 +172,7 @@ class ZOA(Adapter):
         """
         return self._pass(images, 0, shift, mode="predict")
 
-    def _on_detector(self, output: Tensor, record: PassRecord) -> None:
+    def _on_detector(self, output: Tensor | DetectorSums, record: PassRecord) -> None:
         """The detector hook (spec §5.7): runs in pass A, and in pass B too in reference mode."""
         cfg = self.config
         self.counters.add("forward_passes", int(record.mode == "adapt"))
@@ -223,9 +225,9 @@ class ZOA(Adapter):
         """Logits of the current (adapted, activation-shifted) model without adapting or touching any state."""
         check_image_batch(images, self.model, self.layout, self.input_size)
         with torch.no_grad():
-            logits, record = self.taps.run(images, "predict")
             shift = self.shift_vector()
-            return self.taps.head(record.final() + shift) if shift is not None else logits
+            logits, record = self.taps.run(images, "predict", shift=shift)
+            return logits if record.shifted is None else record.shifted
 
     def forward(self, images: Tensor) -> Tensor:
         """Predict ``images`` with the current parameters, then adapt on them. Returns the prediction's logits.
@@ -278,10 +280,11 @@ class ZOA(Adapter):
         cfg = self.config
         shift = self.shift_vector()  # 1. the shift vector from the batches so far
         self.batch_statistics.record = self.batch_statistics.prior is not None  # a pooled batch's BatchNorm statistics
-        a = self._pass(images, 0, shift)  # 2. pass A: prediction and L0; the detector may store knowledge
-        self.batch_statistics.record = False
         late = None if cfg.loss_on_shifted else shift  # (loss_on_shifted: pass A's logits are shifted already)
-        prediction = a.logits if late is None else self.taps.head(a.record.final() + late)
+        a = self._pass(images, 0, shift, late=late)  # 2. pass A: prediction and L0; the detector may store knowledge
+        self.batch_statistics.record = False
+        prediction = a.logits if late is None else a.record.shifted
+        assert prediction is not None
         loss0, final_mean, detected = a.loss, a.final_mean, a.record.detected
         a.record.head_input = None  # free pass A's activations before pass B (the per-sample estimator keeps features)
         steps = cfg.steps if float(a.stats[-1]) >= 2 else 0  # one image so far: no variance, no step

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from typing_extensions import override
 
+from zoa_lightning.core.layout import ModelLayout
 from zoa_lightning.core.methods.no_adapt import NoAdapt
 from zoa_lightning.methods.base import StreamModule
 
@@ -19,3 +20,7 @@ class NoAdaptModule(StreamModule):
     @override
     def build_adapter(self, network: nn.Module) -> NoAdapt:
         return NoAdapt(network)
+
+    def runtime_layout(self, network: nn.Module) -> ModelLayout | None:
+        """``None``: on an inference engine no_adapt runs the plain graph (``callbacks.OnnxRuntimeCallback``)."""
+        return None

@@ -17,7 +17,8 @@ from typing_extensions import override
 
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.estimators import check_estimator
-from zoa_lightning.core.layout import resolve_layout
+from zoa_lightning.core.layout import ModelLayout, resolve_layout
+from zoa_lightning.core.network import EngineNetwork
 from zoa_lightning.methods.base import StreamModule
 
 __all__ = ["ZOAModule", "config_args_doc"]
@@ -119,6 +120,33 @@ class ZOAModule(StreamModule):
                 "layers normalise with the statistics of each process's slice of the batch (only BatchNorm2d layers "
                 "are synchronised). Run it with `trainer.devices: 1`"
             )
+        layout = self._layout(network)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return ZOA(network, self.config, layout=layout, reduce_fn=self.reduce_sum, rank=rank, world_size=world_size)
+
+    def runtime_layout(self, network: nn.Module) -> ModelLayout:
+        """Where ZOA acts in the (float) ``network``: the layout a graph for ``callbacks.OnnxRuntimeCallback`` serves.
+
+        Raises:
+            ValueError: for the first-order oracle, which back-propagates (an inference engine cannot).
+        """
+        if self.config.estimator == "first_order":
+            raise ValueError(
+                f"{self.run_name} uses estimator='first_order', which back-propagates through the network: an ONNX "
+                "Runtime session cannot. Run it on the torch backend (without callbacks.OnnxRuntimeCallback)"
+            )
+        return self._layout(network)
+
+    def _layout(self, network: nn.Module) -> ModelLayout:
+        """The spec's layout of ``network`` with ``adapt_norms`` if given (a graph: its own, checked against them)."""
+        if isinstance(network, EngineNetwork):
+            layout = network.adapted_layout()
+            if self.adapt_norms is not None and set(self.adapt_norms) != set(layout.norms):
+                raise ValueError(
+                    f"the graph was exported for adapted layers {list(layout.norms)}, but adapt_norms names "
+                    f"{self.adapt_norms}: export it again for these layers"
+                )
+            return layout
         layout = resolve_layout(network)
         if self.adapt_norms is not None:
             order = {name: i for i, (name, _) in enumerate(network.named_modules())}
@@ -129,8 +157,7 @@ class ZOAModule(StreamModule):
                     f"{list(layout.norms)} by default (see print(model) for every module name)"
                 )
             layout = dataclasses.replace(layout, norms=tuple(sorted(self.adapt_norms, key=order.__getitem__)))
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        return ZOA(network, self.config, layout=layout, reduce_fn=self.reduce_sum, rank=rank, world_size=world_size)
+        return layout
 
     @override
     def run_info(self) -> dict[str, Any]:
