@@ -218,9 +218,13 @@ def report(out: Path, path: Path) -> str:
     table: dict[str, dict[str, Any]] = {}
     for key, result in runs.items():
         setting, method = key.split("__")
-        table.setdefault(setting, {})[method] = {**summary(result), "domains": result["domains"],
+        keep = ("domain", "acc1", "n", "travel", "resets")
+        domains = [{k: row.get(k, 0) for k in keep} for row in result["domains"]]
+        for row in domains:
+            row["travel"] = [round(t, 4) for t in row["travel"]]
+        table.setdefault(setting, {})[method] = {**summary(result), "domains": domains,
                                                  "weights": shown(result["weights"])}  # fmt: skip
-    path.write_text(json.dumps(table, indent=1) + "\n")
+    path.write_text(json.dumps(table, separators=(",", ":")) + "\n")
     lines = [
         "| setting | method | round 1 | over 3 rounds | per round | vs shift-only (round 1 / all / per round) "
         "| travel: largest layer / mean | guard resets / checks |",
