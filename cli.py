@@ -35,7 +35,13 @@ from typing_extensions import override
 
 from zoa_lightning.methods import StreamModule
 from zoa_lightning.resume import check_same_stream, run_precision, stored_fingerprint, verify_stream_checkpoint
-from zoa_lightning.run_folder import RunFolderWriter, claim_logger_version, claim_run_folder, describe_earlier_run
+from zoa_lightning.run_folder import (
+    RunFolderError,
+    RunFolderWriter,
+    claim_logger_version,
+    claim_run_folder,
+    describe_earlier_run,
+)
 
 __all__ = ["ZOACLI", "ConfigError", "export_graphs", "main", "make_cli", "resolved_config"]
 
@@ -95,11 +101,17 @@ class ZOACLI(LightningCLI):
         if ckpt_path:  # the whole fingerprint (stream, method, precision), before any data or quantization work
             precision = run_precision(self.trainer.callbacks)  # type: ignore[attr-defined]
             current = self.model.stream_fingerprint(self.datamodule, precision)
-            check_same_stream(stored_fingerprint(ckpt_path), current, str(ckpt_path))
+            try:
+                check_same_stream(stored_fingerprint(ckpt_path), current, str(ckpt_path))
+            except ValueError as error:  # another stream, method or precision than the flags ask for: exit status 2
+                raise ConfigError(str(error)) from error
         fresh = not ckpt_path
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, RunFolderWriter):
-                folder = claim_run_folder(callback.run_folder(self.trainer, self.model))
+                try:
+                    folder = claim_run_folder(callback.run_folder(self.trainer, self.model))
+                except RunFolderError as error:  # a folder the flags point at cannot be written: exit status 2
+                    raise ConfigError(str(error)) from error
                 earlier = describe_earlier_run(folder) if fresh else None
                 if earlier is not None and folder not in self._named:
                     self._named.add(folder)

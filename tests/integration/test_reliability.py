@@ -15,8 +15,9 @@ import datamodules.cache as cache_mod
 from callbacks import QuantizationCallback
 from cli import ConfigError, main, make_cli, warning_line
 from tests.helpers import quick_zoa_config
+from zoa_lightning import run_folder
 from zoa_lightning.files import checksum_path
-from zoa_lightning.run_folder import RunFolderBusy, RunFolderError
+from zoa_lightning.run_folder import RunFolderBusy
 
 
 def _no_data_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,8 +41,10 @@ def test_a_second_run_into_the_same_folder_stops_before_any_work(
 ) -> None:
     config = quick_zoa_config(tmp_path, cache_dir)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from zoa_lightning.run_folder import claim_run_folder as c; "
-         "c(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(tmp_path / "run" / "zoa")],
+        [sys.executable, "-c", "import importlib.util, sys, time; "  # run_folder.py alone: the package takes seconds
+         f"spec = importlib.util.spec_from_file_location('run_folder', {run_folder.__file__!r}); "
+         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+         "m.claim_run_folder(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(tmp_path / "run" / "zoa")],
         stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert holder.stdout is not None
@@ -61,7 +64,7 @@ def test_an_unwritable_run_folder_is_refused_before_any_work(
     blocker.write_text("a file where the run folder should go")
     config = quick_zoa_config(tmp_path, cache_dir, default_root_dir=str(blocker / "run"))
     _no_data_work(monkeypatch)
-    with pytest.raises(RunFolderError, match=rf"cannot write the run folder {blocker / 'run' / 'zoa'}"):
+    with pytest.raises(ConfigError, match=rf"cannot write the run folder {blocker / 'run' / 'zoa'}"):
         make_cli(["test", "-c", str(config)])
 
 
@@ -141,7 +144,7 @@ def test_resuming_at_another_precision_is_refused_before_quantizing(
     monkeypatch.setattr(QuantizationCallback, "_calibrate", calibrate)
     monkeypatch.setattr(QuantizationCallback, "_load", calibrate)
     with pytest.raises(
-        ValueError, match=r"differs from the run that wrote it in precision: checkpoint 'float', this run"
+        ConfigError, match=r"differs from the run that wrote it in precision: checkpoint 'float', this run"
     ):
         make_cli(["test", "-c", str(config), "--ckpt_path", str(ckpt)])
 
@@ -155,7 +158,7 @@ def test_resuming_another_corruption_list_is_refused_before_building_its_cache(
         raise AssertionError("a corruption cache was built before refusing")
 
     monkeypatch.setattr(cache_mod, "corrupt_images", build)
-    with pytest.raises(ValueError, match=r"differs from the run that wrote it in data\.corruptions: checkpoint"):
+    with pytest.raises(ConfigError, match=r"differs from the run that wrote it in data\.corruptions: checkpoint"):
         make_cli(["test", "-c", str(config), "--data.init_args.corruptions", "[fog]", "--ckpt_path", str(ckpt)])
 
 
