@@ -82,10 +82,11 @@ class ZOAConfig:
         snr_momentum: the momentum of the signal-scaled step's running signal fraction.
         guard: the source guard (``docs/estimators.md``): on the first batch of every detected domain (and every
             ``guard_every`` batches) the perturbed pass runs with the source (pretrained) parameters instead, and if
-            the adapted parameters' loss on the batch exceeds ``guard_ratio`` times theirs, the learned part is reset
-            to the source (the bank's entries stay). Still two passes; that batch takes no step. Off in the reference.
+            the adapted parameters' loss on the batch exceeds ``guard_ratio`` times theirs, the learned part is set
+            aside for the domain (the effective parameters become the source ones; the bank's entries stay) and comes
+            back at the next detected shift. Still two passes; that batch takes no step. Off in the reference.
         guard_every: also check every this many batches after the last check (``None``: only on detected shifts).
-        guard_ratio: reset when the adapted parameters' loss exceeds ``guard_ratio`` times the source parameters'.
+        guard_ratio: reject when the adapted parameters' loss exceeds ``guard_ratio`` times the source parameters'.
         tap_attribution: with the per-sample estimator, split each image's loss difference by loss tap and credit
             every epsilon only with the taps computed after its layer (unbiased, lower variance: docs/estimators.md).
             Ignored by the other estimators.
