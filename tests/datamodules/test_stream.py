@@ -87,6 +87,7 @@ def test_first_round_is_the_one_round_stream(built: CorruptionStreamDataModule) 
             assert torch.equal(ya, yb)
 
 
+@pytest.mark.slow  # builds two more caches from scratch (test_cache_is_reused keeps the fast check of the same files)
 def test_deterministic_across_instances(built: CorruptionStreamDataModule, tmp_path: Path) -> None:
     other = _make(tmp_path, rounds=2)  # separate cache: rebuilt from scratch
     other.prepare_data()
