@@ -389,3 +389,15 @@ def quick_zoa_config(
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def per_sample_engine(digits: torch.Tensor, batch: int, **config: object) -> Any:
+    """A per-sample ZOA engine on the tiny ViT (normalised steps, detector and pool at ``batch`` images) with source
+    statistics from the first 256 digits; ``config`` overrides or adds :class:`ZOAConfig` fields."""
+    from zoa_lightning.core import ZOA, ZOAConfig
+
+    options: dict[str, object] = {"estimator": "per_sample", "normalize_step": True, "lr": 0.05, "spsa_c": 0.1,
+                                  "detector_min_batch": batch, "pool_images": batch, **config}  # fmt: skip
+    adapter = ZOA(make_vit(0), ZOAConfig(**options))  # type: ignore[arg-type]
+    adapter.collect_source_statistics(digits[:256].split(64))
+    return adapter

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from tests.helpers import corrupt_noise, make_vit
+from tests.helpers import corrupt_noise, per_sample_engine
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.bank import KnowledgeBank
 from zoa_lightning.core.guard import SourceGuard
@@ -62,11 +62,7 @@ def test_guard_ratio_and_every_are_checked() -> None:
 
 
 def _engine(digits: torch.Tensor, **config: object) -> ZOA:
-    options: dict[str, object] = {"estimator": "per_sample", "normalize_step": True, "lr": 0.05, "spsa_c": 0.1,
-                                  "detector_min_batch": B, "pool_images": B, "guard": True, **config}  # fmt: skip
-    adapter = ZOA(make_vit(0), ZOAConfig(**options))  # type: ignore[arg-type]
-    adapter.collect_source_statistics(digits[:256].split(64))
-    return adapter
+    return per_sample_engine(digits, B, **{"guard": True, **config})
 
 
 def _clean(digits: torch.Tensor, count: int) -> list[torch.Tensor]:

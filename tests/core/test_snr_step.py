@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests.helpers import corrupt_noise, make_vit
+from tests.helpers import corrupt_noise, per_sample_engine
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.bank import KnowledgeBank
 from zoa_lightning.core.estimators import (
@@ -110,11 +110,7 @@ def test_snr_step_is_refused_without_the_per_sample_estimator() -> None:
 
 
 def _engine(digits: torch.Tensor, **config: object) -> ZOA:
-    options: dict[str, object] = {"estimator": "per_sample", "normalize_step": True, "lr": 0.05, "spsa_c": 0.1,
-                                  "detector_min_batch": B, "pool_images": B, "snr_step": True, **config}  # fmt: skip
-    adapter = ZOA(make_vit(0), ZOAConfig(**options))  # type: ignore[arg-type]
-    adapter.collect_source_statistics(digits[:256].split(64))
-    return adapter
+    return per_sample_engine(digits, B, **{"snr_step": True, **config})
 
 
 def _stream(digits: torch.Tensor) -> list[torch.Tensor]:

@@ -7,33 +7,14 @@ single engine on the concatenated batch: the same checks, the same resets, the s
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import torch
 
-from tests.helpers import corrupt_noise, make_vit
+from tests.helpers import ThreadAllReduce, corrupt_noise, make_vit, rank_slice, run_ranks
 from zoa_lightning.core import ZOA, ZOAConfig
 
 WORLD, BATCH = 2, 32
-
-
-class _AllReduce:
-    """A sum all-reduce between threads."""
-
-    def __init__(self, world: int) -> None:
-        self.slots: list[torch.Tensor | None] = [None] * world
-        self.barrier = threading.Barrier(world, timeout=120)
-
-    def for_rank(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def reduce(stats: torch.Tensor) -> torch.Tensor:
-            self.slots[rank] = stats.clone()
-            self.barrier.wait()
-            total = torch.stack(self.slots).sum(0)  # type: ignore[arg-type]
-            self.barrier.wait()
-            return total
-
-        return reduce
 
 
 Record = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]  # logits, θ, α, signal, checks, resets
@@ -72,25 +53,14 @@ def test_two_ranks_scale_and_guard_as_one_engine(digits: torch.Tensor) -> None:
     assert single.guard.resets >= 1, "the stream should make the guard reset"
     assert float(single.update.signal) != 0.0
 
-    comm = _AllReduce(WORLD)
+    comm = ThreadAllReduce(WORLD)
     engines = [ZOA(make_vit(0), config, reduce_fn=comm.for_rank(r), rank=r, world_size=WORLD) for r in range(WORLD)]
     got: list[list[Record]] = [[] for _ in range(WORLD)]
-    errors: list[BaseException] = []
 
     def work(rank: int) -> None:
-        try:
-            half = lambda x: x[x.shape[0] * rank // WORLD : x.shape[0] * (rank + 1) // WORLD]  # noqa: E731
-            got[rank] = _run(engines[rank], source, stream, half)
-        except BaseException as error:  # re-raised in the test thread
-            errors.append(error)
+        got[rank] = _run(engines[rank], source, stream, lambda x: rank_slice(x, WORLD, rank))
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(WORLD)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    run_ranks(work, WORLD)
     for i, (logits, theta, alpha, signal, checks, resets) in enumerate(want):
         r0, r1 = got[0][i], got[1][i]
         for k, name in ((1, "epsilons"), (2, "mixing logits"), (3, "signal fraction")):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import pickle
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 from tests.core.runtime.conftest import GraphFactory
-from tests.helpers import corrupt_noise, make_resnet, make_vit
+from tests.helpers import ThreadAllReduce, corrupt_noise, make_resnet, make_vit
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.batch_norm import BatchStatistics
 from zoa_lightning.core.layout import resolve_layout
@@ -116,24 +115,6 @@ def test_runtime_network_pickles_without_its_session(graph: GraphFactory, digits
         RuntimeNetwork(graph("vit-plain", "float")).bind(statistics, lambda *_: None, 1, "spsa")
 
 
-class _ThreadSum:
-    """A sum all-reduce between threads (standing in for processes)."""
-
-    def __init__(self, world: int) -> None:
-        self.slots: list[torch.Tensor | None] = [None] * world
-        self.barrier = threading.Barrier(world, timeout=120)
-
-    def rank(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def reduce(stats: torch.Tensor) -> torch.Tensor:
-            self.slots[rank] = stats.clone()
-            self.barrier.wait()
-            total = torch.stack(self.slots).sum(0)  # type: ignore[arg-type]
-            self.barrier.wait()
-            return total
-
-        return reduce
-
-
 @pytest.mark.parametrize("precision", ["float", "int8"])
 def test_two_ranks_on_the_runtime_backend_adapt_as_one(
     graph: GraphFactory, digits: torch.Tensor, precision: str
@@ -147,8 +128,8 @@ def test_two_ranks_on_the_runtime_backend_adapt_as_one(
     single = ZOA(RuntimeNetwork(graph("vit", precision)), config)
     single.collect_source_statistics(digits[:128].split(32))
     want = [(single(x), single.bank.theta.clone()) for x in stream]
-    comm = _ThreadSum(2)
-    engines = [ZOA(RuntimeNetwork(graph("vit", precision)), config, reduce_fn=comm.rank(r), rank=r, world_size=2)
+    comm = ThreadAllReduce(2)
+    engines = [ZOA(RuntimeNetwork(graph("vit", precision)), config, reduce_fn=comm.for_rank(r), rank=r, world_size=2)
                for r in range(2)]  # fmt: skip
     got: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []]
     errors: list[BaseException] = []
