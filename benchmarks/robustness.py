@@ -126,7 +126,7 @@ def run_one(
     except Exception as error:  # a collapse is a result: record where and why
         return {
             **result, "status": "failed", "error": f"{type(error).__name__}: {error}", "images_done": total,
-            "trace": traceback.format_exc(limit=3),
+            "trace": traceback.format_exc(limit=3).replace(f"{ROOT}/", ""),  # paths relative to the checkout
         }  # fmt: skip
     seconds = time.perf_counter() - start
     info = module.run_info()
