@@ -44,7 +44,7 @@ __all__ = ["OnnxRuntimeCallback", "check_graph", "default_onnx_cache_dir", "prec
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_onnx_cache_dir() -> Path:

@@ -97,6 +97,65 @@ def test_resuming_a_killed_run_on_the_runtime_backend_is_exact(cache_dir: Path, 
     assert torch.equal(second.theta[-1], full.theta[-1])
 
 
+_KILLED_RUN = """
+import os, signal, sys
+import lightning.pytorch as pl
+from pathlib import Path
+from callbacks import OnnxRuntimeCallback, StreamCheckpoint
+from tests.helpers import make_resnet, make_stream, make_trainer, make_vit
+from zoa_lightning import ZOAModule
+
+class KillMidDomain(pl.Callback):
+    def __init__(self):
+        self.batches = 0
+    def on_test_batch_end(self, *args):
+        self.batches += 1
+        if self.batches == 5:  # the second batch of the second domain: SIGKILL, no clean-up of any kind
+            os.kill(os.getpid(), signal.SIGKILL)
+
+cache, graphs, out, net = sys.argv[1:5]
+module = ZOAModule(network=make_vit(0) if net == "vit" else make_resnet(0), detector_min_batch=16, source_batches=2)
+callbacks = [OnnxRuntimeCallback(cache_dir=graphs), StreamCheckpoint(dirpath=out), KillMidDomain()]
+make_trainer(callbacks, batches=3).test(module, datamodule=make_stream(Path(cache), batch_size=32))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("net", ["vit", "resnet"])
+def test_a_run_killed_mid_domain_resumes_exactly_on_the_int8_graph(cache_dir: Path, tmp_path: Path, net: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    graphs = str(tmp_path / "graphs")
+    full = _Record()
+    uninterrupted = _zoa(net)
+    make_trainer([full, OnnxRuntimeCallback(cache_dir=graphs)], batches=3).test(
+        uninterrupted, datamodule=make_stream(cache_dir, batch_size=32)
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_RUN, str(cache_dir), graphs, str(tmp_path / "killed"), net],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoint = tmp_path / "killed" / "stream-last.ckpt"
+    assert checkpoint.is_file()  # written when the first domain ended, before the kill
+    resumed, second = _zoa(net), _Record()
+    callbacks = [second, OnnxRuntimeCallback(cache_dir=graphs), StreamCheckpoint(dirpath=str(tmp_path / "killed"))]
+    make_trainer(callbacks, batches=3).test(
+        resumed, datamodule=make_stream(cache_dir, batch_size=32), ckpt_path=str(checkpoint)
+    )
+    assert len(second.logits) == 6  # the second and third domains again, from the first domain's checkpoint
+    for got, want in zip(second.logits, full.logits[3:], strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(second.theta[-1], full.theta[-1])
+    keys = ("domain", "acc1", "acc5", "batches", "forward_passes")
+    assert [{k: r[k] for k in keys} for r in resumed.stream_results()] == [
+        {k: r[k] for k in keys} for r in uninterrupted.stream_results()
+    ]
+
+
 def _graph_for(tmp_path: Path, module: Any, callback: OnnxRuntimeCallback, cache_dir: Path) -> dict[str, Path]:
     """Export the graphs of a run of ``module`` through ``callback``'s cache; return them."""
     make_trainer([callback], batches=1).test(module, datamodule=make_stream(cache_dir, stop_domain=1))

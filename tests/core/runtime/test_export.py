@@ -43,6 +43,8 @@ def test_graph_pass_equals_the_torch_engines_pass(
     runtime_engine = ZOA(RuntimeNetwork(graph(net, "float")), ZOAConfig())
     images = digits[:12]
     theta = 0.05 * torch.randn(12, torch_engine.bank.size, generator=torch.Generator().manual_seed(1))
+    if net == "resnet":  # a BatchNorm graph takes one affine per call (the per-sample estimator is refused there)
+        theta = theta[:1].expand(12, -1)
     shift = 0.1 * torch.randn(torch_engine.final_dim, generator=torch.Generator().manual_seed(2))
     got = {}
     for engine in (torch_engine, runtime_engine):
@@ -59,6 +61,39 @@ def test_graph_pass_equals_the_torch_engines_pass(
         assert (o1, n1) == (o2, n2)
         torch.testing.assert_close(m1, m2, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(v1, v2, rtol=1e-6, atol=1e-6)
+
+
+def test_a_batch_norm_graph_refuses_different_values_per_image(graph: GraphFactory, digits: torch.Tensor) -> None:
+    engine = ZOA(RuntimeNetwork(graph("resnet", "float")), ZOAConfig())
+    k = engine.bank.num_entries
+    rows = 0.05 * torch.randn(4, engine.bank.size, generator=torch.Generator().manual_seed(1))
+    alpha = engine.bank.alpha[:k].expand(4, k)
+    with torch.no_grad(), engine.bank.evaluated_at(alpha, rows), pytest.raises(ValueError, match="one affine per call"):
+        engine.taps.run(digits[:4], "source", 0, None)
+    with torch.no_grad(), engine.bank.evaluated_at(engine.bank.alpha[:k].expand(4, k), rows[:1].expand(4, -1)):
+        logits, _ = engine.taps.run(digits[:4], "source", 0, None)  # the same values on every row: one affine
+    assert torch.isfinite(logits).all()
+
+
+def test_batch_moments_stay_exact_over_repeated_calls(graph: GraphFactory, digits: torch.Tensor) -> None:
+    # the moments come from an ONNX BatchNormalization node in training mode: pin them against float64 over calls
+    # of different batches and sizes (a kernel that kept state between calls, or read a stale buffer, would show)
+    network = RuntimeNetwork(graph("resnet", "float"))
+    engine = ZOA(make_resnet(0), ZOAConfig())
+    runtime_engine = ZOA(network, ZOAConfig())
+    for size, start in ((12, 0), (5, 12), (12, 20), (3, 3)):
+        images = digits[start : start + size]
+        for e in (engine, runtime_engine):
+            e.batch_statistics.prior, e.batch_statistics.record = 4.0, True
+            with torch.no_grad():
+                e.taps.run(images, "source", 0, None)
+        mine = sorted(runtime_engine.batch_statistics._pending, key=lambda t: t[0])
+        theirs = sorted(engine.batch_statistics._pending, key=lambda t: t[0])
+        for (_, m1, v1, _), (_, m2, v2, _) in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-6)  # float32 moments in the graph
+            torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
+        for e in (engine, runtime_engine):
+            e.batch_statistics.end_batch()
 
 
 def test_one_value_per_channel_uses_a_prior_of_one_as_the_engine(graph: GraphFactory, digits: torch.Tensor) -> None:

@@ -234,6 +234,12 @@ class SessionForward:
         """The session inputs of one pass: the images, the bank's values and the shift as rows, BatchNorm settings."""
         rows = images.shape[0]
         values = self.bank.fused().detach()
+        if values.ndim == 2 and self.metadata.batch_norm_channels and not bool((values == values[:1]).all()):
+            raise ValueError(
+                f"{self.metadata.network} is a BatchNorm graph: it reads one affine per call (the first row of "
+                "params), but this pass gives its images different values (the per-sample estimator); use estimator "
+                "'reference' on BatchNorm networks"
+            )
         params = values.expand(rows, -1) if values.ndim == 1 else values
         if shift is None:
             shifted = torch.zeros(rows, self.final_dim)

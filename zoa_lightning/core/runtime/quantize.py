@@ -188,8 +188,10 @@ def quantized_value_paths(path: str | Path) -> list[str]:
     """Quantize/dequantize nodes between the inputs the engine sets per pass and their first arithmetic operator.
 
     Walks forward from ``params``, ``shift``, ``running`` and ``prior`` through shape and slicing operators to the
-    first ``Mul``/``Add``/``Sub``/``Div``; lists every quantized node met on the way and every such operator whose
-    other operand is a ``DequantizeLinear`` output. An empty list: the adapted values enter float operators only.
+    first ``Mul``/``Add``/``Sub``/``Div`` or ``BatchNormalization``; lists every quantized node met on the way and every
+    such arithmetic operator whose other operand is a ``DequantizeLinear`` output. An empty list: the adapted values
+    enter float operators only. (A BatchNormalization reads its activation dequantized by design: it normalises the
+    convolution's 8-bit output in float, with the statistics and affine the engine sets as float inputs.)
     """
     onnx = require("onnx")
     nodes = list(onnx.load(str(path), load_external_data=False).graph.node)
@@ -210,6 +212,8 @@ def quantized_value_paths(path: str | Path) -> list[str]:
                 seen.add(id(node))
                 if "Quant" in node.op_type or node.op_type.startswith("QLinear") or "Integer" in node.op_type:
                     problems.append(f"{start} reaches {node.op_type} {node.name}")
+                elif node.op_type == "BatchNormalization":
+                    continue
                 elif node.op_type in ("Mul", "Add", "Sub", "Div"):
                     others = (producer.get(i) for i in node.input if i != tensor)
                     if any(o is not None and o.op_type == "DequantizeLinear" for o in others):
