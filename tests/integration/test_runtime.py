@@ -291,6 +291,21 @@ def test_two_gloo_processes_on_the_runtime_backend_adapt_as_one(cache_dir: Path,
     assert want["count"] >= 2, "the corruption changes should store knowledge"
 
 
+def test_the_per_sample_estimator_takes_a_vit_graph_and_refuses_a_batchnorm_graph(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    callback = OnnxRuntimeCallback(precision="float", cache_dir=str(tmp_path))
+    vit = _graph_for(tmp_path / "vit", _zoa(), callback, cache_dir)
+    module = ZOAModule(network=RuntimeNetwork(vit["float"]), estimator="per_sample", source_batches=2)
+    make_trainer(batches=1).test(module, datamodule=make_stream(cache_dir, batch_size=16))
+    assert [r["forward_passes"] for r in module.stream_results()] == [2, 2, 2]
+    resnet = _graph_for(
+        tmp_path / "resnet", _zoa("resnet"), OnnxRuntimeCallback(cache_dir=str(tmp_path / "r")), cache_dir
+    )
+    with pytest.raises(TypeError, match="estimator='per_sample' needs a network whose images do not interact"):
+        ZOAModule(network=RuntimeNetwork(resnet["float"]), estimator="per_sample")
+
+
 def test_a_batchnorm_graph_on_two_processes_is_refused(cache_dir: Path, tmp_path: Path) -> None:
     from types import SimpleNamespace
 

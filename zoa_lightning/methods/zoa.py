@@ -105,7 +105,7 @@ class ZOAModule(StreamModule):
         self.adapt_norms = None if adapt_norms is None else list(adapt_norms)
         self.config = ZOAConfig(**{f.name: arguments[f.name] for f in dataclasses.fields(ZOAConfig)})
         if self.config.estimator == "per_sample":  # refused at once for a BatchNorm network, not after calibration
-            check_estimator(self.config, resolve_layout(self.get_network()), world_size=1)
+            check_estimator(self.config, self._layout(self.get_network()), world_size=1)
 
     @override
     def build_adapter(self, network: nn.Module) -> ZOA:
