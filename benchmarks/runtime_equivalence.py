@@ -44,9 +44,8 @@ TARGETS = {"max_theta_diff": 1e-4, "identical_predictions": 0.999}
 
 def demo_data() -> Any:
     """The demo's stream data module (``configs/demo.yaml``), set up."""
-    from datamodules import CorruptionStreamDataModule
-
     from cli import resolved_config
+    from datamodules import CorruptionStreamDataModule
 
     init = resolved_config(["-c", str(ROOT / "configs" / "demo.yaml")])["data"]["init_args"]
     data = CorruptionStreamDataModule(**init)

@@ -240,3 +240,19 @@ def test_robustness_batches_cut_within_domains() -> None:
     domains = [("a", torch.zeros(5, 1), torch.arange(5)), ("b", torch.ones(3, 1), torch.arange(3))]
     sizes = [(name, len(y)) for name, _, y in robustness.batches(domains, 2)]
     assert sizes == [("a", 2), ("a", 2), ("a", 1), ("b", 2), ("b", 1)]
+
+
+def test_runtime_equivalence_reads_the_composed_demo_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import runtime_equivalence
+    from datamodules import CorruptionStreamDataModule
+
+    monkeypatch.setattr(CorruptionStreamDataModule, "prepare_data", lambda self: None)
+    monkeypatch.setattr(CorruptionStreamDataModule, "setup", lambda self, stage=None: None)
+    data = runtime_equivalence.demo_data()  # configs/demo.yaml composes its data from configs/parts/
+    assert (data.dataset, data.batch_size, data.severity) == ("mnist", 64, 5)
+    vit, cnn = (runtime_equivalence.model_overrides(m, "zoa") for m in ("demo_vit", "demo_cnn"))
+    assert (vit["lr"], vit["spsa_c"]) == (5e-4, 0.02)  # the demo's ViT settings
+    assert (cnn["lr"], cnn["spsa_c"], cnn["lambda_bp"], cnn["domain_t"]) == (1e-4, 0.01, 1.0, 0.2)  # the paper's ResNet
+    assert {k: v for k, v in cnn.items() if k not in ("lr", "spsa_c", "lambda_bp", "domain_t")} == {
+        k: v for k, v in vit.items() if k not in ("lr", "spsa_c", "lambda_bp", "domain_t")
+    }
