@@ -89,6 +89,7 @@ def test_batch_moments_stay_exact_over_repeated_calls(graph: GraphFactory, digit
                 e.taps.run(images, "source", 0, None)
         mine = sorted(runtime_engine.batch_statistics._pending, key=lambda t: t[0])
         theirs = sorted(engine.batch_statistics._pending, key=lambda t: t[0])
+        assert len(mine) == len(theirs) == len(engine.layout.batch_norms) > 0
         for (_, m1, v1, _), (_, m2, v2, _) in zip(mine, theirs, strict=True):
             torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-6)  # float32 moments in the graph
             torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-6)
