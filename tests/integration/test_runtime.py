@@ -102,8 +102,8 @@ import os, signal, sys
 import lightning.pytorch as pl
 from pathlib import Path
 from callbacks import OnnxRuntimeCallback, StreamCheckpoint
-from tests.helpers import make_resnet, make_stream, make_trainer, make_vit
-from zoa_lightning import ZOAModule
+from tests.helpers import make_stream, make_trainer
+from tests.integration.test_runtime import _zoa
 
 class KillMidDomain(pl.Callback):
     def __init__(self):
@@ -114,9 +114,8 @@ class KillMidDomain(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 cache, graphs, out, net = sys.argv[1:5]
-module = ZOAModule(network=make_vit(0) if net == "vit" else make_resnet(0), detector_min_batch=16, source_batches=2)
 callbacks = [OnnxRuntimeCallback(cache_dir=graphs), StreamCheckpoint(dirpath=out), KillMidDomain()]
-make_trainer(callbacks, batches=3).test(module, datamodule=make_stream(Path(cache), batch_size=32))
+make_trainer(callbacks, batches=3).test(_zoa(net), datamodule=make_stream(Path(cache), batch_size=32))
 """
 
 

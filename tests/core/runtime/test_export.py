@@ -70,7 +70,7 @@ def test_a_batch_norm_graph_refuses_different_values_per_image(graph: GraphFacto
     alpha = engine.bank.alpha[:k].expand(4, k)
     with torch.no_grad(), engine.bank.evaluated_at(alpha, rows), pytest.raises(ValueError, match="one affine per call"):
         engine.taps.run(digits[:4], "source", 0, None)
-    with torch.no_grad(), engine.bank.evaluated_at(engine.bank.alpha[:k].expand(4, k), rows[:1].expand(4, -1)):
+    with torch.no_grad(), engine.bank.evaluated_at(alpha, rows[:1].expand(4, -1)):
         logits, _ = engine.taps.run(digits[:4], "source", 0, None)  # the same values on every row: one affine
     assert torch.isfinite(logits).all()
 

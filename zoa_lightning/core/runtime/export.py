@@ -180,9 +180,7 @@ class GraphBatchNorm(nn.Module):
         mean = weight * batch_mean + (1 - weight) * running[:c]
         var = weight * batch_var + (1 - weight) * running[c:] + spread
         if self.param_offset is not None:
-            assert inputs.params is not None
-            scale = inputs.params[0, self.param_offset : self.param_offset + c]
-            shift = inputs.params[0, self.param_offset + c : self.param_offset + 2 * c]
+            scale, shift = (values[0] for values in _row_values(inputs, self.param_offset, c))  # the first row's
         else:
             scale, shift = self.weight, self.bias
         out = F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), scale, shift, False, 0.0, self.eps)
