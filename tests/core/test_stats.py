@@ -7,12 +7,15 @@ import math
 import pytest
 import torch
 
+from tests.helpers import ThreadAllReduce, run_ranks
 from zoa_lightning.core.stats import (
     CountedReduce,
     channel_moments,
     finish,
+    gather_rows,
     identity_reduce,
     moments,
+    row_counts,
     softmax_entropy,
 )
 
@@ -96,3 +99,55 @@ def test_counted_reduce_counts_calls_elements_and_bytes_in_total_and_per_batch()
 def test_counted_reduce_defaults_to_the_identity() -> None:
     stats = torch.arange(4.0, dtype=torch.float64)
     assert CountedReduce()(stats) is stats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gathered_rows_are_every_process_rows_bit_for_bit_in_rank_order(dtype: torch.dtype) -> None:
+    # Uneven slices, values over many magnitudes and a NaN: the sum with the other processes' zeros changes no bit.
+    sizes, width = [2, 5, 1], 7
+    whole = (_x(sum(sizes), width) * 10.0 ** torch.randint(-8, 8, (sum(sizes), width))).to(dtype)
+    whole[3, 2] = float("nan")
+    slices = whole.split(sizes)
+    comm, got = ThreadAllReduce(len(sizes)), [None] * len(sizes)
+
+    def work(rank: int) -> None:
+        counts = row_counts(len(slices[rank]), comm.for_rank(rank), rank, len(sizes))
+        assert counts.tolist() == sizes
+        got[rank] = gather_rows(slices[rank], comm.for_rank(rank), rank, counts)
+
+    run_ranks(work, len(sizes))
+    for rows in got:
+        assert rows is not None
+        assert rows.dtype == dtype
+        assert torch.equal(rows.nan_to_num(7.0), whole.nan_to_num(7.0))
+        assert bool(rows[3, 2].isnan())
+
+
+def test_gathered_statistics_equal_one_process_where_summed_statistics_need_not() -> None:
+    # Why the loss gathers rows under DDP: sums of two slices' moments round differently from the whole's moments.
+    whole = _x(43, 576, seed=3)
+    one = moments(whole, (0,))
+    halves = [moments(part, (0,)) for part in whole.split([21, 22])]
+    summed = (halves[0][0] + halves[1][0], halves[0][1] + halves[1][1])
+    assert not (torch.equal(summed[0], one[0]) and torch.equal(summed[1], one[1]))
+    counts = torch.tensor([21.0, 22.0], dtype=torch.float64)
+    comm, got = ThreadAllReduce(2), [None, None]
+
+    def work(rank: int) -> None:
+        got[rank] = moments(gather_rows(whole.split([21, 22])[rank], comm.for_rank(rank), rank, counts), (0,))
+
+    run_ranks(work, 2)
+    for stats in got:
+        assert stats is not None
+        assert torch.equal(stats[0], one[0])
+        assert torch.equal(stats[1], one[1])
+
+
+def test_one_process_gathers_nothing() -> None:
+    local = _x(4, 3)
+    calls: list[torch.Tensor] = []
+    counts = row_counts(4, lambda t: calls.append(t) or t, 0, 1)
+    assert counts.tolist() == [4.0]
+    assert len(calls) == 1
+    assert gather_rows(local, lambda t: calls.append(t) or t, 0, counts) is local
+    assert len(calls) == 1

@@ -267,16 +267,20 @@ class _SaveEachBatch(pl.Callback):
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_two_gloo_processes_on_the_runtime_backend_adapt_as_one(cache_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("estimator", ["spsa", "per_sample"])
+def test_two_gloo_processes_on_the_int8_graph_adapt_exactly_as_one(
+    cache_dir: Path, tmp_path: Path, estimator: str
+) -> None:
+    # On an INT8 graph one rounding of difference moves an activation into another 8-bit bin now and then, and the
+    # finite difference makes a different step of it: only bit-identical statistics keep two processes with one.
     batch, batches = 43, 3
-    options = {"lr": 0.005, "spsa_c": 0.05, "domain_t": 0.1, "detector_min_batch": batch}
+    options = {"lr": 0.005, "spsa_c": 0.05, "domain_t": 0.1, "detector_min_batch": batch, "estimator": estimator}
     cache = str(tmp_path / "graphs")
-    runtime = OnnxRuntimeCallback(precision="float", cache_dir=cache)
-    make_trainer([_SaveEachBatch(tmp_path, "one"), runtime], batches=batches).test(
+    make_trainer([_SaveEachBatch(tmp_path, "one"), OnnxRuntimeCallback(cache_dir=cache)], batches=batches).test(
         ZOAModule(network=make_vit(0), **options), datamodule=make_stream(cache_dir, batch_size=batch)
     )
     ddp = make_trainer(
-        [_SaveEachBatch(tmp_path, "ddp"), OnnxRuntimeCallback(precision="float", cache_dir=cache)],
+        [_SaveEachBatch(tmp_path, "ddp"), OnnxRuntimeCallback(cache_dir=cache)],
         batches=batches, strategy="ddp_spawn", devices=2, use_distributed_sampler=False,
     )  # fmt: skip
     ddp.test(ZOAModule(network=make_vit(0), **options), datamodule=make_stream(cache_dir, batch_size=batch))
@@ -284,10 +288,11 @@ def test_two_gloo_processes_on_the_runtime_backend_adapt_as_one(cache_dir: Path,
         want = torch.load(tmp_path / f"one0_{i}.pt")
         r0, r1 = torch.load(tmp_path / f"ddp0_{i}.pt"), torch.load(tmp_path / f"ddp1_{i}.pt")
         assert torch.equal(r0["theta"], r1["theta"]), f"ranks differ after batch {i}"
-        torch.testing.assert_close(r0["theta"], want["theta"], rtol=0, atol=1e-5)
+        assert torch.equal(r0["theta"], want["theta"]), f"two processes and one differ after batch {i}"
         assert r0["count"] == want["count"]
-        torch.testing.assert_close(torch.cat([r0["logits"], r1["logits"]]), want["logits"], rtol=0, atol=1e-4)
+        assert torch.equal(torch.cat([r0["logits"], r1["logits"]]), want["logits"]), f"predictions differ at {i}"
     assert want["count"] >= 2, "the corruption changes should store knowledge"
+    assert float(want["theta"].abs().max()) > 0, "the run should adapt"
 
 
 def test_the_per_sample_estimator_takes_a_vit_graph_and_refuses_a_batchnorm_graph(

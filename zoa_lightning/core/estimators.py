@@ -33,7 +33,7 @@ from zoa_lightning.core.config import ZOAConfig
 from zoa_lightning.core.layout import ModelLayout
 from zoa_lightning.core.source import SourceStatistics
 from zoa_lightning.core.spsa import segmented_uniform, spsa_gradients
-from zoa_lightning.core.stats import ReduceFn, finish, softmax_entropy
+from zoa_lightning.core.stats import ReduceFn, finish, gather_rows, row_counts, softmax_entropy
 
 __all__ = [
     "GradientEstimator",
@@ -219,10 +219,8 @@ def per_sample_differences(
     dim = features.shape[1]
     n = float(stats[-1])
     batch = int(n) if images is None else int(images)
-    sizes = reduce_fn(torch.zeros(world_size, dtype=torch.float64, device=stats.device).index_fill_(
-        0, torch.tensor([rank], device=stats.device), float(features.shape[0])
-    ))  # fmt: skip
-    start, rows = int(sizes[:rank].sum()), features.shape[0]
+    counts = row_counts(features.shape[0], reduce_fn, rank, world_size, stats.device)
+    start, rows = int(counts[:rank].sum()), features.shape[0]
     u_alpha = draw_perturbations(batch, alpha.numel(), kind, generator).to(alpha.device, alpha.dtype)
     u_theta = draw_perturbations(batch, theta.numel(), kind, generator).to(theta.device, theta.dtype)
     local_alpha, local_theta = u_alpha[start : start + rows], u_theta[start : start + rows]
@@ -233,8 +231,7 @@ def per_sample_differences(
         local = sample_differences(weights, features, features_plus, logits, logits_plus, n)
     else:
         local = tap_differences(weights, features, features_plus, logits, logits_plus, n, tap_dims)
-    rows_of_batch = torch.zeros((batch, *local.shape[1:]), dtype=torch.float64, device=local.device)
-    differences = reduce_fn(rows_of_batch.index_copy_(0, torch.arange(start, start + rows, device=local.device), local))
+    differences = gather_rows(local.double(), reduce_fn, rank, counts)
     return u_alpha, u_theta, differences, loss_plus
 
 

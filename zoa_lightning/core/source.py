@@ -65,7 +65,8 @@ class SourceStatistics(nn.Module):
 
         Args:
             loader: yields image tensors, or tuples/lists whose first element is the image tensor.
-            features: the loss features ``(B, D)`` of a batch of images (one forward pass, no adaptation).
+            features: the loss features ``(B, D)`` of a batch of images (one forward pass, no adaptation); under DDP
+                it may return the global batch's rows, with an identity ``reduce_fn``.
             reduce_fn: sums the statistics vector over processes.
             max_batches: use only the first ``max_batches`` batches.
 
@@ -78,8 +79,9 @@ class SourceStatistics(nn.Module):
                 if max_batches is not None and i >= max_batches:
                     break
                 images = batch[0] if isinstance(batch, tuple | list) else batch
-                s1, s2 = moments(features(images), (0,))
-                vec = torch.cat([s1, s2, s1.new_tensor([images.shape[0]])])
+                rows = features(images)
+                s1, s2 = moments(rows, (0,))
+                vec = torch.cat([s1, s2, s1.new_tensor([rows.shape[0]])])
                 sums = vec if sums is None else sums + vec
         if sums is None:
             raise ValueError("collect_source_statistics got an empty loader: pass clean source images")

@@ -20,15 +20,59 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["CountedReduce", "ReduceFn", "channel_moments", "finish", "identity_reduce", "moments", "softmax_entropy"]
+__all__ = [
+    "CountedReduce",
+    "ReduceFn",
+    "channel_moments",
+    "finish",
+    "gather_rows",
+    "identity_reduce",
+    "moments",
+    "row_counts",
+    "softmax_entropy",
+]
 
 ReduceFn = Callable[[Tensor], Tensor]
-"""Sums a float64 statistics vector over processes (identity on one process)."""
+"""Sums a tensor over processes (identity on one process): float64 statistics, or :func:`gather_rows`' buffers."""
 
 
 def identity_reduce(stats: Tensor) -> Tensor:
     """The :data:`ReduceFn` of a single process: returns ``stats`` unchanged."""
     return stats
+
+
+def row_counts(
+    rows: int, reduce_fn: ReduceFn, rank: int, world_size: int, device: torch.device | None = None
+) -> Tensor:
+    """Every process's row count, ``(world_size,)`` float64 in rank order, through one sum all-reduce."""
+    counts = torch.zeros(world_size, dtype=torch.float64, device=device)
+    return reduce_fn(counts.index_fill_(0, torch.tensor([rank], device=device), float(rows)))
+
+
+def gather_rows(local: Tensor, reduce_fn: ReduceFn, rank: int, counts: Tensor) -> Tensor:
+    """Every process's rows of ``local``, concatenated in rank order, bit for bit, through one sum all-reduce.
+
+    Each process writes its rows into a zero buffer of the global batch's rows at its own offset and the buffers are
+    summed: a value plus zeros is itself, so the result holds every process's values exactly. Statistics then computed
+    on the gathered rows are those one process computes on the whole batch, which a sum of per-process sums is not (its
+    rounding depends on the split).
+
+    Args:
+        local: this process's rows ``(rows, ...)``.
+        reduce_fn: sums over processes.
+        rank: this process's index.
+        counts: every process's row count (:func:`row_counts`); one process: ``local`` comes back as it is.
+
+    Example:
+        >>> gather_rows(torch.ones(2, 3), identity_reduce, 0, torch.tensor([2.0])).shape
+        torch.Size([2, 3])
+    """
+    if counts.numel() == 1:
+        return local
+    start, total = int(counts[:rank].sum()), int(counts.sum())
+    buffer = local.new_zeros((total, *local.shape[1:]))
+    buffer[start : start + local.shape[0]] = local
+    return reduce_fn(buffer)
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:

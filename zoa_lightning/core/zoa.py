@@ -33,7 +33,7 @@ from zoa_lightning.core.policies import UnadaptedPredictions, on_shift
 from zoa_lightning.core.shift import ActivationShift
 from zoa_lightning.core.small_batch import SmallBatches
 from zoa_lightning.core.source import SourceStatistics
-from zoa_lightning.core.stats import CountedReduce, ReduceFn
+from zoa_lightning.core.stats import CountedReduce, ReduceFn, gather_rows, identity_reduce, row_counts
 from zoa_lightning.core.taps import PassRecord, PassResult
 from zoa_lightning.core.transaction import AdaptationDiverged, BatchGuard, Rollback
 from zoa_lightning.core.update import ZOAUpdate
@@ -87,6 +87,7 @@ class ZOA(Adapter):
     ) -> None:
         super().__init__(model)
         self.rank, self.world_size = rank, world_size
+        self._rows: Tensor | None = None  # under DDP, every process's row count of the batch being adapted
         self.layout = network_layout(model, layout)
         cfg = self.config = (config or ZOAConfig()).resolved(self.layout.kind)
         self.reduce = CountedReduce(reduce_fn)  # counts what it hands over (not checkpointed)
@@ -152,7 +153,7 @@ class ZOA(Adapter):
             assert record.shifted is not None
             logits = record.shifted
         features = record.features()
-        own = self.reduce(loss_statistics(features, logits))
+        own = self._loss_statistics(features, logits)
         if mode == "adapt":
             record.taps.clear()  # the statistics are all the loss needs: free the features before the next pass
         stats = self.small.pooled(own)  # a small batch: with the recent batches' statistics
@@ -164,6 +165,23 @@ class ZOA(Adapter):
         kept = features if self.config.estimator == "per_sample" else None
         applied_own = None if stats is own else own
         return PassResult(logits, record, loss, final if applied is None else final - applied, stats, kept, applied_own)
+
+    def _loss_statistics(self, features: Tensor, logits: Tensor) -> Tensor:
+        """The loss statistics of the global batch (spec §2), the same bits on N processes as on one.
+
+        One process sums its own rows. Several gather every process's features and logits (:func:`gather_rows`) and
+        sum those: per-process sums added together would round differently from one process's sum, and on an INT8
+        graph a difference of one rounding moves an activation into a neighbouring bin now and then, which the finite
+        difference turns into a different step.
+        """
+        if self.world_size == 1:
+            return self.reduce(loss_statistics(features, logits))
+        counts = self._rows if self._rows is not None else row_counts(
+            features.shape[0], self.reduce, self.rank, self.world_size, features.device
+        )  # fmt: skip
+        both = gather_rows(torch.cat([features, logits.to(features.dtype)], 1), self.reduce, self.rank, counts)
+        width = features.shape[1]
+        return loss_statistics(both[:, :width].contiguous(), both[:, width:].to(logits.dtype).contiguous())
 
     def fitness(self, images: Tensor, shift: Tensor | None = None) -> PassResult:
         """One pass's loss on ``images`` with the current parameters, touching no adaptation state (no detector).
@@ -212,9 +230,13 @@ class ZOA(Adapter):
 
         def features(images: Tensor) -> Tensor:
             check_image_batch(images, self.model, self.layout, self.input_size)
-            return self.taps.run(images.to(self.bank.theta.device), "source")[1].features()
+            own = self.taps.run(images.to(self.bank.theta.device), "source")[1].features()
+            if self.world_size == 1:
+                return own
+            counts = row_counts(own.shape[0], self.reduce, self.rank, self.world_size, own.device)
+            return gather_rows(own, self.reduce, self.rank, counts)  # every process sums the global batch's rows
 
-        self.source.collect(loader, features, self.reduce, max_batches)
+        self.source.collect(loader, features, self.reduce if self.world_size == 1 else identity_reduce, max_batches)
         self.detector.pending.zero_()  # a chunk of clean images left over is not the stream's
 
     def set_source_statistics(self, mean: Tensor, std: Tensor) -> None:
@@ -257,6 +279,7 @@ class ZOA(Adapter):
             self.small.active = False
             raise
         finally:
+            self._rows = None
             self.detector.end_batch()
             self.reduce.end_batch()  # communication happens even when rolled back
             self.batch_statistics.end_batch()
@@ -270,8 +293,9 @@ class ZOA(Adapter):
     def _begin_batch(self, images: Tensor) -> None:
         """Count the batch's images over all processes and decide whether it is pooled (docs/small_batches.md)."""
         count = images.shape[0]
-        if self.world_size > 1:
-            count = int(self.reduce(torch.tensor([float(count)], dtype=torch.float64, device=images.device)))
+        if self.world_size > 1:  # every process's rows: the batch's statistics gather them (_loss_statistics)
+            self._rows = row_counts(count, self.reduce, self.rank, self.world_size, images.device)
+            count = int(self._rows.sum())
         self.small.begin(count)
         pooled = self.small.active and self.config.bn_prior > 0
         self.batch_statistics.prior = self.config.bn_prior if pooled else None
