@@ -4,8 +4,9 @@ Per batch: pass A predicts and yields ``L0``; pass B, every adapted value pertur
 the gradient estimate (``config.estimator``) that updates the epsilons and mixing logits, with nothing back-propagated.
 ``ZOA`` composes the parts of ``zoa_lightning.core`` (taps, bank, loss, detector, shift, source statistics,
 estimators, update, transaction, and small-batch pooling: a batch below ``config.pool_images`` images, down to one,
-pools its statistics with the batches before it, ``docs/small_batches.md``); every statistic is a sum passed through
-``reduce_fn``, so a sum all-reduce makes N processes adapt as one on their concatenated batch. Failures: a malformed
+pools its statistics with the batches before it, ``docs/small_batches.md``); every statistic passes through
+``reduce_fn``, as a sum or as the batch's rows gathered exactly, so a sum all-reduce makes N processes adapt as one, bit
+for bit, on their concatenated batch. Failures: a malformed
 or non-finite input raises ``ValueError`` before anything changes; a non-finite loss, estimate or update, or an
 epsilon beyond ``config.max_abs_epsilon``, rolls the batch back (:class:`~zoa_lightning.core.transaction.BatchGuard`)
 and predicts with pass A's logits (or the unadapted network's); ``config.max_consecutive_skips`` rollbacks in a row
@@ -56,7 +57,8 @@ class ZOA(Adapter):
         config: hyperparameters; the quirk switches are resolved for the model kind (see :class:`ZOAConfig`).
         layout: override where ZOA acts; default :func:`~zoa_lightning.core.layout.resolve_layout`.
         input_size: ``(C, H, W)`` of the probe forward; default the ViT's image size or ``(C, 64, 64)`` for CNNs.
-        reduce_fn: sums a float64 statistics vector over processes before it is used (identity by default).
+        reduce_fn: sums a tensor over processes (identity by default): float64 statistics, and under DDP the zero-padded
+            row buffers that gather the batch's loss features and logits.
         rank: this process's index among ``world_size`` (its images are its slice of the global batch, in rank order:
             the per-sample estimator draws every image's direction by its global index).
         world_size: the number of processes adapting together through ``reduce_fn``.
