@@ -2,7 +2,8 @@
 
 ``python benchmarks/learning.py --settings short_w8a8 digits_w8a8 --methods shift_only per_sample oracle`` runs every
 named setting and method not yet in ``<out>/runs`` (one JSON file each, written as soon as the run ends);
-``--report`` only gathers the finished runs into ``benchmarks/results/learning.json`` and prints the tables.
+``--report`` only gathers the finished runs into ``benchmarks/results/learning.json`` (adding to the runs it holds) and
+prints the tables.
 
 Settings (the demo ViT, severity 5, the 15 corruptions, seed 2020):
 
@@ -213,9 +214,13 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def report(out: Path, path: Path) -> str:
-    """Gather ``<out>/runs/*.json`` into ``path`` (summaries and per-domain rows) and return the Markdown tables."""
+    """Gather ``<out>/runs/*.json`` into ``path`` (summaries and per-domain rows) and return the Markdown tables.
+
+    Runs already in ``path`` stay unless a run of the same setting and method replaces them, so runs gathered from
+    another ``--out`` (extra seeds, trials) add to the results instead of replacing them; the tables show them all.
+    """
     runs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))}
-    table: dict[str, dict[str, Any]] = {}
+    table: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
     for key, result in runs.items():
         setting, method = key.split("__")
         keep = ("domain", "acc1", "n", "travel", "resets")

@@ -47,6 +47,15 @@ def test_report_gathers_runs_with_their_gap_to_shift_only(tmp_path: Path) -> Non
     saved = json.loads(out.read_text())
     assert saved["short_w8a8"]["per_sample"]["rounds"] == [60.5, 59.0, 59.0]
 
+    # Runs gathered from another directory add to the results: a trial is compared with the earlier shift-only run
+    other = tmp_path / "seeds"
+    (other / "runs").mkdir(parents=True)
+    (other / "runs" / "short_w8a8__per_sampleseed1.json").write_text(json.dumps(_result([61.0] * 45, 0.3, 1)))
+    table = learning.report(other, out)
+    assert "| short_w8a8 | per_sampleseed1 | 61.00 | 61.00 | 61.00 → 61.00 → 61.00 | +1.00 / +1.00 /" in table
+    saved = json.loads(out.read_text())
+    assert sorted(saved["short_w8a8"]) == ["per_sample", "per_sampleseed1", "shift_only"]
+
 
 def test_layer_travel_is_the_effective_change_per_layer() -> None:
     adapter = ZOA(make_vit(0), ZOAConfig(estimator="per_sample", normalize_step=True))
