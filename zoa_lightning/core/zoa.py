@@ -178,12 +178,16 @@ class ZOA(Adapter):
         """
         if self.world_size == 1:
             return self.reduce(loss_statistics(features, logits))
-        counts = self._rows if self._rows is not None else row_counts(
-            features.shape[0], self.reduce, self.rank, self.world_size, features.device
-        )  # fmt: skip
-        both = gather_rows(torch.cat([features, logits.to(features.dtype)], 1), self.reduce, self.rank, counts)
+        both = self._gathered(torch.cat([features, logits.to(features.dtype)], 1))
         width = features.shape[1]
         return loss_statistics(both[:, :width].contiguous(), both[:, width:].to(logits.dtype).contiguous())
+
+    def _gathered(self, local: Tensor) -> Tensor:
+        """Every process's rows of ``local`` in rank order, exactly (several processes only; the batch's counts)."""
+        counts = self._rows
+        if counts is None:  # outside a batch (source statistics, fitness): count these rows
+            counts = row_counts(local.shape[0], self.reduce, self.rank, self.world_size, local.device)
+        return gather_rows(local, self.reduce, self.rank, counts)
 
     def fitness(self, images: Tensor, shift: Tensor | None = None) -> PassResult:
         """One pass's loss on ``images`` with the current parameters, touching no adaptation state (no detector).
@@ -233,10 +237,7 @@ class ZOA(Adapter):
         def features(images: Tensor) -> Tensor:
             check_image_batch(images, self.model, self.layout, self.input_size)
             own = self.taps.run(images.to(self.bank.theta.device), "source")[1].features()
-            if self.world_size == 1:
-                return own
-            counts = row_counts(own.shape[0], self.reduce, self.rank, self.world_size, own.device)
-            return gather_rows(own, self.reduce, self.rank, counts)  # every process sums the global batch's rows
+            return own if self.world_size == 1 else self._gathered(own)  # every process sums the global batch's rows
 
         self.source.collect(loader, features, self.reduce if self.world_size == 1 else identity_reduce, max_batches)
         self.detector.pending.zero_()  # a chunk of clean images left over is not the stream's
