@@ -182,3 +182,30 @@ def test_bank_validates_its_arguments() -> None:
         KnowledgeBank(WIDTHS, torch.zeros(10), max_entries=0)
     with pytest.raises(RuntimeError, match="without stored entries"):
         _bank().evict()
+
+
+def test_a_scratch_per_image_theta_receives_the_same_values_in_place() -> None:
+    bank = _bank(seed=3)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        bank.theta.add_(0.05 * torch.randn(10, generator=g))
+        bank.store()
+    k = bank.num_entries
+    alpha, rows = torch.randn(6, k, generator=g), torch.randn(6, 10, generator=g)
+
+    def per_image() -> torch.Tensor:
+        return torch.cat([torch.cat(bank.layer_affine(i), 1) for i in range(len(WIDTHS))], 1)
+
+    with bank.evaluated_at(alpha, rows):
+        expected = per_image()
+    scratch = rows.clone()
+    with bank.evaluated_at(alpha, scratch, scratch=True):
+        got = per_image()
+        assert bank.fused().data_ptr() == scratch.data_ptr()  # one (B, P) tensor held, not two
+    assert torch.equal(got, expected)
+    assert not torch.equal(scratch, rows)  # it was the workspace
+    for theta in (rows[0].clone(), rows.clone().requires_grad_(), rows[:1].expand(6, -1)):  # never overwritten
+        kept = theta.detach().clone()
+        with bank.evaluated_at(alpha if theta.ndim == 2 else alpha[0], theta, scratch=True):
+            bank.fused()
+        assert torch.equal(theta.detach(), kept)

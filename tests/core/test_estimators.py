@@ -15,6 +15,7 @@ import torch
 from tests.helpers import make_resnet, make_vit
 from zoa_lightning.core import ZOA, ZOAConfig
 from zoa_lightning.core.estimators import (
+    draw_directions,
     draw_perturbations,
     estimate_from_differences,
     exact_gradients,
@@ -237,3 +238,14 @@ def test_the_normalised_step_bounds_a_huge_learning_rate(digits: torch.Tensor) -
     rms = float(normed.bank.theta.pow(2).mean().sqrt())
     assert rms == pytest.approx(0.05, rel=1e-4)  # the first step: exactly lr in root-mean-square
     assert float(normed.update.spread) > 0
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "segmented_uniform"])
+def test_compact_directions_are_the_perturbations_drawn(kind: str) -> None:
+    compact = draw_directions(7, 33, kind, torch.Generator().manual_seed(2))  # type: ignore[arg-type]
+    floats = draw_perturbations(7, 33, kind, torch.Generator().manual_seed(2))  # type: ignore[arg-type]
+    assert compact.dtype == (torch.int8 if kind == "rademacher" else torch.float32)
+    assert floats.dtype == torch.float32
+    assert torch.equal(compact.float(), floats)
+    magnitude = floats.abs()
+    assert bool(((magnitude == 1) if kind == "rademacher" else (magnitude >= 0.5) & (magnitude <= 1)).all())

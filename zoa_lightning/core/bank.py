@@ -173,16 +173,28 @@ class KnowledgeBank(nn.Module):
             self._use_base = False
 
     @contextlib.contextmanager
-    def evaluated_at(self, alpha: Tensor, theta: Tensor) -> Iterator[None]:
+    def evaluated_at(self, alpha: Tensor, theta: Tensor, *, scratch: bool = False) -> Iterator[None]:
         """Within the block the fused layers use ``base + softmax(s·alpha) @ deltas[:K] + theta`` for given values.
 
         ``alpha`` ``(K,)`` and ``theta`` ``(P,)`` set the values for the whole batch (they may require grad: autograd
         then reaches them through every fused layer); ``alpha`` ``(B, K)`` and ``theta`` ``(B, P)`` give every image
         of the batch its own values (the fused layers apply a per-sample affine). The bank's buffers are not touched.
+
+        Args:
+            alpha: the mixing logits, ``(K,)`` or ``(B, K)``.
+            theta: the epsilons, ``(P,)`` or ``(B, P)``.
+            scratch: ``theta`` was made for this block and is not read after it: a per-image ``theta`` that needs no
+                grad then receives the effective values in place, so the block holds one ``(B, P)`` tensor, not two
+                (the same values: the same two sums, and a floating-point sum does not depend on the order of its two
+                terms).
         """
         k = self.num_entries
         override = torch.softmax(alpha * self.alpha_scale, dim=-1) @ self.deltas[:k]
-        if override.shape == torch.broadcast_shapes(override.shape, theta.shape):  # in place: one (B, P) copy alive
+        owned = scratch and theta.ndim == 2 and theta.is_contiguous() and not theta.requires_grad
+        if owned and theta.shape == override.shape:
+            self._override = theta.add_(override.add_(self.base))  # x + y == y + x exactly: the values below
+            del override
+        elif override.shape == torch.broadcast_shapes(override.shape, theta.shape):  # in place: one (B, P) copy alive
             self._override = override.add_(self.base).add_(theta)
         else:
             self._override = self.base + override + theta

@@ -40,6 +40,7 @@ __all__ = [
     "PassOutput",
     "Perturbation",
     "check_estimator",
+    "draw_directions",
     "draw_perturbations",
     "estimate_from_differences",
     "exact_gradients",
@@ -95,9 +96,16 @@ def draw_perturbations(rows: int, size: int, kind: Perturbation, generator: torc
 
     Drawn for the global batch in global sample order, so every process draws the same rows and takes its own slice.
     """
+    return draw_directions(rows, size, kind, generator).float()
+
+
+def draw_directions(rows: int, size: int, kind: Perturbation, generator: torch.Generator) -> Tensor:
+    """:func:`draw_perturbations`' directions in their compact dtype: Rademacher signs as int8 ``±1``, else float32.
+
+    The same draws from ``generator``, so ``draw_directions(...).float()`` equals ``draw_perturbations(...)``.
+    """
     if kind == "rademacher":
-        signs = torch.randint(0, 2, (rows, size), generator=generator, dtype=torch.int8)
-        return signs.float().mul_(2).sub_(1)
+        return torch.randint(0, 2, (rows, size), generator=generator, dtype=torch.int8).mul_(2).sub_(1)
     return segmented_uniform(rows * size, generator).view(rows, size)
 
 
@@ -222,9 +230,14 @@ def per_sample_differences(
     counts = row_counts(features.shape[0], reduce_fn, rank, world_size, stats.device)
     start, rows = int(counts[:rank].sum()), features.shape[0]
     u_alpha = draw_perturbations(batch, alpha.numel(), kind, generator).to(alpha.device, alpha.dtype)
-    u_theta = draw_perturbations(batch, theta.numel(), kind, generator).to(theta.device, theta.dtype)
+    # Rademacher directions are held as int8 signs while the pass runs (a quarter of the float copy at the pass's
+    # memory peak) and widened after it: the same values, so the same step
+    u_theta = draw_directions(batch, theta.numel(), kind, generator).to(theta.device)
     local_alpha, local_theta = u_alpha[start : start + rows], u_theta[start : start + rows]
-    features_plus, logits_plus, loss_plus = pass_at(alpha + c_alpha * local_alpha, theta + c * local_theta)
+    values = theta + c * local_theta.to(theta.dtype)
+    features_plus, logits_plus, loss_plus = pass_at(alpha + c_alpha * local_alpha, values)
+    del values
+    u_theta = u_theta.to(theta.dtype)
     mean, var = finish(stats[-1], stats[:dim], stats[dim : 2 * dim])
     weights = statistics_weights(features, mean, var.sqrt(), source_mean, source_std, tap_dims, lambda_bp, n)
     if not per_tap:

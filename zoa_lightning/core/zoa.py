@@ -336,7 +336,8 @@ class ZOA(Adapter):
         bank = self.bank
 
         def run(alpha: Tensor, theta: Tensor) -> PassResult:  # one pass B at these values; the bank is untouched
-            with bank.evaluated_at(alpha, theta):
+            # (the estimators build every pass's values for it alone: a per-image theta is the bank's scratch)
+            with bank.evaluated_at(alpha, theta, scratch=True):
                 return self._pass(images, 1, shift)
 
         def check(loss_plus: Tensor, reference: Tensor) -> None:
