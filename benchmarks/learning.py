@@ -185,17 +185,27 @@ def run_one(setting: dict[str, Any], method: str, out: Path, extra: dict[str, An
     return {
         "setting": setting, "method": method, "config": config, "overrides": overrides, "domains": rows,
         "seconds": time.perf_counter() - start, "forward_passes": module.forward_passes(),
-        "skipped_batches": module.skipped_batches(), "weights": shown(weights),
+        "skipped_batches": module.skipped_batches(), "weights": shown(weights, out),
         "guard": None if guard is None else {"checks": int(guard.checks), "resets": int(guard.resets)},
     }  # fmt: skip
 
 
-def shown(weights: str | None) -> str:
-    """The weights file as the results name it: relative to the repository (or "the shipped demo weights")."""
+def shown(weights: str | None, out: Path | None = None) -> str:
+    """The weights file as the results name it, never an absolute path of the machine that ran it.
+
+    ``"the shipped demo weights"``; a file under the repository, relative to it; a file under ``out`` (the digits
+    model the benchmark trains), as ``<out>/...``; anything else by its file name.
+    """
     if weights is None or "shipped" in weights:
         return "the shipped demo weights"
     path = Path(weights)
-    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else weights
+    if not path.is_absolute():
+        return weights
+    if path.is_relative_to(ROOT):
+        return str(path.relative_to(ROOT))
+    if out is not None and path.is_relative_to(out.resolve()):
+        return f"<out>/{path.relative_to(out.resolve())}"
+    return path.name
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +238,7 @@ def report(out: Path, path: Path) -> str:
         for row in domains:
             row["travel"] = [round(t, 4) for t in row["travel"]]
         table.setdefault(setting, {})[method] = {**summary(result), "domains": domains,
-                                                 "weights": shown(result["weights"])}  # fmt: skip
+                                                 "weights": shown(result["weights"], out)}  # fmt: skip
     path.write_text(json.dumps(table, separators=(",", ":")) + "\n")
     lines = [
         "| setting | method | round 1 | over 3 rounds | per round | vs shift-only (round 1 / all / per round) "

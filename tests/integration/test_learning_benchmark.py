@@ -74,3 +74,11 @@ def test_layer_travel_is_the_effective_change_per_layer() -> None:
     assert travel[0] == 0.0
     assert learning.layer_travel(object()) == []
     assert learning.shown(str(ROOT / "runs" / "w.safetensors")) == str(Path("runs") / "w.safetensors")
+
+
+def test_results_never_name_an_absolute_path_outside_the_repository(tmp_path: Path) -> None:
+    trained = tmp_path / "weights" / "sklearn_digits" / "demo_vit.safetensors"
+    assert learning.shown(str(trained), tmp_path) == "<out>/weights/sklearn_digits/demo_vit.safetensors"
+    assert learning.shown(str(trained)) == "demo_vit.safetensors"
+    assert learning.shown("runs/w.safetensors") == "runs/w.safetensors"
+    assert learning.shown(None) == "the shipped demo weights"
